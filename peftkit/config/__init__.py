@@ -1,0 +1,1 @@
+from peftkit.config.loader import load_recipe  # noqa: F401

@@ -1,0 +1,126 @@
+"""The contract every method plugin fulfils.
+
+A method is one module under ``peftkit/methods/`` holding an options dataclass and a
+:class:`Method` subclass, registered by name in ``peftkit/methods/__init__.py``.
+The shared trainer only talks to methods through this class:
+
+* ``prepare(model, options)``   apply the method; afterwards only the method's parameters
+                                 (and the task head, when it has one) require grad.
+* ``param_groups(model, train)`` optimizer parameter groups (default: AdamW groups with no
+                                 weight decay on biases and LayerNorm weights).
+* ``compute_loss(model, batch)``  the loss of one batch (default: ``model(**batch).loss``).
+* ``after_optimizer_step(model)`` a hook after every optimizer step (default: nothing).
+* ``trainable_state(model)``     the tensors that define the fine-tuned model beyond the base:
+                                 what checkpoints and ``save`` store (default: params that require grad).
+* ``save(model, dir)`` / ``load(base, dir)``  the method's compact format (safetensors + json).
+* ``merge(model)``               a plain transformers model, where the method allows it.
+
+Defaults cover the common case, so a method overrides only what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+ADAPTER_FILE = "adapter.safetensors"
+NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight", "norm.weight")
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """This method has no options."""
+
+
+class Method:
+    """Base class for method plugins; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    can_merge: ClassVar[bool] = False
+
+    # ---- applying the method -------------------------------------------------------------
+    def prepare(self, model, options):  # pragma: no cover - every method defines it
+        raise TypeError(f"method {self.name!r} does not define prepare()")
+
+    def param_groups(self, model, weight_decay: float) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if any(m in name for m in NO_DECAY_MARKERS) or param.ndim < 2 else decay).append(param)
+        groups = []
+        if decay:
+            groups.append({"params": decay, "weight_decay": weight_decay})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def compute_loss(self, model, batch):
+        """The training loss of one batch (default: the model's own loss from labels in the batch)."""
+        return model(**batch).loss
+
+    def after_optimizer_step(self, model) -> None:
+        """Called after every optimizer step (e.g. to re-apply a sparse update)."""
+
+    # ---- state -----------------------------------------------------------------------------
+    def trainable_state(self, model) -> dict[str, Any]:
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model, state: dict[str, Any]) -> None:
+        import torch
+
+        params = dict(model.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise ValueError(f"state has tensors the model lacks: {missing[:5]}")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    def save(self, model, out_dir: Path, options) -> None:
+        """Store ``trainable_state`` as safetensors plus the options as json."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        state = {k: v.contiguous().cpu() for k, v in self.trainable_state(model).items()}
+        save_file(state, str(out_dir / ADAPTER_FILE))
+        self.save_options(out_dir, options)
+
+    def save_options(self, out_dir: Path, options) -> None:
+        """method.json: which method and with which options produced this directory."""
+        payload = {"method": self.name, "options": dataclasses.asdict(options)}
+        (Path(out_dir) / "method.json").write_text(json.dumps(payload, indent=2))
+
+    def load(self, base_model, in_dir: Path, options):
+        """Apply the method to a freshly loaded base model and restore its saved state."""
+        from safetensors.torch import load_file
+
+        model = self.prepare(base_model, options)
+        self.load_trainable_state(model, load_file(str(Path(in_dir) / ADAPTER_FILE)))
+        return model
+
+    def merge(self, model):
+        """Return a plain transformers model with the method folded in (only if ``can_merge``)."""
+        raise TypeError(f"method {self.name!r} cannot be merged into the base architecture")
+
+    def load_base(self, model_options, task_head: str, num_labels: int | None, problem_type: str | None):
+        """Return a base model when this method needs a special one (e.g. a quantized base); None = the usual loader."""
+        return None
+
+    def unwrap(self, model):
+        """The transformers model inside whatever ``prepare`` returned (used for saving the config)."""
+        return model
+
+
+def mark_only_head_trainable(model) -> list[str]:
+    """Freeze everything except the task head (classifier / score / lm head); return the head names."""
+    head_names = []
+    for name, param in model.named_parameters():
+        is_head = name.startswith(("classifier.", "score.", "qa_outputs.")) or ".classifier." in name
+        param.requires_grad_(is_head)
+        if is_head:
+            head_names.append(name)
+    return head_names

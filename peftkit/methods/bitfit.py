@@ -1,0 +1,20 @@
+"""BitFit (Ben Zaken et al., 2022): train only the bias terms of the pretrained model, plus the task head."""
+
+from __future__ import annotations
+
+from peftkit.methods.base import Method, mark_only_head_trainable
+
+
+class BitFit(Method):
+    name = "bitfit"
+    can_merge = True
+
+    def prepare(self, model, options):
+        mark_only_head_trainable(model)
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.requires_grad_(True)
+        return model
+
+    def merge(self, model):
+        return model  # biases live in the base architecture already

@@ -1,0 +1,118 @@
+"""Where things sit inside each model family, located by attribute names.
+
+transformers 5.x copies classes between families (RoBERTa's are copies of BERT's, not
+subclasses), so nothing here uses isinstance on model classes: a family is recognised by
+``config.model_type`` and its sub-modules are reached by attribute paths.
+
+For each family we record:
+  backbone  attribute of the task model that holds the bare encoder/decoder
+  layers    path (from the backbone) to the ModuleList of transformer blocks
+  attention / ffn   inside one block: the attention sub-block and the feed-forward parts
+  linear names      the projection Linear modules (for LoRA/quantization targets)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str  # "encoder" | "decoder"
+    backbone: tuple[str, ...]  # candidate attribute names on a task model for the bare model
+    layers: str  # dotted path from the bare model to the ModuleList of blocks
+    attention: str  # dotted path inside a block to the attention sub-block
+    attention_output: str  # dotted path inside a block to the attention output projection
+    ffn_in: str  # dotted path inside a block to the first FFN Linear (d -> d_ff)
+    ffn_out: str  # dotted path inside a block to the last FFN Linear (d_ff -> d)
+    ffn_gate: str | None = None  # gated FFNs (LLaMA)
+    attn_linears: tuple[str, ...] = field(default_factory=tuple)  # q, k, v, o leaf names
+    ffn_linears: tuple[str, ...] = field(default_factory=tuple)
+
+
+_BERT = Family(
+    name="bert",
+    kind="encoder",
+    backbone=("bert", "roberta"),
+    layers="encoder.layer",
+    attention="attention",
+    attention_output="attention.output.dense",
+    ffn_in="intermediate.dense",
+    ffn_out="output.dense",
+    attn_linears=("query", "key", "value", "attention.output.dense"),
+    ffn_linears=("intermediate.dense", "output.dense"),
+)
+
+FAMILIES: dict[str, Family] = {
+    "bert": _BERT,
+    "roberta": Family(**{**_BERT.__dict__, "name": "roberta", "backbone": ("roberta", "bert")}),
+    "llama": Family(
+        name="llama",
+        kind="decoder",
+        backbone=("model",),
+        layers="layers",
+        attention="self_attn",
+        attention_output="self_attn.o_proj",
+        ffn_in="mlp.up_proj",
+        ffn_out="mlp.down_proj",
+        ffn_gate="mlp.gate_proj",
+        attn_linears=("q_proj", "k_proj", "v_proj", "o_proj"),
+        ffn_linears=("gate_proj", "up_proj", "down_proj"),
+    ),
+    "opt": Family(
+        name="opt",
+        kind="decoder",
+        backbone=("model",),
+        layers="decoder.layers",
+        attention="self_attn",
+        attention_output="self_attn.out_proj",
+        ffn_in="fc1",
+        ffn_out="fc2",
+        attn_linears=("q_proj", "k_proj", "v_proj", "out_proj"),
+        ffn_linears=("fc1", "fc2"),
+    ),
+    "gpt2": Family(
+        name="gpt2",
+        kind="decoder",
+        backbone=("transformer",),
+        layers="h",
+        attention="attn",
+        attention_output="attn.c_proj",
+        ffn_in="mlp.c_fc",
+        ffn_out="mlp.c_proj",
+        attn_linears=("c_attn", "attn.c_proj"),
+        ffn_linears=("c_fc", "mlp.c_proj"),
+    ),
+}
+
+
+def family_of(model) -> Family:
+    """The Family of a transformers model (task model or bare backbone)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        known = ", ".join(FAMILIES)
+        raise ValueError(f"model type {model_type!r} is not described in peftkit.models.families (known: {known})")
+    return FAMILIES[model_type]
+
+
+def get_path(module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def backbone_of(model):
+    """The bare encoder/decoder inside a task model (the model itself when it is already bare)."""
+    fam = family_of(model)
+    for attr in fam.backbone:
+        if hasattr(model, attr):
+            inner = getattr(model, attr)
+            if hasattr(inner, "config"):
+                return inner
+    return model
+
+
+def layers_of(model):
+    """The ModuleList of transformer blocks."""
+    return get_path(backbone_of(model), family_of(model).layers)
