@@ -25,3 +25,22 @@ def tiny_tokenizer_dir(tmp_path):
 
     tiny_bert_tokenizer(tmp_path / "tok")
     return tmp_path / "tok"
+
+
+@pytest.fixture
+def tiny_run_setup(tmp_path, monkeypatch):
+    """A tiny BERT checkpoint + a tiny learnable sst2/mrpc/stsb data root; returns a recipe dict factory."""
+    from tiny import save_tiny_classifier, write_glue_task
+
+    model_dir = save_tiny_classifier(tmp_path / "tiny-bert")
+    for task in ("sst2", "mrpc", "stsb"):
+        write_glue_task(tmp_path / "glue", task, n_train=48, n_val=16)
+    monkeypatch.setenv("PEFTKIT_DATA_DIR", str(tmp_path / "glue"))
+
+    def recipe(method="lora", task="sst2", out="run", **train):
+        t = {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "seed": 3, "save_every": 2, "eval_every": 3, "log_every": 1}
+        t.update(train)
+        return {"model": {"name": str(model_dir)}, "data": {"task": task, "max_length": 16},
+                "method": {"name": method}, "train": t, "output": {"dir": str(tmp_path / out)}}
+
+    return recipe

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = ("the a an good bad great awful movie film plot actor was is not very really fun boring "
-         "loved hated it this that and but story scene ending cat dog sat on mat").split()
+WORDS = ("the a an movie film plot actor was is very really it this that and story scene ending cat dog sat on mat "
+         "good great fun loved bad awful boring hated not but").split()
+NEUTRAL = WORDS[:22]
 
 
 def tiny_bert_config(num_labels: int = 2, layers: int = 2, hidden: int = 32, model_type: str = "bert", **kw):
@@ -48,8 +49,7 @@ def tiny_bert_tokenizer(directory: Path):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     tok.save_pretrained(directory)
     return tok
 
@@ -77,7 +77,7 @@ def write_glue_task(root: Path, task: str = "sst2", n_train: int = 64, n_val: in
             for i in range(n):
                 label = i % 2
                 word = rng.choice(pos if label else neg)
-                filler = " ".join(rng.choice(WORDS[:12]) for _ in range(rng.randint(2, 6)))
+                filler = " ".join(rng.choice(NEUTRAL) for _ in range(rng.randint(2, 6)))
                 if task in ("sst2", "cola"):
                     row = {"sentence": f"{filler} {word} movie", "label": label, "idx": i}
                 elif task == "stsb":

