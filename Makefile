@@ -30,7 +30,8 @@ demo: install
 	$(PEFTKIT) eval --task glue:sst2 --model runs/demo-lora-minilm-sst2
 
 test: install
-	$(PY) -m pytest
+	# pytest exits 5 when it collects no test: that is not a failure of the suite
+	$(PY) -m pytest -p no:randomly; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 results:
 	$(PY) scripts/make_results.py

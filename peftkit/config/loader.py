@@ -18,6 +18,26 @@ from peftkit.errors import UserError, did_you_mean
 
 _NONE_WORDS = {None, "null", "none", "None", "~"}
 
+# Names users bring from other tools (HF Trainer, peft) -> our option names, for "did you mean".
+SYNONYMS = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum", "warmup": "warmup_ratio",
+    "lr_scheduler_type": "schedule", "scheduler": "schedule", "max_norm": "max_grad_norm", "output_dir": "dir",
+    "lora_alpha": "alpha", "lora_r": "r", "rank": "r", "lora_dropout": "dropout", "target_modules": "targets",
+    "model_name": "name", "model_name_or_path": "name", "max_seq_length": "max_length", "seq_len": "max_length",
+}
+
+
+def suggest(key: str, names: list[str]) -> str:
+    """' (did you mean "x"?)' using close spellings and the names other tools use for the same option."""
+    candidates = {n: n for n in names}
+    candidates.update({alias: target for alias, target in SYNONYMS.items() if target in names})
+    hit = did_you_mean(key, candidates)
+    if not hit:
+        return ""
+    matched = hit.split('"')[1]
+    return f' (did you mean "{candidates[matched]}"?)'
+
 
 @dataclass
 class Recipe:
@@ -112,7 +132,7 @@ def _coerce(value: Any, annotation: Any, path: str, errors: list[str]) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value in _NONE_WORDS and type(None) in args:
+        if (value is None or isinstance(value, str) and value in _NONE_WORDS) and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
         sub_errors: list[str] = []
@@ -177,7 +197,7 @@ def build_section(cls, raw: Any, path: str, errors: list[str], skip: tuple[str, 
         if key in skip:
             continue
         if key not in names:
-            errors.append(f"{path}.{key}: unknown option{did_you_mean(key, names)}")
+            errors.append(f"{path}.{key}: unknown option{suggest(key, names)}")
             continue
         kwargs[key] = _coerce(value, hints[key], f"{path}.{key}", errors)
     try:

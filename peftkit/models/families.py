@@ -29,6 +29,16 @@ class Family:
     ffn_gate: str | None = None  # gated FFNs (LLaMA)
     attn_linears: tuple[str, ...] = field(default_factory=tuple)  # q, k, v, o leaf names
     ffn_linears: tuple[str, ...] = field(default_factory=tuple)
+    # The parts of one block, for methods that re-compose a block from its pieces (MEFT).
+    # "post" = BERT-style: x -> LN(x + drop(proj(attn(x)))) -> LN(a + drop(ffn_out(act(ffn_in(a))))).
+    # "pre"  = LLaMA/OPT-style: x -> x + attn(LN(x)) -> a + ffn(LN(a)). None = not described yet.
+    norm_position: str | None = None
+    attention_core: str | None = None  # the attention itself, up to (excluding, for "post") the output projection
+    attention_dropout: str | None = None  # dropout after the attention output projection
+    attention_norm: str | None = None  # LayerNorm of the attention sub-block
+    ffn_act: str | None = None  # the FFN activation module
+    ffn_dropout: str | None = None  # dropout after the last FFN Linear
+    ffn_norm: str | None = None  # LayerNorm of the FFN sub-block
 
 
 _BERT = Family(
@@ -42,6 +52,13 @@ _BERT = Family(
     ffn_out="output.dense",
     attn_linears=("query", "key", "value", "attention.output.dense"),
     ffn_linears=("intermediate.dense", "output.dense"),
+    norm_position="post",
+    attention_core="attention.self",
+    attention_dropout="attention.output.dropout",
+    attention_norm="attention.output.LayerNorm",
+    ffn_act="intermediate.intermediate_act_fn",
+    ffn_dropout="output.dropout",
+    ffn_norm="output.LayerNorm",
 )
 
 FAMILIES: dict[str, Family] = {
@@ -116,3 +133,22 @@ def backbone_of(model):
 def layers_of(model):
     """The ModuleList of transformer blocks."""
     return get_path(backbone_of(model), family_of(model).layers)
+
+
+def split_path(dotted: str) -> tuple[str, str]:
+    """'encoder.layer' -> ('encoder', 'layer'); 'layers' -> ('', 'layers')."""
+    parent, _, leaf = dotted.rpartition(".")
+    return parent, leaf
+
+
+def ffn_modules(model) -> list[tuple[str, object]]:
+    """(qualified name, module) of every FFN projection (gate, in, out) of every block, in layer order."""
+    fam = family_of(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    found = []
+    for layer in layers_of(model):
+        for path in (fam.ffn_gate, fam.ffn_in, fam.ffn_out):
+            if path is not None:
+                module = get_path(layer, path)
+                found.append((names[id(module)], module))
+    return found

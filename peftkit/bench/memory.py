@@ -1,0 +1,264 @@
+"""Training memory of full fine-tuning, LoRA and MEFT1-3 (MEFT = "MEFT (reversible)", arXiv 2306.00477).
+
+Per method, on the same model, batch and sequence length:
+  saved_bytes       bytes of the tensors autograd keeps between forward and backward: one training forward
+                    inside torch.autograd.graph.saved_tensors_hooks, each storage counted once (by
+                    untyped_storage().data_ptr()), parameter and buffer storages excluded.
+  peak_rss_bytes    process peak RSS (VmHWM, i.e. ru_maxrss without the parent's share) of a FRESH subprocess during training steps, minus the same
+                    subprocess's peak after loading the model, allocating grads + AdamW state and running one
+                    no-grad forward: what training adds on top of weights and optimizer (activations, plus
+                    MEFT's transient recomputation of one layer). Two Linux details keep loading transients
+                    out of it: large allocations are mmapped (MALLOC_MMAP_THRESHOLD_), so freed memory leaves
+                    the RSS instead of being silently reused, and the peak counter is reset after the setup
+                    (/proc/self/clear_refs "5"); where the reset is refused, the plain difference is used.
+  step_seconds      median time of forward + backward + optimizer step (contenders alternate in this process).
+  trainable_params  parameters that receive gradients.
+Depth sweep: saved_bytes for 2, 4, 8, 12 layers of a BERT-base-width model (hidden 768, random init, small
+vocabulary): flat in depth for MEFT, linear for full fine-tuning and LoRA; peak RSS as well at 12 layers.
+MEFT's peak includes recomputing one layer in the backward pass, so its peak ratio is about 1/layers at best.
+The paper's claim: MEFT's activation memory is <= 16% of full fine-tuning's (84% less).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("full", "lora", "meft1", "meft2", "meft3")
+DEPTHS = (2, 4, 8, 12)
+SETTINGS = {  # quick: a few minutes on 2 shared cores
+    True: {"batch": 8, "seq": 64, "repeats": 5, "rss_steps": 1, "sweep_batch": 2, "sweep_seq": 64},
+    False: {"batch": 32, "seq": 128, "repeats": 5, "rss_steps": 3, "sweep_batch": 8, "sweep_seq": 128},
+}
+
+
+# ---- measuring -------------------------------------------------------------------------------------
+def saved_tensor_bytes(model, batch: dict) -> int:
+    """Bytes autograd saves for backward in one training forward of ``model(**batch).loss`` (then backward)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def trainable_params(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---- building the contenders -------------------------------------------------------------------------
+def build_model(spec: dict):
+    """A sequence classifier: minilm-l6 weights (spec["model"] == "minilm-l6") or a random one from a config."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(spec.get("seed", 0))
+    if spec["model"] == "config":
+        config = AutoConfig.for_model("bert", **spec["config"], num_labels=2)
+        return AutoModelForSequenceClassification.from_config(config)
+    from peftkit.models.aliases import resolve_model
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # the "classifier newly initialised" report is expected
+    return AutoModelForSequenceClassification.from_pretrained(resolve_model(spec["model"]), num_labels=2)
+
+
+def prepare(method_name: str, model):
+    from peftkit.methods import get_method
+
+    method = get_method(method_name)
+    return method, method.prepare(model, method.Options())
+
+
+def make_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000 if vocab_size > 2000 else 5, vocab_size, (batch, seq), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids), "labels": torch.randint(0, 2, (batch,), generator=generator)}
+
+
+def make_optimizer(method, model, materialize: bool = False):
+    # foreach=False: no model-sized temporaries in the step, so peak RSS reflects activations
+    optimizer = torch.optim.AdamW(method.param_groups(model, 0.01), lr=1e-5, foreach=False)
+    if materialize:  # allocate grads and AdamW state now, so that later growth is activation memory
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    return optimizer
+
+
+def train_step(model, optimizer, batch) -> None:
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+
+
+# ---- peak RSS in a fresh process ---------------------------------------------------------------------
+def _maxrss_bytes() -> int:
+    """Peak RSS of this process: VmHWM where /proc has it, else ru_maxrss.
+
+    ru_maxrss of a child started by fork+exec never reports less than the parent's RSS at the fork (Linux keeps
+    the pre-exec memory map's high-water mark), so a fresh interpreter launched by a big bench process would read
+    the parent's size; VmHWM belongs to the child's own memory map only.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def rss_child(spec: dict) -> dict:
+    """Runs in a fresh interpreter: baseline peak, then peak over a few training steps."""
+    torch.set_num_threads(spec.get("threads", 1))
+    method, model = prepare(spec["method"], build_model(spec))
+    model.train()
+    optimizer = make_optimizer(method, model, materialize=True)
+    batch = make_batch(model.config.vocab_size, spec["batch"], spec["seq"])
+    with torch.no_grad():
+        model(**batch)
+    peak_was_reset = _reset_peak_rss()
+    baseline = _maxrss_bytes()
+    for _ in range(spec["steps"]):
+        train_step(model, optimizer, batch)
+    return {"baseline": baseline, "peak": _maxrss_bytes(), "peak_was_reset": peak_was_reset}
+
+
+def _reset_peak_rss() -> bool:
+    """Give free heap pages back to the OS, then reset the peak-RSS counter to the current RSS (Linux >= 4.0)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_in_fresh_process(spec: dict, timeout: float = 600) -> int:
+    code = ("import json, sys; from peftkit.bench.memory import rss_child; "
+            "print('RSS ' + json.dumps(rss_child(json.loads(sys.argv[1]))))")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MALLOC_MMAP_THRESHOLD_": "262144"}  # tensors > 256 KiB are mmapped: freed memory leaves the RSS
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RSS ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"peak-RSS subprocess for {spec['method']} failed:\n{proc.stderr[-2000:]}")
+    result = json.loads(lines[-1][4:])
+    print(f"[memory]   {spec['method']}: {result}", flush=True)
+    return result["peak"] - result["baseline"]
+
+
+# ---- the bench ---------------------------------------------------------------------------------------
+def main_rows(settings: dict, model_name: str) -> list[dict]:
+    spec = {"model": model_name, "batch": settings["batch"], "seq": settings["seq"], "seed": 0}
+    # Peak RSS first, while this process is still small (each method in its own fresh interpreter).
+    peak_rss = {}
+    for name in METHODS:
+        print(f"[memory] peak RSS (fresh process): {name}", flush=True)
+        peak_rss[name] = peak_rss_in_fresh_process({**spec, "method": name, "steps": settings["rss_steps"],
+                                                    "threads": torch.get_num_threads()})
+    base = build_model(spec)
+    batch = make_batch(base.config.vocab_size, settings["batch"], settings["seq"])
+    contenders = {}
+    for name in METHODS:
+        method, model = prepare(name, copy.deepcopy(base))
+        model.train()
+        contenders[name] = (model, make_optimizer(method, model))
+    saved = {}
+    for name, (model, _) in contenders.items():
+        print(f"[memory] saved bytes: {name}", flush=True)
+        torch.manual_seed(0)
+        saved[name] = saved_tensor_bytes(model, batch)
+    # Step time: contenders alternate (one step each per round) so that load changes on a shared machine hit all
+    # of them alike; the median of `repeats` rounds after one warm-up round (cf. bench.common.median_seconds).
+    times = {name: [] for name in contenders}
+    for round_ in range(settings["repeats"] + 1):
+        print(f"[memory] step-time round {round_}", flush=True)
+        for name, (model, optimizer) in contenders.items():
+            start = time.perf_counter()
+            train_step(model, optimizer, batch)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    rows = []
+    for name, (model, _) in contenders.items():
+        rows.append({"method": name, "layers": base.config.num_hidden_layers, "hidden": base.config.hidden_size,
+                     "batch": settings["batch"], "seq": settings["seq"], "saved_bytes": saved[name],
+                     "peak_rss_bytes": peak_rss[name], "step_seconds": statistics.median(times[name]),
+                     "trainable_params": trainable_params(model),
+                     "saved_ratio_vs_full": saved[name] / saved["full"],
+                     "peak_rss_ratio_vs_full": peak_rss[name] / peak_rss["full"] if peak_rss["full"] > 0 else None,
+                     "step_ratio_vs_full": statistics.median(times[name]) / statistics.median(times["full"])})
+    return rows
+
+
+def depth_rows(settings: dict) -> list[dict]:
+    rows = []
+    for layers in DEPTHS:
+        config = {"hidden_size": 768, "num_hidden_layers": layers, "num_attention_heads": 12,
+                  "intermediate_size": 3072, "vocab_size": 1024, "max_position_embeddings": 512}
+        spec = {"model": "config", "config": config, "batch": settings["sweep_batch"], "seq": settings["sweep_seq"]}
+        peak_rss = {}
+        if layers == max(DEPTHS):  # peak RSS too at full BERT-base depth, where one layer is 1/12 of the stack
+            for name in METHODS:
+                print(f"[memory] depth {layers}: peak RSS (fresh process): {name}", flush=True)
+                peak_rss[name] = peak_rss_in_fresh_process({**spec, "method": name, "steps": settings["rss_steps"],
+                                                            "threads": torch.get_num_threads()})
+        base = build_model(spec)
+        batch = make_batch(base.config.vocab_size, settings["sweep_batch"], settings["sweep_seq"])
+        full_bytes = None
+        for name in METHODS:
+            print(f"[memory] depth {layers}: {name}", flush=True)
+            _, model = prepare(name, copy.deepcopy(base))
+            model.train()
+            torch.manual_seed(0)
+            saved = saved_tensor_bytes(model, batch)
+            full_bytes = saved if name == "full" else full_bytes
+            rows.append({"method": name, "layers": layers, "hidden": 768, "batch": settings["sweep_batch"],
+                         "seq": settings["sweep_seq"], "saved_bytes": saved, "peak_rss_bytes": peak_rss.get(name),
+                         "step_seconds": None, "trainable_params": trainable_params(model),
+                         "saved_ratio_vs_full": saved / full_bytes,
+                         "peak_rss_ratio_vs_full": peak_rss[name] / peak_rss["full"] if peak_rss.get("full") else None})
+            del model
+    return rows
+
+
+def run(quick: bool, options: dict) -> list[dict]:
+    settings = {**SETTINGS[bool(quick)], **{k: v for k, v in options.items() if k in SETTINGS[True]}}
+    model_name = options.get("model", "minilm-l6")
+    rows = main_rows(settings, model_name)
+    if not options.get("skip_depth"):
+        rows += depth_rows(settings)
+    return rows

@@ -1,0 +1,95 @@
+"""Quantization bench: smollm2-135m at 2/3/4 bits, group 64 — RTN, NF (QLoRA start), LoftQ, ApiQ-lw, ApiQ-bw.
+
+Per row: relative output error ||Y_q - Y_fp|| / ||Y_fp|| of the last hidden state on held-out
+WikiText-2 test windows (taken right after the perplexity windows, so neither overlaps the other nor
+the calibration text, which is wiki.valid.tokens), WikiText-2 test perplexity before any
+fine-tuning (non-overlapping windows), and the wall seconds the quantizer took. The "fp" row is the
+unquantized model in the same run. smollm2-135m's weights were Q4_1-quantized once before we see
+them; "fp" is their dequantized fp32 copy.
+
+options (all optional): methods, bits, group_size, calib_windows, calib_seq_len, epochs, lora_r,
+lora_alpha, lr_lora, lr_clip (both ApiQ variants; default: BW_LRS / LW_LRS), ppl_windows, ppl_seq_len,
+error_windows, loftq_iters, model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from types import SimpleNamespace
+
+METHODS = ("rtn", "nf", "loftq", "apiq-lw", "apiq-bw")
+QUICK = dict(calib_windows=8, calib_seq_len=64, epochs=1, ppl_windows=4, ppl_seq_len=256, error_windows=2)
+FULL = dict(calib_windows=16, calib_seq_len=256, epochs=2, ppl_windows=20, ppl_seq_len=512, error_windows=4)
+BW_LRS = (5e-3, 5e-2)  # (LoRA, clipping): higher than the paper's 5e-4/5e-3 because CPU runs take far fewer steps
+LW_LRS = (1e-3, 1e-2)
+
+
+def _settings(quick: bool, options: dict) -> dict:
+    s = dict(QUICK if quick else FULL)
+    s.update(methods=list(METHODS), bits=[2, 3, 4], group_size=64, lora_r=64, lora_alpha=16.0, loftq_iters=1,
+             model="smollm2-135m", lr_lora=None, lr_clip=None)
+    s.update({k: v for k, v in (options or {}).items() if v is not None})
+    return s
+
+
+def _learning_rates(method: str, s: dict) -> tuple[float, float]:
+    """(lr_lora, lr_clip): options win; else the CPU defaults (ApiQ-lw overfits its per-layer targets at
+    the higher rates on smollm2 — 2-bit ppl 3.8e7 at 5e-3/5e-2 vs 9.8e4 at 1e-3/1e-2 in the quick setting)."""
+    default = LW_LRS if method == "apiq-lw" else BW_LRS
+    return (s["lr_lora"] or default[0], s["lr_clip"] or default[1])
+
+
+def run(quick: bool, options: dict) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.eval.perplexity import perplexity_of_windows
+    from peftkit.eval.wikitext import TEST_FILE, consecutive_windows, default_wikitext_root, random_windows, read_text, token_ids
+    from peftkit.models.aliases import resolve_model
+    from peftkit.quant.pipeline import build_quantized_model, quantize_model
+
+    s = _settings(quick, options)
+    path = resolve_model(s["model"])
+    fp_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    root = default_wikitext_root()
+    test_ids = token_ids(tokenizer, read_text(f"{root}/{TEST_FILE}"))
+    ppl_windows = consecutive_windows(test_ids, s["ppl_seq_len"], s["ppl_windows"])
+    error_windows = consecutive_windows(test_ids, s["ppl_seq_len"], s["error_windows"], skip=s["ppl_windows"])
+    calib = random_windows(token_ids(tokenizer, read_text(f"{root}/wiki.valid.tokens")), s["calib_windows"],
+                           s["calib_seq_len"], seed=0)
+    print(f"quant bench: {s['model']}, calibration {tuple(calib.shape)} (wiki.valid), ppl {tuple(ppl_windows.shape)}, "
+          f"output error {tuple(error_windows.shape)} (wiki.test, disjoint), epochs {s['epochs']}", flush=True)
+
+    def last_hidden(model):
+        with torch.inference_mode():
+            return model(input_ids=error_windows, output_hidden_states=True, use_cache=False).hidden_states[-1]
+
+    y_fp = last_hidden(fp_model)
+    fp_ppl = perplexity_of_windows(fp_model, ppl_windows)["ppl"]
+    rows = [{"method": "fp", "bits": 16, "group_size": None, "rel_output_error": 0.0, "ppl": fp_ppl, "seconds": 0.0}]
+    print(f"fp: ppl {fp_ppl:.2f}", flush=True)
+    for bits in s["bits"]:
+        for method in s["methods"]:
+            lr_lora, lr_clip = _learning_rates(method, s)
+            q = SimpleNamespace(method=method, bits=bits, group_size=s["group_size"], symmetric=False, lora_r=s["lora_r"],
+                                lora_alpha=s["lora_alpha"], lora_targets=None, loftq_iters=s["loftq_iters"], epochs=s["epochs"],
+                                lr_lora=lr_lora, lr_clip=lr_clip, weight_decay=0.0, aug_loss=True, batch_size=1, seed=0)
+            start = time.perf_counter()
+            calib_ids = calib if method.startswith("apiq") else None
+            result = quantize_model(fp_model, q, calib_ids, log=lambda line: None)
+            seconds = time.perf_counter() - start
+            model = build_quantized_model(copy.deepcopy(fp_model), result).eval()
+            y_q = last_hidden(model)
+            row = {"method": method, "bits": bits, "group_size": s["group_size"],
+                   "rel_output_error": ((y_q - y_fp).norm() / y_fp.norm()).item(),
+                   "ppl": perplexity_of_windows(model, ppl_windows)["ppl"], "seconds": round(seconds, 2)}
+            nan_events = sum(len(b["nan_events"]) for b in result.blocks)
+            if nan_events:
+                row["nan_events"] = nan_events
+            rows.append(row)
+            print(f"{method} {bits}-bit: rel. output error {row['rel_output_error']:.4f}, ppl {row['ppl']:.4g}, "
+                  f"{seconds:.1f} s", flush=True)
+            del model
+    return rows

@@ -1,0 +1,143 @@
+"""HiWi (Liao, Meng & Monz, ACL 2023): an adapter applied to pretrained FFN parameters, then merged away.
+
+A classic adapter transforms hidden states at every forward, so it stays in the deployed model and
+adds latency. HiWi feeds the pretrained parameter P itself (an FFN weight matrix or bias vector) to
+the adapter:  P' = P + ReLU(P · W_down) · W_up,  row by row (a bias is a single row). W_up starts at
+zero, so P' = P at initialisation. During training the forward recomputes P' each step (a
+parametrization of P); afterwards P' is computed once and the adapter is thrown away: the deployed
+model is the pretrained architecture with new FFN parameters, at full fine-tuning's speed.
+
+A zero parameter stays zero (f(0) = 0): HiWi needs the non-zero pretrained values it adapts.
+
+target="bias" adapts only the FFN biases, and ``save`` then stores just the new biases (plus the task
+head): ~0.03% of a RoBERTa-large-sized model, however large the bottleneck. target="weight" adapts
+the FFN weight matrices and saves the adapters, which are far smaller than the matrices they make.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from peftkit.errors import UserError
+from peftkit.methods.base import ADAPTER_FILE, Method, mark_only_head_trainable
+from peftkit.utils.options import option
+
+
+@dataclass
+class HiWiOptions:
+    target: Literal["weight", "bias"] = option("weight", "FFN parameters fed to the adapter: the weight matrices or the biases.")
+    r: int = option(8, "Bottleneck of each adapter (W_down: width x r, W_up: r x width).")
+
+    def validate(self) -> list[str]:
+        return [f"r: must be at least 1, got {self.r}"] if self.r < 1 else []
+
+
+class WeightAdapter(nn.Module):
+    """Parametrization P -> P + ReLU(P · W_down) · W_up over the rows of P (a vector is one row)."""
+
+    def __init__(self, param: torch.Tensor, r: int):
+        super().__init__()
+        width = param.shape[-1]
+        kw = {"dtype": param.dtype, "device": param.device}
+        # W_down like nn.Linear's default init (uniform, bound 1/sqrt(fan_in)); W_up zero so P' = P at start.
+        bound = 1.0 / math.sqrt(width)
+        down = torch.empty(width, r, **kw).uniform_(-bound, bound)
+        # A bias is ONE row: a bottleneck unit with a negative pre-activation would be dead from the start
+        # (no gradient ever reaches its W_up row or its W_down column), and with all r dead P could never
+        # change. Negating such columns (the init distribution is symmetric) makes every unit start alive.
+        pre_activation = (param.detach().reshape(-1, width) @ down).sum(0)
+        down[:, pre_activation < 0] *= -1
+        self.down = nn.Parameter(down)
+        self.up = nn.Parameter(torch.zeros(r, width, **kw))
+
+    def forward(self, param: torch.Tensor) -> torch.Tensor:
+        rows = param.reshape(-1, param.shape[-1])
+        return param + (torch.relu(rows @ self.down) @ self.up).reshape(param.shape)
+
+
+def adapted_tensors(model) -> dict[str, WeightAdapter]:
+    """name of the adapted tensor (e.g. '...intermediate.dense.bias') -> its WeightAdapter."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for attr, chain in module.parametrizations.items():
+                for p in chain:
+                    if isinstance(p, WeightAdapter):
+                        found[f"{module_name}.{attr}"] = p
+    return found
+
+
+class HiWi(Method):
+    name = "hiwi"
+    Options = HiWiOptions
+    can_merge = True
+
+    def prepare(self, model, options: HiWiOptions):
+        from peftkit.models.families import family_of, ffn_modules
+
+        targets = ffn_modules(model)
+        missing = [name for name, module in targets if not isinstance(getattr(module, options.target, None), nn.Parameter)]
+        if missing:
+            raise UserError(f"HiWi target={options.target!r}: the FFN layers of this {family_of(model).name} model have no "
+                            f"{options.target} (e.g. {missing[0]}). Use method.target: weight for this model.")
+        mark_only_head_trainable(model)
+        for _, module in targets:
+            param = getattr(module, options.target)
+            parametrize.register_parametrization(module, options.target, WeightAdapter(param, options.r))
+        return model
+
+    def adapted_values(self, model) -> dict[str, torch.Tensor]:
+        """The current P' of every adapted tensor, by its plain parameter name."""
+        values = {}
+        with torch.no_grad():
+            for name in adapted_tensors(model):
+                module_name, attr = name.rsplit(".", 1)
+                values[name] = getattr(model.get_submodule(module_name), attr).detach()
+        return values
+
+    def head_state(self, model) -> dict[str, torch.Tensor]:
+        adapter_params = {id(p) for a in adapted_tensors(model).values() for p in a.parameters()}
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_params}
+
+    def save(self, model, out_dir, options: HiWiOptions):
+        """Bias variant: only the new biases and the head. Weight variant: the adapters and the head."""
+        if options.target != "bias":
+            return super().save(model, out_dir, options)
+        from safetensors.torch import save_file
+
+        state = {**self.adapted_values(model), **self.head_state(model)}
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(Path(out_dir) / ADAPTER_FILE))
+        self.save_options(out_dir, options)
+
+    def load(self, base_model, in_dir, options: HiWiOptions):
+        """Bias variant: copy the stored biases and head into the plain base model (nothing to merge)."""
+        if options.target != "bias":
+            return super().load(base_model, in_dir, options)
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(in_dir) / ADAPTER_FILE))
+        mark_only_head_trainable(base_model)
+        params = dict(base_model.named_parameters())
+        unknown = [k for k in state if k not in params]
+        if unknown:
+            raise ValueError(f"{in_dir}: stored tensors the model lacks: {unknown[:5]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+        return base_model
+
+    def merge(self, model):
+        """Compute every P' once and keep it as the plain parameter; the adapters are dropped (in place)."""
+        for module in list(model.modules()):
+            if parametrize.is_parametrized(module):
+                for attr in list(module.parametrizations):
+                    if all(isinstance(p, WeightAdapter) for p in module.parametrizations[attr]):
+                        parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        return model

@@ -1,0 +1,110 @@
+"""LoRA fine-tuning on a quantized base made by `peftkit quantize` (ApiQ, LoftQ, QLoRA-style NF, RTN).
+
+model.name is the quantize output directory. ``load_base`` rebuilds the dequantized (fake-quant) base
+from its packed codes; ``prepare`` puts peft LoRA on it with the factors the quantizer initialised
+(ApiQ / LoftQ: calibrated A and B; RTN / NF: B = 0) and leaves only LoRA (and a task head, if any)
+trainable — the quantized base stays frozen. ``save`` / ``load`` use peft's adapter format.
+Fine-tune in fp32 or bf16 (fp16 on a fake-quant base is unstable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftkit.errors import UserError
+from peftkit.methods.base import Method
+from peftkit.utils.options import option
+
+HEAD_MODULES = ("classifier", "score")
+
+
+@dataclass
+class QuantizedLoRAOptions:
+    dropout: float = option(0.0, "Dropout on the LoRA input during fine-tuning.")
+    init: str = option("quantized", "'quantized' = start from the A, B the quantizer wrote; 'zero' = fresh LoRA (B = 0).")
+
+    def validate(self) -> list[str]:
+        errors = []
+        if not 0 <= self.dropout < 1:
+            errors.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.init not in ("quantized", "zero"):
+            errors.append(f"init: must be 'quantized' or 'zero', got {self.init!r}")
+        return errors
+
+
+class QuantizedLoRA(Method):
+    name = "apiq"
+    Options = QuantizedLoRAOptions
+    can_merge = True
+
+    def load_base(self, model_options, task_head="causal_lm", num_labels=None, problem_type=None):
+        from peftkit.quant.checkpoint import is_quantized_dir, load_quantized_base
+
+        quant_dir = Path(model_options.name)
+        if not is_quantized_dir(quant_dir):
+            raise UserError(f"method apiq needs model.name to be a `peftkit quantize` output directory; "
+                            f"{quant_dir} is not one (no quantization.json / quantized_base.safetensors).")
+        dtype_name = getattr(model_options, "dtype", "float32")
+        if dtype_name == "float16":
+            raise UserError("model.dtype: float16 fine-tuning of a fake-quant base is unstable; use bfloat16 or float32.")
+        from peftkit.models.load import torch_dtype
+
+        model = load_quantized_base(quant_dir, task_head, num_labels, problem_type, torch_dtype(dtype_name))
+        if task_head == "seq_cls" and model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id  # decoders need it to find the last token
+        model.peftkit_quant_dir = str(quant_dir)  # read by prepare() to find the initial LoRA
+        return model
+
+    def prepare(self, model, options: QuantizedLoRAOptions):
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from peftkit.quant.checkpoint import read_info
+        from peftkit.quant.pipeline import lora_config
+
+        quant_dir = getattr(model, "peftkit_quant_dir", None)
+        if quant_dir is None:
+            raise UserError("method apiq: the base model was not loaded from a quantize output directory (use load_base).")
+        lora = read_info(quant_dir)["lora"]
+        heads = [h for h in HEAD_MODULES if hasattr(model, h)]
+        for p in model.parameters():  # the quantized base stays frozen; peft unfreezes LoRA and the head
+            p.requires_grad_(False)
+        peft_model = get_peft_model(model, lora_config(lora["r"], lora["alpha"], lora["targets"], heads, options.dropout))
+        if options.init == "quantized":
+            state = load_file(str(Path(quant_dir) / "adapter_model.safetensors"))
+            # A fresh task head is not in the quantizer's adapter: it keeps its own initialisation.
+            current = get_peft_model_state_dict(peft_model)
+            state = {**{k: v for k, v in current.items() if k not in state}, **state}
+            result = set_peft_model_state_dict(peft_model, state)
+            if getattr(result, "unexpected_keys", None):
+                raise UserError(f"the LoRA in {quant_dir} does not fit the model: unexpected {result.unexpected_keys[:3]}")
+        return peft_model
+
+    def trainable_state(self, model):
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+
+    def load_trainable_state(self, model, state):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter state has unexpected keys: {result.unexpected_keys[:5]}")
+
+    def save(self, model, out_dir, options):
+        model.save_pretrained(out_dir, safe_serialization=True)
+        self.save_options(out_dir, options)
+
+    def load(self, base_model, in_dir, options):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, str(in_dir), is_trainable=False)
+
+    def merge(self, model):
+        """LoRA folded into the dequantized base: an fp32 model (no longer low-bit)."""
+        return model.merge_and_unload()
+
+    def unwrap(self, model):
+        return model.get_base_model()

@@ -1,0 +1,210 @@
+"""Reversible two-stream stacks whose backward pass recomputes activations instead of caching them.
+
+One reversible block maps two streams (x1, x2) to (y1, y2):
+
+    y1 = lam  * x1 + F(x2)
+    y2 = beta * x2 + G(y1)
+
+and can be inverted exactly (up to rounding):  x2 = (y2 - G(y1)) / beta,  x1 = (y1 - F(x2)) / lam.
+Optionally the streams are swapped after the block, so the next block's F reads this block's y1.
+
+``run_stack`` runs a list of blocks through :class:`ReversibleStackFunction`, a custom autograd
+Function that computes the forward pass under ``no_grad`` and saves only the top outputs (plus the
+tensor keyword arguments such as the attention mask). Its backward walks the blocks from the top:
+it reconstructs each block's inputs from its outputs, recomputes F and G with grad enabled, and
+backpropagates through them one block at a time. Activation memory is therefore that of a single
+block, whatever the depth.
+
+Dropout replays exactly: the RNG state (CPU and, for CUDA tensors, the device's generator) is
+captured before every F and G call of the forward pass and restored around the recomputation, inside
+``torch.random.fork_rng`` so that the caller's RNG stream is left untouched by the backward pass.
+
+Parameter gradients are returned through the Function (the trainable parameters are inputs of the
+Function), so ``loss.backward()`` and ``torch.autograd.grad`` both work, and autograd always calls the
+Function's backward when some parameter trains, even if the stack input (frozen embeddings) does not
+require grad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ReversibleBlock:
+    """F, G and the modules whose parameters they use; ``lam``/``beta`` scale the residual streams."""
+
+    f: Callable[..., torch.Tensor]  # f(x2, **kwargs) -> tensor shaped like x2
+    g: Callable[..., torch.Tensor]  # g(y1, **kwargs) -> tensor shaped like y1
+    f_modules: list[nn.Module]
+    g_modules: list[nn.Module]
+    lam: float = 1.0
+    beta: float = 1.0
+    swap: bool = False
+
+    def params(self, which: str) -> list[nn.Parameter]:
+        """Trainable parameters used by F ('f') or G ('g'), each once."""
+        modules = self.f_modules if which == "f" else self.g_modules
+        seen, out = set(), []
+        for module in modules:
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    # ---- plain computation (differentiable with ordinary autograd) --------------------------
+    def forward(self, x1, x2, kwargs, rng: list | None = None):
+        """(x1, x2) -> streams for the next block; ``rng`` collects the RNG states when given."""
+        if rng is not None:
+            rng.append(RngState.capture(x2.device))
+        y1 = self.lam * x1 + self.f(x2, **kwargs)
+        if rng is not None:
+            rng.append(RngState.capture(y1.device))
+        y2 = self.beta * x2 + self.g(y1, **kwargs)
+        return (y2, y1) if self.swap else (y1, y2)
+
+    def inverse(self, out1, out2, kwargs):
+        """Streams after the block -> (x1, x2) before it (no grad; dropout must be off or replayed)."""
+        y1, y2 = (out2, out1) if self.swap else (out1, out2)
+        x2 = (y2 - self.g(y1, **kwargs)) / self.beta
+        x1 = (y1 - self.f(x2, **kwargs)) / self.lam
+        return x1, x2
+
+    # ---- one step of the memory-free backward pass --------------------------------------------
+    def backward_step(self, out1, out2, d_out1, d_out2, kwargs, rng_f, rng_g, grads: dict[int, torch.Tensor]):
+        """Reconstruct this block's inputs and their gradients; add parameter grads into ``grads``."""
+        y1, y2 = (out2, out1) if self.swap else (out1, out2)
+        dy1, dy2 = (d_out2, d_out1) if self.swap else (d_out1, d_out2)
+
+        g_params = self.params("g")
+        with torch.enable_grad():
+            y1_leaf = y1.detach().requires_grad_(True)
+            with rng_g.replay():
+                g_out = self.g(y1_leaf, **kwargs)
+            g_grads = torch.autograd.grad(g_out, [y1_leaf, *g_params], dy2, allow_unused=True)
+        with torch.no_grad():
+            x2 = (y2 - g_out.detach()) / self.beta
+            dy1_total = dy1 + g_grads[0] if g_grads[0] is not None else dy1
+        del g_out
+        _accumulate(grads, g_params, g_grads[1:])
+
+        f_params = self.params("f")
+        with torch.enable_grad():
+            x2_leaf = x2.detach().requires_grad_(True)
+            with rng_f.replay():
+                f_out = self.f(x2_leaf, **kwargs)
+            f_grads = torch.autograd.grad(f_out, [x2_leaf, *f_params], dy1_total, allow_unused=True)
+        with torch.no_grad():
+            x1 = (y1 - f_out.detach()) / self.lam
+            dx1 = dy1_total * self.lam
+            dx2 = dy2 * self.beta + f_grads[0] if f_grads[0] is not None else dy2 * self.beta
+        _accumulate(grads, f_params, f_grads[1:])
+        return x1, x2, dx1, dx2
+
+
+def _accumulate(grads: dict[int, torch.Tensor], params, new_grads) -> None:
+    for p, g in zip(params, new_grads):
+        if g is None:
+            continue
+        grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
+
+
+@dataclass
+class RngState:
+    """The CPU generator state and, on CUDA, the device generator state at one point of the forward."""
+
+    cpu: torch.Tensor
+    device: torch.device
+    cuda: torch.Tensor | None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> "RngState":
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), device, cuda)
+
+    def replay(self):
+        """Context: run with this RNG state, then give the caller back its own RNG state."""
+        return _Replay(self)
+
+
+class _Replay:
+    def __init__(self, state: RngState):
+        self.state = state
+        devices = [self.state.device] if self.state.cuda is not None else []
+        self.fork = torch.random.fork_rng(devices=devices, device_type="cuda")
+
+    def __enter__(self):
+        self.fork.__enter__()
+        torch.set_rng_state(self.state.cpu)
+        if self.state.cuda is not None:
+            torch.cuda.set_rng_state(self.state.cuda, self.state.device)
+
+    def __exit__(self, *exc):
+        return self.fork.__exit__(*exc)
+
+
+class ReversibleStackFunction(torch.autograd.Function):
+    """Runs blocks under no_grad; saves only the top outputs; recomputes block by block in backward."""
+
+    @staticmethod
+    def forward(ctx, blocks, kwarg_names, other_kwargs, n_params, x1, x2, *rest):
+        params, kwarg_tensors = rest[:n_params], rest[n_params:]
+        kwargs = {**other_kwargs, **dict(zip(kwarg_names, kwarg_tensors))}
+        record_rng = any(m.training for b in blocks for m in b.f_modules + b.g_modules)
+        rng_states = []
+        with torch.no_grad():
+            for block in blocks:
+                x1, x2 = block.forward(x1, x2, kwargs, rng_states if record_rng else None)
+        ctx.blocks, ctx.kwarg_names, ctx.other_kwargs = blocks, kwarg_names, other_kwargs
+        ctx.params, ctx.rng_states = params, rng_states
+        device_type = x1.device.type
+        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
+        ctx.save_for_backward(x1, x2, *kwarg_tensors)
+        return x1, x2
+
+    @staticmethod
+    def backward(ctx, d_out1, d_out2):
+        out1, out2, *kwarg_tensors = ctx.saved_tensors
+        kwargs = {**ctx.other_kwargs, **dict(zip(ctx.kwarg_names, kwarg_tensors))}
+        d_out1 = torch.zeros_like(out1) if d_out1 is None else d_out1
+        d_out2 = torch.zeros_like(out2) if d_out2 is None else d_out2
+        no_replay = _NoReplay()
+        grads: dict[int, torch.Tensor] = {}
+        device_type, dtype, enabled = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # recompute as the forward computed
+            for i in reversed(range(len(ctx.blocks))):
+                rng_f, rng_g = (ctx.rng_states[2 * i], ctx.rng_states[2 * i + 1]) if ctx.rng_states else (no_replay, no_replay)
+                out1, out2, d_out1, d_out2 = ctx.blocks[i].backward_step(out1, out2, d_out1, d_out2, kwargs, rng_f, rng_g, grads)
+        param_grads = tuple(grads.get(id(p)) for p in ctx.params)
+        return (None, None, None, None, d_out1, d_out2, *param_grads, *([None] * len(kwarg_tensors)))
+
+
+class _NoReplay:
+    def replay(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def run_stack(blocks: list[ReversibleBlock], x1, x2, kwargs: dict[str, Any], reversible: bool = True):
+    """Run ``blocks`` on the streams; reversible=False is the same network under ordinary autograd."""
+    if not blocks:
+        return x1, x2
+    if not reversible:
+        for block in blocks:
+            x1, x2 = block.forward(x1, x2, kwargs)
+        return x1, x2
+    params, seen = [], set()
+    for block in blocks:
+        for p in block.params("f") + block.params("g"):
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    names = tuple(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    other = {k: v for k, v in kwargs.items() if k not in names}
+    return ReversibleStackFunction.apply(blocks, names, other, len(params), x1, x2, *params, *(kwargs[k] for k in names))

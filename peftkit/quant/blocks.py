@@ -1,0 +1,144 @@
+"""The decoder blocks of a model as calibration sees them.
+
+Block inputs are captured once (embeddings only, the model is stopped at block 0) together with the
+keyword arguments the model passes to its blocks (rotary embeddings, causal mask), so each block can
+then be run on its own: calibration never re-runs the whole model per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftkit.models.families import Family, family_of, layers_of
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it captured what it needed."""
+
+
+def decoder_family(model) -> Family:
+    fam = family_of(model)
+    if fam.kind != "decoder" or fam.name == "gpt2":
+        raise ValueError(f"quantization supports LLaMA-family and OPT decoders, not {fam.name!r}")
+    return fam
+
+
+def target_leaf_names(fam: Family) -> list[str]:
+    """The projection Linears of one block (leaf names, e.g. q_proj ... down_proj)."""
+    return [n.split(".")[-1] for n in (*fam.attn_linears, *fam.ffn_linears)]
+
+
+def block_linears(block: nn.Module, leaves: list[str]) -> dict[str, nn.Linear]:
+    """Name (inside the block) -> Linear, for every Linear whose leaf name is in ``leaves``."""
+    return {name: m for name, m in block.named_modules()
+            if isinstance(m, nn.Linear) and name.split(".")[-1] in leaves}
+
+
+def block_prefixes(model) -> list[str]:
+    """Full module name of each block (e.g. 'model.layers.3')."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(b)] for b in layers_of(model)]
+
+
+def replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, leaf = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, new)
+
+
+@torch.no_grad()
+def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(hidden states entering block 0 for every window (N, T, d), block kwargs for one window).
+
+    The kwargs are taken from a batch of one window; their batch dimension broadcasts.
+    """
+    first = layers_of(model)[0]
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        hidden = []
+        for ids in input_ids.split(8):
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+            hidden.append(captured["hidden"])
+        try:
+            model(input_ids=input_ids[:1], use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        handle.remove()
+    kwargs = captured["kwargs"]
+    for key in ("past_key_values", "past_key_value", "use_cache", "output_attentions"):
+        kwargs.pop(key, None)
+    return torch.cat(hidden), kwargs
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_block_batched(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
+    return torch.cat([run_block(block, h, kwargs) for h in hidden.split(batch_size)])
+
+
+@torch.no_grad()
+def capture_linear_input(block: nn.Module, linear: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                         batch_size: int) -> torch.Tensor:
+    """The input of ``linear`` inside ``block`` for every window (the block is stopped right there)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args):
+        seen.append(args[0].detach())
+        raise _Stop
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        for h in hidden.split(batch_size):
+            try:
+                run_block(block, h, kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+@torch.no_grad()
+def capture_linear_inputs(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, kwargs: dict,
+                          batch_size: int) -> dict[str, torch.Tensor]:
+    """The inputs of all ``linears`` inside ``block`` for every window, in one pass over the block."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(args[0].detach()))
+               for name, m in linears.items()]
+    try:
+        for h in hidden.split(batch_size):
+            run_block(block, h, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(parts) for name, parts in seen.items()}
+
+
+@torch.no_grad()
+def forward_order(block: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor, kwargs: dict) -> list[str]:
+    """Names of ``linears`` in the order the block calls them (q, k, v, o, gate, up, down for LLaMA)."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None)
+               for name, m in linears.items()]
+    try:
+        run_block(block, hidden[:1], kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n in linears if n not in order]

@@ -1,0 +1,37 @@
+"""The saved-bytes counter of the memory bench: each storage once, parameters and buffers excluded."""
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from peftkit.bench.memory import make_batch, saved_tensor_bytes
+
+
+class TwoLinears(nn.Module):
+    """loss = sum(tanh(x W1) W2); W1 frozen. Saved: tanh's output (also W2's input, one storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 16, bias=False).requires_grad_(False)
+        self.second = nn.Linear(16, 2, bias=False)
+        self.register_buffer("scale", torch.ones(2))
+
+    def forward(self, x):
+        hidden = torch.tanh(self.first(x))
+        return SimpleNamespace(loss=(self.second(hidden) * self.scale).sum())
+
+
+def test_counts_each_activation_storage_once_and_no_parameters():
+    model = TwoLinears()
+    x = torch.randn(5, 8)
+    # tanh saves its output (5x16 floats); the second Linear saves the same tensor as its input -> counted once.
+    # The weights saved by the Linears and the buffer are not activations.
+    assert saved_tensor_bytes(model, {"x": x}) == 5 * 16 * 4
+    assert model.second.weight.grad is None  # the counter leaves no gradients behind
+
+
+def test_batches_have_the_requested_shape():
+    batch = make_batch(vocab_size=100, batch=3, seq=7)
+    assert batch["input_ids"].shape == (3, 7) and batch["labels"].shape == (3,)
+    assert int(batch["input_ids"].max()) < 100

@@ -1,0 +1,78 @@
+"""full / lora / bitfit: what trains, save -> load gives the same logits, LoRA merged == unmerged."""
+
+import pytest
+import torch
+
+from peftkit.methods import get_method
+from tiny import tiny_bert
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(5, 60, (3, 7), generator=g), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+
+
+def _train_a_bit(model, method, steps=3):
+    opt = torch.optim.AdamW(method.param_groups(model, 0.01), lr=1e-2)
+    batch = {**_batch(), "labels": torch.tensor([0, 1, 1])}
+    model.train()
+    for _ in range(steps):
+        method.compute_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def test_bitfit_trains_only_biases_and_head():
+    method = get_method("bitfit")
+    model = method.prepare(tiny_bert(), method.Options())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".bias") or n.startswith("classifier.") for n in trainable)
+    assert "classifier.weight" in trainable
+
+
+def test_lora_trains_adapters_and_head_only():
+    method = get_method("lora")
+    model = method.prepare(tiny_bert(), method.Options(r=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "classifier" in n for n in trainable)
+    assert any("classifier" in n for n in trainable) and any("lora_A" in n for n in trainable)
+
+
+@pytest.mark.parametrize("name", ["lora", "bitfit", "full"])
+def test_save_then_load_reproduces_logits(tmp_path, name):
+    method = get_method(name)
+    options = method.Options()
+    model = _train_a_bit(method.prepare(tiny_bert(seed=0), options), method)
+    expected = model(**_batch()).logits
+    method.save(model, tmp_path, options)
+    fresh = tiny_bert(seed=0)  # the same pretrained base ...
+    torch.nn.init.normal_(fresh.classifier.weight)  # ... with a new, different task head
+    reloaded = method.load(fresh, tmp_path, options).eval()
+    torch.testing.assert_close(reloaded(**_batch()).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_lora_merged_equals_unmerged():
+    method = get_method("lora")
+    model = _train_a_bit(method.prepare(tiny_bert(), method.Options(r=4)), method)
+    expected = model(**_batch()).logits
+    merged = method.merge(model)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert type(merged).__name__ == "BertForSequenceClassification"
+    torch.testing.assert_close(merged(**_batch()).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_weight_decay_on_bias_and_layernorm():
+    method = get_method("full")
+    model = method.prepare(tiny_bert(), method.Options())
+    groups = method.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = [names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert no_decay and all(n.endswith("bias") or "LayerNorm" in n for n in no_decay)
+
+
+def test_unknown_and_unbuilt_methods_explain_themselves():
+    from peftkit.errors import UserError
+
+    with pytest.raises(UserError, match='did you mean "lora"'):
+        get_method("loar")

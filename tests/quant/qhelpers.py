@@ -1,0 +1,59 @@
+"""Shared pieces of the quantization tests: a tiny LLaMA with some structure and option sets."""
+
+from types import SimpleNamespace
+
+import torch
+
+
+def structured_llama(seed=0, layers=2, hidden=64):
+    """A tiny LLaMA whose projections are low rank + noise with a few large input columns (outliers),
+    like pretrained weights, so that quantizers can be told apart."""
+    from tiny import tiny_llama
+
+    model = tiny_llama(seed=seed, layers=layers, hidden=hidden).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "layers" in name:
+                out, inp = p.shape
+                w = torch.randn(out, 4, generator=g) @ torch.randn(4, inp, generator=g) * 0.05
+                w += 0.02 * torch.randn(out, inp, generator=g)
+                w[:, torch.randint(0, inp, (2,), generator=g)] *= 6
+                p.copy_(w)
+    return model
+
+
+def options(method, bits=2, group_size=16, **kw):
+    base = dict(method=method, bits=bits, group_size=group_size, symmetric=False, lora_r=8, lora_alpha=16.0,
+                lora_targets=None, loftq_iters=3, epochs=4, lr_lora=2e-3, lr_clip=2e-2, weight_decay=0.0,
+                aug_loss=True, batch_size=2, seed=0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def windows(n=8, length=32, seed=1, vocab=128):
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def write_model_dir(directory, **kw):
+    """A tiny structured LLaMA + a tiny tokenizer saved as a transformers checkpoint directory."""
+    from tiny import tiny_bert_tokenizer
+
+    structured_llama(**kw).save_pretrained(directory)
+    tiny_bert_tokenizer(directory)
+    return directory
+
+
+def write_wikitext(root, words=4000, seed=0):
+    """A WikiText-shaped directory with calibration and test files made of the tiny tokenizer's words."""
+    import random
+    from pathlib import Path
+
+    from tiny import WORDS
+
+    rng = random.Random(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("wiki.valid.tokens", "wiki.test.raw"):
+        (root / name).write_text(" ".join(rng.choice(WORDS) for _ in range(words)) + "\n")
+    return root

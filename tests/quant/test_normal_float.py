@@ -1,0 +1,36 @@
+"""NF2/NF3/NF4 levels and the absmax group quantizer; NF4 agrees with bitsandbytes."""
+
+import pytest
+import torch
+
+from peftkit.quant.normal_float import bnb_nf4_fake_quantize, nf_dequantize, nf_levels, nf_quantize
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_levels_are_normal_quantiles_with_exact_zero(bits):
+    levels = nf_levels(bits)
+    assert levels.numel() == 2 ** bits
+    assert torch.all(levels[1:] > levels[:-1])
+    assert levels[0] == -1 and levels[-1] == 1 and (levels == 0).sum() == 1
+    assert (levels > 0).sum() == 2 ** (bits - 1)  # one more positive than negative level
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_each_weight_takes_the_nearest_level(bits):
+    w = torch.randn(4, 64)
+    codes, absmax = nf_quantize(w, bits, 16)
+    normalised = (w.reshape(4, 4, 16) / absmax[..., None]).reshape(4, 64)
+    brute = (normalised[..., None] - nf_levels(bits)).abs().argmin(-1)
+    assert torch.equal(codes.long(), brute)
+    w_hat = nf_dequantize(codes, absmax, bits, 16)
+    # the group absmax is represented exactly (level +-1)
+    torch.testing.assert_close(w_hat.reshape(4, 4, 16).abs().amax(-1), absmax)
+
+
+def test_nf4_matches_bitsandbytes():
+    w = torch.randn(32, 128)
+    theirs = bnb_nf4_fake_quantize(w, 64)
+    if theirs is None:
+        pytest.skip("bitsandbytes NF4 not available on this device")
+    codes, absmax = nf_quantize(w, 4, 64)
+    torch.testing.assert_close(nf_dequantize(codes, absmax, 4, 64), theirs, rtol=0, atol=1e-5)
