@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import List, Optional
 
@@ -18,6 +19,9 @@ recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_he
 app.add_typer(recipes_app, name="recipes")
 
 OVERRIDES_HELP = "Dotted overrides, e.g. train.lr=3e-4 method.r=16 data.root=../shared/data/glue"
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # the disk, not the input: exit 1 with a message
 
 
 def _run(fn, *args, **kwargs):
@@ -37,6 +41,13 @@ def _run(fn, *args, **kwargs):
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else " (a file of the run)"
+        typer.echo(f"run failed: cannot write{where}: {e.strerror}. Free disk space or choose a "
+                   f"writable output.dir; a training run continues from its last checkpoint with train.resume=auto.", err=True)
+        raise typer.Exit(1) from None
     except Exception as e:  # an interruption raised by the trainer carries its own exit code
         code = getattr(e, "exit_code", None)
         if code is not None:
@@ -129,6 +140,16 @@ def bench(name: str = typer.Argument(..., help="Benchmark name (see `peftkit ben
         return write_bench(name, rows, json_out)
 
     _run(body)
+
+
+@app.command()
+def report(paths: List[str] = typer.Argument(..., help="Run directories, quantized model directories, bench JSON files "
+                                                        "or directories holding them."),
+           out: str = typer.Option("report", "--out", help="Directory for the PNG plots and report.md.")):
+    """Plots (loss curves, memory, accuracy vs trainable %, quantization error per block) and a markdown summary."""
+    from peftkit.report import make_report
+
+    _run(make_report, list(paths), out)
 
 
 @app.command()

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from peftkit.errors import UserError
+from peftkit.errors import RunFailed, UserError
 
 
 def _write_final(method, model, recipe, tokenizer, task, run_dir: Path) -> Path:
@@ -16,6 +16,8 @@ def _write_final(method, model, recipe, tokenizer, task, run_dir: Path) -> Path:
     from peftkit.models.trained import INFO_FILE
 
     final = run_dir / "final"
+    for stale in run_dir.glob(".final-*"):  # left by an attempt killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run_dir))
     try:
         method.save(model, tmp, recipe.method)
@@ -28,8 +30,11 @@ def _write_final(method, model, recipe, tokenizer, task, run_dir: Path) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise RunFailed(f"could not save the final model into {final}: {e.strerror or e}. The checkpoints are intact; "
+                            f"free disk space (or fix permissions) and run again with train.resume=auto.") from e
         raise
     return final
 
@@ -63,6 +68,20 @@ def finetune(recipe_spec: str, overrides: list[str]) -> Path:
     dist = init_distributed()
     resume = recipe.train.resume
 
+    # The model is loaded and checked before the run directory exists: a model or option that does not
+    # fit fails without leaving a half-written run behind.
+    seed_everything(recipe.train.seed)
+    problem = "regression" if task.is_regression else "single_label_classification"
+    model = method.load_base(recipe.model, recipe.model.task_head, task.num_labels, problem)
+    if model is None:
+        model = load_model(recipe.model.name, recipe.model.task_head, task.num_labels, problem, recipe.model.dtype,
+                           recipe.model.trust_remote_code, recipe.model.attn_implementation)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and recipe.data.max_length > limit:
+        raise UserError(f"data.max_length {recipe.data.max_length} exceeds what {recipe.model.name} allows "
+                        f"({limit} positions). Set data.max_length to at most {limit}.")
+    model = method.prepare(model, recipe.method)
+
     with RunDir(recipe.run_dir, recipe.to_dict(), resume != "false", recipe.output.overwrite, dist.is_main) as run_dir:
         log_file = open(run_dir / "train.log", "a") if dist.is_main else None
 
@@ -75,17 +94,6 @@ def finetune(recipe_spec: str, overrides: list[str]) -> Path:
         try:
             if dist.is_main:
                 (run_dir / "env.json").write_text(json.dumps(environment() | {"world_size": dist.world_size}, indent=2))
-            seed_everything(recipe.train.seed)
-            problem = "regression" if task.is_regression else "single_label_classification"
-            model = method.load_base(recipe.model, recipe.model.task_head, task.num_labels, problem)
-            if model is None:
-                model = load_model(recipe.model.name, recipe.model.task_head, task.num_labels, problem, recipe.model.dtype,
-                                   recipe.model.trust_remote_code, recipe.model.attn_implementation)
-            limit = getattr(model.config, "max_position_embeddings", None)
-            if limit and recipe.data.max_length > limit:
-                raise UserError(f"data.max_length {recipe.data.max_length} exceeds what {recipe.model.name} allows "
-                                f"({limit} positions). Set data.max_length to at most {limit}.")
-            model = method.prepare(model, recipe.method)
             trainable, total = count_parameters(model)
             log(f"method {recipe.method_name} on {recipe.model.name} / {task.name}: trainable params {trainable:,} "
                 f"of {total:,} ({100 * trainable / total:.3f}%)")
@@ -95,7 +103,7 @@ def finetune(recipe_spec: str, overrides: list[str]) -> Path:
             collate = PadCollator(tokenizer.pad_token_id or 0, task.is_regression)
             eval_fn = make_eval_fn(task, eval_data, collate, recipe.train.eval_batch_size)
             trainer = Trainer(model, method, recipe.train, run_dir, train_data, collate, eval_fn,
-                              best_metric=task.main_metric, dist=dist, log=log)
+                              best_metric="glue_score", dist=dist, log=log)
             if resume == "auto":
                 latest = trainer.latest_checkpoint()
                 if latest is not None:

@@ -51,7 +51,7 @@ def main() -> None:
         data = json.loads(path.read_text())
         parts.append(f"\n## {data.get('title', data.get('bench', path.stem))} (`docs/results/{path.name}`)\n")
         parts.append(f"Command: `{data.get('command', '')}`  \nMachine: {machine_line(data.get('machine', {}))}\n")
-        notes = data.get("notes")
+        notes = data.get("notes") or data.get("note")  # some benches write one string as "note"
         if notes:
             parts.append("\n" + ("\n".join(f"- {n}" for n in notes) if isinstance(notes, list) else str(notes)) + "\n")
         parts.append("\n" + table(data.get("rows", [])))

@@ -79,6 +79,7 @@ def format_table(rows: list[dict]) -> str:
 def write_bench(name: str, rows: list[dict], json_path: str | Path | None, extra: dict | None = None) -> dict:
     """Print the table and write {"bench", "machine", "command", "rows", ...} to ``json_path`` atomically."""
     payload = {"bench": name, "machine": machine_info(), "command": " ".join(["peftkit", *sys.argv[1:]]), "rows": rows}
+    extra = {**getattr(rows, "extra", {}), **(extra or {})}  # a bench may return a list with .extra (e.g. notes)
     if extra:
         payload.update(extra)
     print(format_table(rows))

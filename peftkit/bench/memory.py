@@ -4,10 +4,10 @@ Per method, on the same model, batch and sequence length:
   saved_bytes       bytes of the tensors autograd keeps between forward and backward: one training forward
                     inside torch.autograd.graph.saved_tensors_hooks, each storage counted once (by
                     untyped_storage().data_ptr()), parameter and buffer storages excluded.
-  peak_rss_bytes    process peak RSS (VmHWM, i.e. ru_maxrss without the parent's share) of a FRESH subprocess during training steps, minus the same
-                    subprocess's peak after loading the model, allocating grads + AdamW state and running one
-                    no-grad forward: what training adds on top of weights and optimizer (activations, plus
-                    MEFT's transient recomputation of one layer). Two Linux details keep loading transients
+  peak_rss_bytes    process peak RSS (VmHWM: ru_maxrss without the parent's share) of a FRESH subprocess
+                    during training steps, minus the same subprocess's peak after loading the model, allocating
+                    grads + AdamW state and running one no-grad forward: what training adds on top of weights
+                    and optimizer (activations, plus MEFT's transient recomputation of one layer). Two Linux details keep loading transients
                     out of it: large allocations are mmapped (MALLOC_MMAP_THRESHOLD_), so freed memory leaves
                     the RSS instead of being silently reused, and the peak counter is reset after the setup
                     (/proc/self/clear_refs "5"); where the reset is refused, the plain difference is used.
@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,7 +86,9 @@ def prepare(method_name: str, model):
     from peftkit.methods import get_method
 
     method = get_method(method_name)
-    return method, method.prepare(model, method.Options())
+    with warnings.catch_warnings():  # meft3's "rounding may be amplified" warning: here memory is measured, not grads
+        warnings.simplefilter("ignore", UserWarning)
+        return method, method.prepare(model, method.Options())
 
 
 def make_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict:

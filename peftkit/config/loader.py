@@ -7,6 +7,7 @@ second with every problem listed by its key path (``train.lr: expected a number,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ def read_yaml(path: Path) -> dict:
         raise UserError(f"cannot read recipe {path}: {e}. Check the path and that it is a UTF-8 text file.") from None
     try:
         data = yaml.safe_load(text)
+    except ValueError as e:  # a scalar YAML resolves but cannot construct, e.g. the date 2024-02-30
+        raise UserError(f"recipe {path} is not valid YAML: {e}. Quote the value or fix it and run again.") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -110,7 +113,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, raw = text.partition("=")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         value = raw
     parts = [p for p in key.strip().split(".") if p]
     if len(parts) < 2:
@@ -199,7 +202,11 @@ def build_section(cls, raw: Any, path: str, errors: list[str], skip: tuple[str, 
         if key not in names:
             errors.append(f"{path}.{key}: unknown option{suggest(key, names)}")
             continue
-        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}", errors)
+        problems: list[str] = []
+        coerced = _coerce(value, hints[key], f"{path}.{key}", problems)
+        errors.extend(problems)
+        if not problems:  # a badly typed value keeps the default, so validate() only ever sees typed values
+            kwargs[key] = coerced
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -220,36 +227,66 @@ def _check_values(recipe: Recipe, errors: list[str]) -> None:
             errors.append(f"{key}: must be a positive integer or null, got {v}")
     if isinstance(t.lr, float) and not t.lr > 0:
         errors.append(f"train.lr: must be positive, got {t.lr}")
-    if isinstance(t.epochs, float) and not t.epochs > 0:
-        errors.append(f"train.epochs: must be positive, got {t.epochs}")
+    if isinstance(t.epochs, float) and not 0 < t.epochs < math.inf:
+        errors.append(f"train.epochs: must be a positive finite number, got {t.epochs}")
     if isinstance(t.warmup_ratio, float) and not 0 <= t.warmup_ratio < 1:
         errors.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-    if isinstance(t.resume, str) and t.resume not in ("auto", "false") and not Path(t.resume).exists():
+    for key, split in (("data.train_split", d.train_split), ("data.eval_split", d.eval_split)):
+        if isinstance(split, str) and not _plain_name(split):
+            errors.append(f"{key}: {split!r} must be a split name such as train or validation (no '/', '..')")
+    if isinstance(t.resume, str) and t.resume not in ("auto", "false") and not _exists(t.resume):
         errors.append(f"train.resume: {t.resume!r} is neither 'auto', 'false' nor an existing checkpoint path")
     validate = getattr(recipe.method, "validate", None)
     if callable(validate):
         errors.extend(f"method.{msg}" for msg in validate())
 
 
-def load_recipe(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe. Raises UserError listing every problem at once."""
-    from peftkit.methods import METHODS, get_method
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # e.g. a NUL byte or a name too long for the file system
+        return False
 
+
+def _plain_name(name: Any) -> bool:
+    """A name usable as one path component: no separators, not '.' or '..'."""
+    return isinstance(name, str) and bool(name.strip()) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def check_run_name(name: Any, errors: list[str]) -> None:
+    """A recipe's name becomes runs/<name> when output.dir is unset: it must not climb out of runs/."""
+    if not _plain_name(name):
+        errors.append(f"name: {name!r} must be a plain file name (no '/', '\\', '..'); it names the default "
+                      f"run directory runs/<name>. Set output.dir to choose a directory instead")
+
+
+def read_recipe_sections(spec: str | Path | dict, overrides, sections, dict_name: str) -> tuple[dict, str, str, list[str]]:
+    """The part every recipe loader shares: read the YAML (or take a dict), apply overrides, reject unknown
+    sections and unsafe names. Returns (raw tree, source, run name, errors so far)."""
     if isinstance(spec, dict):
-        raw, source, name = dict(spec), "<dict>", "recipe"
+        raw, source, name = dict(spec), "<dict>", dict_name
     else:
         path = resolve_recipe_path(str(spec))
         raw, source, name = read_yaml(path), str(path), path.stem
     for text in overrides:
         parts, value = parse_override(text)
         set_path(raw, parts, value)
-
     errors: list[str] = []
     for key in raw:
-        if key not in SECTIONS and key != "name":
-            errors.append(f"{key}: unknown section{did_you_mean(key, SECTIONS)} (sections: {', '.join(SECTIONS)})")
-    if isinstance(raw.get("name"), str):
-        name = raw["name"]
+        if key not in sections and key != "name":
+            errors.append(f"{key}: unknown section{did_you_mean(key, sections)} (sections: {', '.join(sections)})")
+    if "name" in raw:
+        check_run_name(raw["name"], errors)
+        if isinstance(raw["name"], str):
+            name = raw["name"]
+    return raw, source, name, errors
+
+
+def load_recipe(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe. Raises UserError listing every problem at once."""
+    from peftkit.methods import METHODS, get_method
+
+    raw, source, name, errors = read_recipe_sections(spec, overrides, SECTIONS, "recipe")
     sections = {s: build_section(cls, raw.get(s), s, errors, skip=("name",) if s == "method" else ())
                 for s, cls in SECTIONS.items() if s != "method"}
 

@@ -9,6 +9,7 @@ with its path, not as a shape error in the middle of training.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -121,22 +122,39 @@ def _load_from_hub(task: str, split: str) -> list[dict]:
     return load_dataset("nyu-mll/glue", task, split=split).to_list()
 
 
+def _label(task: GlueTask, raw) -> int | float | None:
+    """The label as float (regression) or int (classes); None when it is not one (1.5, nan, 'x', True)."""
+    if isinstance(raw, bool):
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not math.isfinite(value):
+        return None
+    if task.is_regression:
+        return value
+    return int(value) if value.is_integer() else None
+
+
 def check_rows(task: GlueTask, rows: list[dict], where: str) -> list[dict]:
     """Validate columns and labels; return the rows with labels converted to int/float."""
     if not rows:
         raise UserError(f"{where} holds no rows. Point data.root at a non-empty GLUE directory.")
-    missing = [k for k in (*task.text_keys, "label") if k not in rows[0]]
-    if missing:
-        raise UserError(
-            f"{where}: rows lack the column(s) {', '.join(missing)} that GLUE task {task.name} needs "
-            f"(found: {', '.join(rows[0])}). Convert the file to the Hugging Face GLUE schema."
-        )
     out = []
     for i, row in enumerate(rows):
-        try:
-            label = float(row["label"]) if task.is_regression else int(row["label"])
-        except (TypeError, ValueError):
-            raise UserError(f"{where}, row {i + 1}: label {row['label']!r} is not a number.") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}, row {i + 1}: expected an object with columns, got {row!r}.")
+        missing = [k for k in (*task.text_keys, "label") if k not in row]
+        if missing:
+            raise UserError(
+                f"{where}, row {i + 1}: lacks the column(s) {', '.join(missing)} that GLUE task {task.name} needs "
+                f"(found: {', '.join(map(str, row))}). Convert the file to the Hugging Face GLUE schema."
+            )
+        label = _label(task, row["label"])
+        if label is None:
+            kind = "finite" if task.is_regression else f"whole class index 0..{task.num_labels - 1}"
+            raise UserError(f"{where}, row {i + 1}: label {row['label']!r} is not a number usable as a label ({kind} expected).")
         if not task.is_regression and not 0 <= label < task.num_labels:
             raise UserError(
                 f"{where}, row {i + 1}: label {label} is outside 0..{task.num_labels - 1} for task {task.name} "

@@ -37,7 +37,11 @@ def make_eval_fn(task, rows: list[dict], collate, batch_size: int):
             preds = predict(model, rows, collate, batch_size, task.is_regression)
         finally:
             model.train(was_training)
-        return glue_metrics(task.name, preds, labels)
+        metrics = glue_metrics(task.name, preds, labels)
+        # GLUE's per-task score: the mean of the task's metrics. Selecting checkpoints on MRPC's F1 alone
+        # would prefer the degenerate "always paraphrase" model (F1 0.81 at accuracy 0.68).
+        metrics["glue_score"] = sum(metrics.values()) / len(metrics)
+        return metrics
 
     return evaluate
 
@@ -82,7 +86,12 @@ def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str
     print(format_table(rows_out))
     if average is not None:
         print(f"average (mean of each task's metrics): {average:.4f}")
-    payload = {"suite": "glue", "rows": rows_out, "average": average}
+    import sys
+
+    from peftkit.bench.common import machine_info
+
+    payload = {"bench": "glue-eval", "suite": "glue", "machine": machine_info(),
+               "command": " ".join(["peftkit", *sys.argv[1:]]), "rows": rows_out, "average": average}
     targets = [Path(json_path)] if json_path else []
     for model_dir in model_dirs:
         run = Path(model_dir)

@@ -115,11 +115,24 @@ class Method:
         return model
 
 
+HEAD_PREFIXES = ("classifier.", "score.", "qa_outputs.")
+
+
+def is_head_parameter(name: str) -> bool:
+    """True for the task head: classifier/score, and BERT's pooler, which only the classification head uses.
+
+    BERT's pooler counts as head because RoBERTa's classification head has the same dense+tanh layer
+    inside its classifier, and because sentence-embedding checkpoints (all-MiniLM-L6-v2) ship an
+    untrained pooler (std 0.009, zero bias): frozen, it blocks learning on pair tasks such as MRPC.
+    """
+    return name.startswith(HEAD_PREFIXES) or ".classifier." in name or ".pooler." in name or name.startswith("pooler.")
+
+
 def mark_only_head_trainable(model) -> list[str]:
-    """Freeze everything except the task head (classifier / score / lm head); return the head names."""
+    """Freeze everything except the task head (classifier / score / BERT pooler); return the head names."""
     head_names = []
     for name, param in model.named_parameters():
-        is_head = name.startswith(("classifier.", "score.", "qa_outputs.")) or ".classifier." in name
+        is_head = is_head_parameter(name)
         param.requires_grad_(is_head)
         if is_head:
             head_names.append(name)

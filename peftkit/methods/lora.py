@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from peftkit.methods.base import Method
+from peftkit.methods.peft_backed import PeftBackedMethod, head_modules
 from peftkit.utils.options import option
 
 # Default targets per model family (attribute names of the projection Linears).
@@ -20,7 +20,6 @@ DEFAULT_TARGETS = {
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
-HEAD_MODULES = ("classifier", "score")
 
 
 @dataclass
@@ -40,10 +39,9 @@ class LoRAOptions:
         return errors
 
 
-class LoRA(Method):
+class LoRA(PeftBackedMethod):
     name = "lora"
     Options = LoRAOptions
-    can_merge = True
 
     def peft_config(self, model, options: LoRAOptions):
         from peft import LoraConfig
@@ -51,41 +49,10 @@ class LoRA(Method):
         from peftkit.models.families import family_of
 
         targets = options.targets or DEFAULT_TARGETS[family_of(model).name]
-        heads = [h for h in HEAD_MODULES if hasattr(model, h)]
+        heads = head_modules(model)
         # Match names ending in the target (peft's suffix matching) but never inside the head.
         return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                           target_modules=targets, modules_to_save=heads or None,
                           bias="all" if options.train_bias else "none",
                           exclude_modules=heads or None)
 
-    def prepare(self, model, options: LoRAOptions):
-        from peft import get_peft_model
-
-        return get_peft_model(model, self.peft_config(model, options))
-
-    def trainable_state(self, model):
-        from peft import get_peft_model_state_dict
-
-        return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
-
-    def load_trainable_state(self, model, state):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, state)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"adapter state has unexpected keys: {result.unexpected_keys[:5]}")
-
-    def save(self, model, out_dir, options):
-        model.save_pretrained(out_dir, safe_serialization=True)
-        self.save_options(out_dir, options)
-
-    def load(self, base_model, in_dir, options):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base_model, in_dir, is_trainable=False)
-
-    def merge(self, model):
-        return model.merge_and_unload()
-
-    def unwrap(self, model):
-        return model.get_base_model()

@@ -14,7 +14,7 @@ hidden state plus only a 0.1-scaled extra residual: the pretrained starting poin
              output projection, before the LN)
 
 The final feature is the average of the two streams, (x1 + x2) / 2, fed to the pooler / task head.
-Only adapters and the task head train; embeddings, LayerNorms and pooler stay frozen.
+Only adapters and the task head (classifier + BERT pooler, see base.is_head_parameter) train; embeddings and LayerNorms stay frozen.
 
 Placement: the family's layer container (BERT/RoBERTa ``encoder``) is replaced by a :class:`MEFTEncoder`
 that keeps the pretrained layers under the same attribute name (parameter names are unchanged) and adds
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -245,7 +245,7 @@ class _MEFT(Method):
         if options.num_rev_layers is not None and options.num_rev_layers > len(layers):
             raise UserError(f"method.num_rev_layers: the model has {len(layers)} layers, got {options.num_rev_layers}; "
                             f"use at most {len(layers)} (or null for all).")
-        mark_only_head_trainable(model)  # freezes embeddings, layers, LayerNorms and pooler
+        mark_only_head_trainable(model)  # freezes embeddings, layers and LayerNorms
         config = model.config
         act = config.hidden_act
         encoder = MEFTEncoder(layers_attr, layers, family, VARIANTS[self.name], options, config.hidden_size,
@@ -257,7 +257,6 @@ class _MEFT(Method):
         setattr(get_path(backbone, grand_path) if grand_path else backbone, container_attr, encoder)
         return model
 
-
     def _warn_if_reconstruction_is_fragile(self, encoder: MEFTEncoder, dtype: torch.dtype) -> None:
         """Each reversible layer divides by lambda (and beta), amplifying rounding by up to 1/(lambda·beta); warn
         when that bound times the dtype's epsilon exceeds 1. (On minilm-l6 in fp32, measured max relative
@@ -268,7 +267,8 @@ class _MEFT(Method):
                 f"{self.name}: {encoder.num_rev_layers} reversible layers with lambda={encoder.lam}, beta={encoder.beta} "
                 f"in {dtype} can amplify rounding up to {amplification:.0e}x when the backward pass reconstructs "
                 f"activations, so gradients may be wrong. Set method.num_rev_layers lower (the layers above then keep "
-                f"ordinary activations)" + (", or train in float32." if torch.finfo(dtype).eps > 1e-6 else "."), stacklevel=3)
+                f"ordinary activations)" + (", or train in float32." if torch.finfo(dtype).eps > 1e-6 else "."),
+                stacklevel=3)
 
 
 class MEFT1(_MEFT):

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import UserError
-from peftkit.methods.base import Method
+from peftkit.methods.peft_backed import PeftBackedMethod, head_modules
 from peftkit.utils.options import option
-
-HEAD_MODULES = ("classifier", "score")
 
 
 @dataclass
@@ -33,10 +31,9 @@ class QuantizedLoRAOptions:
         return errors
 
 
-class QuantizedLoRA(Method):
+class QuantizedLoRA(PeftBackedMethod):
     name = "apiq"
     Options = QuantizedLoRAOptions
-    can_merge = True
 
     def load_base(self, model_options, task_head="causal_lm", num_labels=None, problem_type=None):
         from peftkit.quant.checkpoint import is_quantized_dir, load_quantized_base
@@ -67,7 +64,7 @@ class QuantizedLoRA(Method):
         if quant_dir is None:
             raise UserError("method apiq: the base model was not loaded from a quantize output directory (use load_base).")
         lora = read_info(quant_dir)["lora"]
-        heads = [h for h in HEAD_MODULES if hasattr(model, h)]
+        heads = head_modules(model)
         for p in model.parameters():  # the quantized base stays frozen; peft unfreezes LoRA and the head
             p.requires_grad_(False)
         peft_model = get_peft_model(model, lora_config(lora["r"], lora["alpha"], lora["targets"], heads, options.dropout))
@@ -80,31 +77,3 @@ class QuantizedLoRA(Method):
             if getattr(result, "unexpected_keys", None):
                 raise UserError(f"the LoRA in {quant_dir} does not fit the model: unexpected {result.unexpected_keys[:3]}")
         return peft_model
-
-    def trainable_state(self, model):
-        from peft import get_peft_model_state_dict
-
-        return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
-
-    def load_trainable_state(self, model, state):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, state)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"adapter state has unexpected keys: {result.unexpected_keys[:5]}")
-
-    def save(self, model, out_dir, options):
-        model.save_pretrained(out_dir, safe_serialization=True)
-        self.save_options(out_dir, options)
-
-    def load(self, base_model, in_dir, options):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base_model, str(in_dir), is_trainable=False)
-
-    def merge(self, model):
-        """LoRA folded into the dequantized base: an fp32 model (no longer low-bit)."""
-        return model.merge_and_unload()
-
-    def unwrap(self, model):
-        return model.get_base_model()

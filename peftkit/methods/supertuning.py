@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from peftkit.methods.base import Method
-from peftkit.methods.lora import DEFAULT_TARGETS, HEAD_MODULES
+from peftkit.methods.lora import DEFAULT_TARGETS
+from peftkit.methods.peft_backed import PeftBackedMethod, head_modules
 from peftkit.utils.options import option
 
 
@@ -28,49 +28,17 @@ class SuperTuningOptions:
         return [] if 0 < self.rho < 1 else [f"rho: must be strictly between 0 and 1, got {self.rho}"]
 
 
-class SuperTuning(Method):
+class SuperTuning(PeftBackedMethod):
     name = "supertuning"
     Options = SuperTuningOptions
-    can_merge = True
 
     def peft_config(self, model, options: SuperTuningOptions):
         from peft import SupertuningConfig
 
         from peftkit.models.families import family_of
 
-        heads = [h for h in HEAD_MODULES if hasattr(model, h)]
+        heads = head_modules(model)
         return SupertuningConfig(target_modules=options.targets or DEFAULT_TARGETS[family_of(model).name],
                                  modules_to_save=heads or None, sparsity=1.0 - options.rho,
                                  select_top=options.select == "largest")
 
-    def prepare(self, model, options: SuperTuningOptions):
-        from peft import get_peft_model
-
-        return get_peft_model(model, self.peft_config(model, options))
-
-    def trainable_state(self, model):
-        from peft import get_peft_model_state_dict
-
-        return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
-
-    def load_trainable_state(self, model, state):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, state)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"adapter state has unexpected keys: {result.unexpected_keys[:5]}")
-
-    def save(self, model, out_dir, options):
-        model.save_pretrained(out_dir, safe_serialization=True)
-        self.save_options(out_dir, options)
-
-    def load(self, base_model, in_dir, options):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base_model, in_dir, is_trainable=False)
-
-    def merge(self, model):
-        return model.merge_and_unload()
-
-    def unwrap(self, model):
-        return model.get_base_model()

@@ -71,6 +71,7 @@ def load_model(name: str, task_head: str = "seq_cls", num_labels: int | None = N
         kwargs["attn_implementation"] = attn_implementation
     if task_head == "seq_cls":
         kwargs["num_labels"] = num_labels
+        kwargs["ignore_mismatched_sizes"] = True  # a checkpoint with another task's head gets a fresh head
         if problem_type:
             kwargs["problem_type"] = problem_type
     try:

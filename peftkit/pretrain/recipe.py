@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from peftkit.config.loader import build_section, parse_override, read_yaml, resolve_recipe_path, set_path
+from peftkit.config.loader import build_section, read_recipe_sections
 from peftkit.config.schema import OutputOptions, TrainOptions
-from peftkit.errors import UserError, did_you_mean
+from peftkit.errors import UserError
 from peftkit.utils.options import option
 
 WIKITEXT_VALID = "../shared/data/wikitext-2/wiki.valid.tokens"
@@ -137,21 +137,7 @@ def _check(recipe: PretrainRecipe, errors: list[str]) -> None:
 
 def load_recipe(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> PretrainRecipe:
     """Read, override and validate a pretraining recipe. Raises UserError listing every problem."""
-    if isinstance(spec, dict):
-        raw, source, name = dict(spec), "<dict>", "pretrain"
-    else:
-        path = resolve_recipe_path(str(spec))
-        raw, source, name = read_yaml(path), str(path), path.stem
-    for text in overrides:
-        parts, value = parse_override(text)
-        set_path(raw, parts, value)
-
-    errors: list[str] = []
-    for key in raw:
-        if key not in SECTIONS and key != "name":
-            errors.append(f"{key}: unknown section{did_you_mean(key, SECTIONS)} (sections: {', '.join(SECTIONS)})")
-    if isinstance(raw.get("name"), str):
-        name = raw["name"]
+    raw, source, name, errors = read_recipe_sections(spec, overrides, SECTIONS, "pretrain")
     sections: dict[str, Any] = {s: build_section(cls, raw.get(s), s, errors) for s, cls in SECTIONS.items()}
     recipe = PretrainRecipe(name=name, source=source, **sections)
     _check(recipe, errors)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from peftkit.config.loader import build_section, parse_override, read_yaml, resolve_recipe_path, set_path
-from peftkit.errors import UserError, did_you_mean
+from peftkit.config.loader import build_section, read_recipe_sections
+from peftkit.errors import UserError
 from peftkit.eval.wikitext import default_wikitext_root
 from peftkit.utils.options import option
 
@@ -136,20 +136,7 @@ def _check_model(quant: QuantOptions, model_name: str, errors: list[str]) -> Non
 
 
 def load_quant_recipe(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), check_model: bool = True) -> QuantRecipe:
-    if isinstance(spec, dict):
-        raw, source, name = dict(spec), "<dict>", "quant"
-    else:
-        path = resolve_recipe_path(str(spec))
-        raw, source, name = read_yaml(path), str(path), path.stem
-    for text in overrides:
-        parts, value = parse_override(text)
-        set_path(raw, parts, value)
-    errors: list[str] = []
-    for key in raw:
-        if key not in SECTIONS and key != "name":
-            errors.append(f"{key}: unknown section{did_you_mean(key, SECTIONS)} (sections: {', '.join(SECTIONS)})")
-    if isinstance(raw.get("name"), str):
-        name = raw["name"]
+    raw, source, name, errors = read_recipe_sections(spec, overrides, SECTIONS, "quant")
     sections = {s: build_section(cls, raw.get(s), s, errors) for s, cls in SECTIONS.items()}
     recipe = QuantRecipe(name=name, source=source, **sections)
     q, c = recipe.quant, recipe.calib

@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from peftkit.errors import RunFailed
+
 MANIFEST = "manifest.json"
 
 
@@ -40,11 +42,23 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_checkpoint(target: Path, tensors: dict, torch_state: dict, state: dict) -> Path:
-    """Write a checkpoint at ``target`` atomically (replacing an older one of the same name)."""
+    """Write a checkpoint at ``target`` atomically (replacing an older one of the same name).
+
+    A write that fails (disk full, read-only file system) leaves the older checkpoints as they were and
+    raises RunFailed naming the checkpoint and the cause.
+    """
+    try:
+        return _write_checkpoint(Path(target), tensors, torch_state, state)
+    except OSError as e:
+        raise RunFailed(f"could not write checkpoint {target}: {e.strerror or e}. The checkpoints already complete "
+                        f"in {Path(target).parent} are intact; free disk space (or fix permissions) and continue "
+                        f"with train.resume=auto.") from e
+
+
+def _write_checkpoint(target: Path, tensors: dict, torch_state: dict, state: dict) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
@@ -97,6 +111,9 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    old = path.with_name(f".old-{path.name}")
+    if not path.exists() and is_complete(old):  # killed between the two renames of a replacement
+        path = old
     verify(path)
     tensors = load_file(str(path / "trainable.safetensors"))
     torch_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)

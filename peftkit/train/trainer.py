@@ -53,6 +53,7 @@ class Trainer:
         self.dist = dist or DistInfo()
         self.log = log or (lambda msg: print(msg, flush=True))
         self._stop_signal: int | None = None
+        self._epoch_ended = False
 
         self.device = default_device(self.dist)
         self.raw_model.to(self.device)
@@ -121,6 +122,8 @@ class Trainer:
         b = self.opt.batch_size
         idx = order[self.batch_in_epoch * b : (self.batch_in_epoch + 1) * b]
         self.batch_in_epoch += 1
+        if self.batch_in_epoch == self.batches_per_epoch:
+            self._epoch_ended = True
         batch = self.collate([self.dataset[i] for i in idx])
         return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
 
@@ -178,7 +181,14 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not self.dist.is_main or not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # the last line of a killed run may be cut short
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= self.step:
+                keep.append(line)
         path.write_text("".join(line + "\n" for line in keep))
 
     # ---- logging -------------------------------------------------------------------------------
@@ -242,7 +252,7 @@ class Trainer:
         progress.update(self.step)
         with self._signals(), progress:
             while self.step < self.total_steps:
-                epoch_before = self.epoch
+                self._epoch_ended = False
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total = 0.0
                 for micro in range(self.opt.grad_accum):
@@ -277,7 +287,7 @@ class Trainer:
                     progress.update(self.step)
 
                 finished = self.step == self.total_steps
-                epoch_done = self.batch_in_epoch >= self.batches_per_epoch or self.epoch > epoch_before
+                epoch_done = self._epoch_ended
                 due_eval = finished or (self.step % eval_every == 0 if eval_every else epoch_done)
                 due_save = finished or (self.step % save_every == 0 if save_every else epoch_done)
                 if due_eval:

@@ -27,16 +27,17 @@ def test_bitfit_trains_only_biases_and_head():
     method = get_method("bitfit")
     model = method.prepare(tiny_bert(), method.Options())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith(".bias") or n.startswith("classifier.") for n in trainable)
-    assert "classifier.weight" in trainable
+    assert trainable and all(n.endswith(".bias") or n.startswith("classifier.") or ".pooler." in n for n in trainable)
+    assert "classifier.weight" in trainable and "bert.pooler.dense.weight" in trainable
 
 
 def test_lora_trains_adapters_and_head_only():
     method = get_method("lora")
     model = method.prepare(tiny_bert(), method.Options(r=4))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all("lora_" in n or "classifier" in n for n in trainable)
+    assert all("lora_" in n or "classifier" in n or "pooler" in n for n in trainable)
     assert any("classifier" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    assert any("pooler" in n for n in trainable)  # BERT's pooler belongs to the classification head
 
 
 @pytest.mark.parametrize("name", ["lora", "bitfit", "full"])

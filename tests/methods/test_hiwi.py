@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+
+from peftkit.methods.base import is_head_parameter
 from tiny import tiny_bert, tiny_llama
 
 from peftkit.errors import UserError
@@ -69,7 +71,7 @@ def test_at_init_equal_on_a_decoder_and_bias_target_needs_biases():
 def test_trains_only_adapters_and_head_and_gradients_reach_both_projections(target):
     model = METHOD.prepare(pretrained_like(), HiWiOptions(target=target, r=4))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"classifier.weight", "classifier.bias"} | {
+    assert trainable == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"} | {
         f"{m}.parametrizations.{target}.0.{w}" for m in FFN for w in ("down", "up")}
     adapters = list(adapted_tensors(model).values())
     model.train()
@@ -119,7 +121,7 @@ def test_merged_equals_unmerged_base_architecture_and_only_ffn_changes(target):
     adapted = {f"{m}.{target}" for m in FFN}
     for name, before in base.state_dict().items():
         after = merged.state_dict()[name]
-        if name in adapted or name.startswith("classifier."):
+        if name in adapted or is_head_parameter(name):
             assert not torch.equal(after, before), name
         else:
             assert torch.equal(after, before), name
@@ -140,7 +142,7 @@ def test_save_load_reproduces_logits(tmp_path, target):
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "adapter.safetensors"))
-    head = {"classifier.weight", "classifier.bias"}
+    head = {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
     if target == "bias":  # the paper's storage claim: the new FFN biases are all that is kept
         assert set(saved) == head | {f"{m}.bias" for m in FFN}
     else:

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+
+from peftkit.methods.base import is_head_parameter
 from tiny import tiny_bert, tiny_llama
 
 from peftkit.errors import UserError
@@ -75,11 +77,11 @@ def test_trains_exactly_round_rho_n_entries(rho):
     n = sum(t.numel() for t in pool_params(base).values())
     model = METHOD.prepare(base, PaFiOptions(rho=rho))
     assert len(chosen_entries(model)) == round(rho * n)
-    head = {"classifier.weight", "classifier.bias"}
+    head = {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert head <= trainable
     assert all(name in head or name.endswith(".values") for name in trainable)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == round(rho * n) + 32 * 2 + 2
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == round(rho * n) + 32 * 2 + 2 + 32 * 32 + 32
 
 
 def test_smallest_one_entry_edge():
@@ -136,14 +138,14 @@ def test_outside_the_mask_bit_identical_after_adamw_with_weight_decay():
     opt = train_steps(model, METHOD)
     # AdamW holds state only for the k values and the head, never for a whole matrix.
     state_numel = sum(s["exp_avg"].numel() for s in opt.state.values())
-    assert state_numel == len(chosen_entries(model)) + 32 * 2 + 2
+    assert state_numel == len(chosen_entries(model)) + 32 * 2 + 2 + 32 * 32 + 32  # k values + classifier + pooler
     chosen = chosen_entries(model)
     merged = METHOD.merge(model)
     base_state, merged_state = base.state_dict(), merged.state_dict()
     changed_inside = 0
     for name, before in base_state.items():
         after = merged_state[name]
-        if name.startswith("classifier."):
+        if is_head_parameter(name):
             continue
         inside = torch.zeros(before.numel(), dtype=torch.bool)
         inside[[i for n, i in chosen if n == name]] = True
@@ -166,7 +168,7 @@ def test_checkpoint_state_roundtrip_and_save_load_reproduce_logits(tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "adapter.safetensors"))
-    assert {k for k in saved if not k.startswith("classifier.")} == {
+    assert {k for k in saved if not is_head_parameter(k)} == {
         f"{n}{suffix}" for n in {name for name, _ in chosen_entries(model)} for suffix in (".indices", ".values")}
     assert sum(v.numel() for k, v in saved.items() if k.endswith(".values")) == len(chosen_entries(model))
     fresh = tiny_bert()

@@ -1,0 +1,295 @@
+"""peftkit against the tools a user would pick instead, side by side in one process.
+
+Rows: comparison, peftkit, peer, ratio (= peftkit / peer), unit, plus what was held equal.
+
+(a) LoRA training throughput: Hugging Face ``transformers.Trainer`` on a peft LoRA model vs peftkit's trainer
+    with its ``lora`` method (what ``peftkit finetune`` runs). Same model (minilm-l6), LoRA options, batch, rows
+    (real SST-2 training rows, every row padded to max_length so that every step has the same shape whatever
+    order either tool draws), steps, optimizer (AdamW, same lr / weight decay, no warmup, clip 1.0) and threads.
+    Each repeat builds a fresh model outside the clock and times the tool's whole ``train()`` call (setup of its
+    data loader / optimizer and peftkit's final checkpoint included: what a user waits for); the tools
+    alternate, the first round is a warm-up; median of the rest -> examples per second.
+(b) LoftQ at 4 bits: peft.utils.loftq_utils.loftq_init (bitsandbytes NF4, block 64; it hard-codes a CUDA/XPU
+    compute device, so a local wrapper rewrites that device to the weight's own while it runs; site-packages
+    untouched) vs peftkit.quant.loftq.loftq_init (NF4, group 64) on the same weight matrices, same rank and
+    iterations: relative reconstruction error ||W - (Q + B A)|| / ||W||, median over matrices.
+(c) PaFi vs peft's Super-Tuning tuner (smallest |w|, the same trainable fraction): training step time
+    (alternating, median) and trainable parameters on the same model and batch.
+
+options (all optional): model, data_root, task, batch_size, max_length, steps, repeats, lr, lora_r, lora_alpha,
+loftq_rank, loftq_iters, loftq_matrices, rho, skip (list of a/b/c), threads (torch.set_num_threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from peftkit.bench.glue import BenchRows, default_data_root
+
+QUICK = dict(steps=10, repeats=5, loftq_matrices=12, loftq_iters=1, step_repeats=5)
+FULL = dict(steps=40, repeats=7, loftq_matrices=36, loftq_iters=5, step_repeats=10)
+DEFAULTS = dict(model="minilm-l6", data_root=None, task="sst2", batch_size=16, max_length=64, lr=1e-3,
+                threads=None, weight_decay=0.01, lora_r=8, lora_alpha=16.0, loftq_rank=16, rho=0.005, seed=42, skip=())
+
+
+def settings(quick: bool, options: dict) -> dict:
+    s = {**DEFAULTS, **(QUICK if quick else FULL)}
+    s.update({k: v for k, v in (options or {}).items() if v is not None})
+    if isinstance(s["skip"], str):
+        s["skip"] = [p.strip() for p in s["skip"].split(",") if p.strip()]
+    return s
+
+
+# ---- data: fixed-shape rows --------------------------------------------------------------------------
+def fixed_length_rows(s: dict, n: int) -> list[dict]:
+    """The first ``n`` training rows, tokenized and padded to max_length (every batch has one shape)."""
+    from peftkit.data.glue import get_task, load_rows, tokenize_rows
+    from peftkit.models.load import load_tokenizer
+
+    task = get_task(s["task"])
+    tokenizer = load_tokenizer(s["model"])
+    rows = tokenize_rows(task, load_rows(task.name, "train", s["data_root"], n), tokenizer, s["max_length"])
+    pad = {"input_ids": tokenizer.pad_token_id or 0, "token_type_ids": 0, "attention_mask": 0}
+    return [{k: (v + [pad[k]] * (s["max_length"] - len(v)) if k in pad else v) for k, v in r.items()} for r in rows]
+
+
+# ---- (a) HF Trainer + peft LoRA vs peftkit LoRA -------------------------------------------------------
+def lora_model(base, s: dict):
+    from peftkit.methods import get_method
+
+    method = get_method("lora")
+    options = method.Options(r=s["lora_r"], alpha=s["lora_alpha"])
+    return method, method.prepare(copy.deepcopy(base), options)
+
+
+def hf_trainer_run(base, rows: list[dict], s: dict) -> float:
+    """Seconds of ``transformers.Trainer.train()`` for ``steps`` steps (model built before the clock)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from peftkit.data.glue import PadCollator
+
+    _, model = lora_model(base, s)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, max_steps=s["steps"], per_device_train_batch_size=s["batch_size"],
+                                 learning_rate=s["lr"], weight_decay=s["weight_decay"], warmup_steps=0,
+                                 lr_scheduler_type="linear", max_grad_norm=1.0, save_strategy="no",
+                                 logging_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+                                 dataloader_num_workers=0, seed=s["seed"], use_cpu=not torch.cuda.is_available())
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=PadCollator(0, False))
+        start = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - start
+
+
+def peftkit_run(base, rows: list[dict], s: dict) -> float:
+    """Seconds of peftkit's ``Trainer.train()`` (what ``peftkit finetune`` runs) for ``steps`` steps."""
+    from peftkit.config.schema import TrainOptions
+    from peftkit.data.glue import PadCollator
+    from peftkit.train.trainer import Trainer
+
+    method, model = lora_model(base, s)
+    options = TrainOptions(max_steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"],
+                           weight_decay=s["weight_decay"], warmup_ratio=0.0, schedule="linear", max_grad_norm=1.0,
+                           log_every=s["steps"], seed=s["seed"], group_by_length=False, select_best=False)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model, method, options, Path(out), rows, PadCollator(0, False), log=lambda msg: None)
+        start = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - start
+
+
+def trainer_rows(base, s: dict) -> list[dict]:
+    rows = fixed_length_rows(s, s["steps"] * s["batch_size"])
+    runs = {"peftkit": peftkit_run, "hf": hf_trainer_run}
+    times = {name: [] for name in runs}
+    for round_ in range(s["repeats"] + 1):  # alternate, rotating who goes first; round 0 warms up
+        order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            seconds = runs[name](base, rows, s)
+            print(f"[peers] round {round_} {name}: {seconds:.2f} s", flush=True)
+            if round_:
+                times[name].append(seconds)
+    examples = s["steps"] * s["batch_size"]
+    speed = {name: examples / statistics.median(t) for name, t in times.items()}
+    return [{"comparison": "LoRA training throughput: peftkit trainer vs transformers.Trainer + peft",
+             "peftkit": speed["peftkit"], "peer": speed["hf"], "ratio": speed["peftkit"] / speed["hf"],
+             "unit": "examples/second (higher is better)",
+             "setting": f"{s['model']}, {s['task']} rows, batch {s['batch_size']} x {s['max_length']} tokens, "
+                        f"{s['steps']} steps per run, median of {s['repeats']} alternating runs"}]
+
+
+# ---- (b) LoftQ ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def compute_device_rewritten(device):
+    """While active, ``.to("cuda"|"xpu")`` on tensors and bitsandbytes Params4bit goes to ``device`` instead.
+
+    peft's loftq_init moves the weight to a hard-coded accelerator; this lets it run where the weight is.
+    """
+    import torch
+
+    patched = [(torch.Tensor, torch.Tensor.to)]
+    try:
+        import bitsandbytes as bnb
+
+        patched.append((bnb.nn.Params4bit, bnb.nn.Params4bit.to))
+    except ImportError:
+        pass
+
+    def redirect(value):
+        is_accelerator = isinstance(value, (str, torch.device)) and str(value).split(":")[0] in ("cuda", "xpu")
+        return device if is_accelerator else value
+
+    def wrap(original):
+        def to(self, *args, **kwargs):
+            args = tuple(redirect(a) for a in args)
+            if "device" in kwargs:
+                kwargs["device"] = redirect(kwargs["device"])
+            return original(self, *args, **kwargs)
+        return to
+
+    for cls, original in patched:
+        cls.to = wrap(original)
+    try:
+        yield
+    finally:
+        for cls, original in patched:
+            cls.to = original
+
+
+def peft_loftq(weight, bits: int, rank: int, iters: int):
+    """peft's LoftQ of one matrix, run on the weight's own device: (dequantized Q, A, B) with W ~ Q + B A."""
+    from peft.utils.loftq_utils import loftq_init
+
+    if weight.device.type in ("cuda", "xpu"):
+        return loftq_init(weight, bits, rank, iters)
+    with compute_device_rewritten(weight.device):
+        return loftq_init(weight, bits, rank, iters)
+
+
+def peftkit_loftq(weight, bits: int, rank: int, iters: int):
+    from peftkit.quant.loftq import loftq_init
+
+    quantized, A, B = loftq_init(weight, bits, 64, rank, 1.0, iters)
+    return quantized.dequantize().to(weight.device), A, B
+
+
+def relative_error(weight, q, A, B) -> float:
+    return float((weight - q - B @ A).norm() / weight.norm())
+
+
+def loftq_rows(base, s: dict) -> list[dict]:
+    import torch
+
+    linears = [(n, m) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n
+               and m.weight.shape[0] % 64 == 0 and m.weight.shape[1] % 64 == 0][: s["loftq_matrices"]]
+    ratios, ours, theirs = [], [], []
+    for name, module in linears:
+        weight = module.weight.detach().float()
+        e_ours = relative_error(weight, *peftkit_loftq(weight, 4, s["loftq_rank"], s["loftq_iters"]))
+        e_peer = relative_error(weight, *peft_loftq(weight, 4, s["loftq_rank"], s["loftq_iters"]))
+        ours.append(e_ours)
+        theirs.append(e_peer)
+        ratios.append(e_ours / e_peer)
+    return [{"comparison": "LoftQ 4-bit reconstruction error: peftkit loftq vs peft loftq_init",
+             "peftkit": statistics.median(ours), "peer": statistics.median(theirs),
+             "ratio": statistics.median(ratios), "unit": "||W - (Q + BA)|| / ||W||, median over matrices (lower is better)",
+             "setting": f"{len(linears)} Linear weights of {s['model']}, NF4 block 64, rank {s['loftq_rank']}, "
+                        f"{s['loftq_iters']} iteration(s); ratio range {min(ratios):.4f}..{max(ratios):.4f}"}]
+
+
+# ---- (c) PaFi vs peft Super-Tuning ---------------------------------------------------------------------
+def sparse_rows(base, s: dict) -> list[dict]:
+    import torch
+
+    from peftkit.data.glue import PadCollator
+    from peftkit.methods import get_method
+    from peftkit.models.load import count_parameters
+
+    batch = PadCollator(0, False)(fixed_length_rows(s, s["batch_size"]))
+    contenders = {}
+    for name in ("pafi", "supertuning"):
+        method = get_method(name)
+        model = method.prepare(copy.deepcopy(base), method.Options(rho=s["rho"]))
+        model.train()
+        contenders[name] = (method, model, torch.optim.AdamW(method.param_groups(model, 0.01), lr=1e-4))
+    times = {name: [] for name in contenders}
+    for round_ in range(s["step_repeats"] + 1):
+        for name, (method, model, optimizer) in contenders.items():
+            start = time.perf_counter()
+            method.compute_loss(model, batch).backward()
+            optimizer.step()
+            method.after_optimizer_step(model)
+            optimizer.zero_grad(set_to_none=True)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    step = {n: statistics.median(t) for n, t in times.items()}
+    params = {n: count_parameters(m)[0] for n, (_, m, _) in contenders.items()}
+    entries = {n: block_trainable(m) for n, (_, m, _) in contenders.items()}
+    setting = (f"{s['model']}, rho {s['rho']} (peft sparsity {1 - s['rho']:.3f}, smallest |w|), batch {s['batch_size']}"
+               f" x {s['max_length']}")
+    return [{"comparison": "sparse tuning step time: peftkit pafi vs peft supertuning", "peftkit": step["pafi"],
+             "peer": step["supertuning"], "ratio": step["pafi"] / step["supertuning"],
+             "unit": f"seconds per training step, median of {s['step_repeats']} alternating (lower is better)",
+             "setting": setting},
+            {"comparison": "sparse tuning trainable parameters: peftkit pafi vs peft supertuning",
+             "peftkit": params["pafi"], "peer": params["supertuning"], "ratio": params["pafi"] / params["supertuning"],
+             "unit": "trainable parameters, all (task head and pooler included)", "setting": setting},
+            {"comparison": "sparse tuning selected entries: peftkit pafi vs peft supertuning",
+             "peftkit": entries["pafi"], "peer": entries["supertuning"],
+             "ratio": entries["pafi"] / entries["supertuning"],
+             "unit": "trainable parameters outside the task head and pooler (the sparse entries)", "setting": setting}]
+
+
+HEAD_MARKERS = ("classifier", "pooler", "score")
+
+
+def block_trainable(model) -> int:
+    """Trainable parameters outside the task head / pooler (each counted once)."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen and not any(m in name for m in HEAD_MARKERS):
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def supertuning_in_peft() -> bool:
+    try:
+        from peft import SupertuningConfig  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(quick: bool, options: dict) -> list[dict]:
+    import torch
+
+    from peftkit.models.load import load_model
+
+    s = settings(quick, options)
+    s["data_root"] = s["data_root"] or default_data_root()
+    if s.get("threads"):  # e.g. 1 on a shared machine: oversubscribed thread pools slow every contender
+        torch.set_num_threads(int(s["threads"]))
+    torch.manual_seed(s["seed"])
+    base = load_model(s["model"], "seq_cls", 2)
+    notes = [f"{'quick' if quick else 'full'} settings: {s['steps']} steps per trainer run, {s['repeats']} timed "
+             f"repeats after 1 warm-up, batch {s['batch_size']} x {s['max_length']}, {torch.get_num_threads()} torch "
+             f"thread(s), LoftQ on {s['loftq_matrices']} matrices with {s['loftq_iters']} iteration(s).",
+             "ratio = peftkit / peer in the unit of the row."]
+    rows = []
+    if "a" not in s["skip"]:
+        rows += trainer_rows(base, s)
+    if "b" not in s["skip"]:
+        rows += loftq_rows(base, s)
+    if "c" not in s["skip"]:
+        if supertuning_in_peft():
+            rows += sparse_rows(base, s)
+        else:
+            notes.append("peft has no Super-Tuning tuner in this version: the PaFi vs supertuning rows are absent.")
+    return BenchRows(rows, {"notes": notes, "settings": s})

@@ -1,0 +1,66 @@
+"""What every method built on huggingface/peft shares: state, save/load in peft's adapter format, merge.
+
+A subclass defines ``peft_config(model, options)`` (or overrides ``prepare``). The task head —
+the classifier/score and BERT's pooler, see base.is_head_parameter — is listed in peft's
+``modules_to_save`` so it trains in full and is stored with the adapter.
+"""
+
+from __future__ import annotations
+
+from peftkit.methods.base import Method
+
+HEAD_MODULES = ("classifier", "score")
+
+
+def head_modules(model) -> list[str]:
+    """Names of the task-head modules present on ``model``, for peft's ``modules_to_save``.
+
+    BERT's pooler is named by its Linear ("pooler.dense"): peft's merge_and_unload copies ``.weight``
+    from each saved module, which the BertPooler container does not have.
+    """
+    from peftkit.models.families import FAMILIES, backbone_of
+
+    heads = [h for h in HEAD_MODULES if getattr(model, h, None) is not None]
+    inner = backbone_of(model) if getattr(model.config, "model_type", None) in FAMILIES else model
+    if getattr(getattr(inner, "pooler", None), "dense", None) is not None:
+        heads.append("pooler.dense")
+    return heads
+
+
+class PeftBackedMethod(Method):
+    can_merge = True
+
+    def peft_config(self, model, options):  # pragma: no cover - every subclass defines it or overrides prepare
+        raise TypeError(f"method {self.name!r} defines neither peft_config() nor prepare()")
+
+    def prepare(self, model, options):
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(model, options))
+
+    def trainable_state(self, model):
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+
+    def load_trainable_state(self, model, state):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter state has unexpected keys: {result.unexpected_keys[:5]}")
+
+    def save(self, model, out_dir, options):
+        model.save_pretrained(out_dir, safe_serialization=True)
+        self.save_options(out_dir, options)
+
+    def load(self, base_model, in_dir, options):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, in_dir, is_trainable=False)
+
+    def merge(self, model):
+        return model.merge_and_unload()
+
+    def unwrap(self, model):
+        return model.get_base_model()

@@ -1,0 +1,84 @@
+"""bench glue: the (method x task) grid on a tiny model; every cost column comes from its own measurement."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftkit.bench import glue
+from peftkit.bench.common import write_bench
+
+
+@pytest.fixture
+def tiny_grid(tiny_run_setup, tmp_path):
+    recipe = tiny_run_setup()  # builds the tiny model + data root and sets PEFTKIT_DATA_DIR
+    options = {"model": recipe["model"]["name"], "methods": "lora,full", "tasks": ["sst2"], "max_steps": 2,
+               "limit": 16, "eval_limit": 8, "max_length": 16, "batch_size": 4, "latency_batch": 2,
+               "latency_repeats": 3, "step_repeats": 2, "rss": False, "work_dir": str(tmp_path / "work")}
+    return options
+
+
+def test_grid_rows_have_every_column_and_trace_to_the_runs(tiny_grid, tmp_path):
+    rows = glue.run(True, tiny_grid)
+    assert [(r["method"], r["task"]) for r in rows] == [("lora", "sst2"), ("full", "sst2")]
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        metrics = json.loads((tmp_path / "work" / f"{r['method']}-sst2" / "metrics.json").read_text())
+        assert r["metric"] == "accuracy" and r["value"] == metrics["accuracy"]
+        assert r["trivial_baseline"] == metrics["baseline"]["accuracy"]
+        assert r["steps"] == 2 == metrics["steps"]
+        assert r["saved_bytes"] > 0 and r["step_seconds"] > 0 and r["latency_ratio"] > 0
+        assert r["latency_model"] == "merged"  # lora and full both merge into the plain architecture
+    # full fine-tuning trains and stores everything, LoRA a small part of it
+    assert by["full"]["trainable_pct"] == pytest.approx(100.0)
+    assert by["lora"]["trainable_pct"] < 100.0
+    assert by["lora"]["stored_bytes"] < by["full"]["stored_bytes"]
+    # stored bytes are the model files only: adding up final/ minus the tokenizer files gives the same figure
+    final = tmp_path / "work" / "full-sst2" / "final"
+    weights = sum(p.stat().st_size for p in final.iterdir() if p.name not in glue.TOKENIZER_FILES)
+    assert by["full"]["stored_bytes"] == weights
+    assert (final / "tokenizer_config.json").exists()
+    # both keep every Linear's input for backward (full for the weight gradients, LoRA for A's), so the two
+    # activation counts are close; neither can be zero in a training forward
+    assert 0.5 < by["lora"]["saved_bytes"] / by["full"]["saved_bytes"] < 2.0
+    # the plots and the summary come with the table
+    report = tmp_path / "work" / "report"
+    for name in ("report.md", "loss_curves.png", "memory.png", "accuracy_vs_trainable.png"):
+        assert (report / name).is_file(), name
+    assert "| lora |" in (report / "report.md").read_text()
+    # the quick settings are stated in the JSON
+    payload = write_bench("glue", rows, tmp_path / "glue.json")
+    written = json.loads((tmp_path / "glue.json").read_text())
+    assert written["notes"] == payload["notes"] and "max_steps 2" in written["notes"][0]
+    assert written["rows"][0]["method"] == "lora"
+
+
+def test_methods_without_a_recipe_borrow_the_lora_schedule(tmp_path):
+    s = glue.settings(True, {"model": "m"})
+    raw = glue.recipe_for("bitfit", "sst2", s, tmp_path / "r")
+    assert raw["method"] == {"name": "bitfit"}
+    assert raw["train"]["max_steps"] == s["max_steps"] and raw["data"]["limit"] == s["limit"]
+    assert raw["output"] == {"dir": str(tmp_path / "r"), "overwrite": True}
+    lora = glue.recipe_for("lora", "sst2", s, tmp_path / "r")
+    assert lora["method"]["name"] == "lora" and lora["train"]["lr"] == raw["train"]["lr"]
+
+
+def test_peak_rss_comes_from_a_fresh_process_per_method(monkeypatch):
+    calls = []
+    monkeypatch.setattr("peftkit.bench.memory.peak_rss_in_fresh_process", lambda spec: calls.append(spec) or 7)
+    s = glue.settings(True, {"model": "m", "batch_size": 4})
+    assert glue.peak_rss(["lora", "full"], s) == {"lora": 7, "full": 7}
+    assert [c["method"] for c in calls] == ["lora", "full"]
+    assert all(c["batch"] == 4 and c["seq"] == s["max_length"] for c in calls)
+
+
+def test_apiq_is_left_out_by_default():
+    assert "apiq" not in glue.methods_to_run(glue.settings(True, {}))
+    assert glue.methods_to_run(glue.settings(True, {"methods": "lora, full"})) == ["lora", "full"]
+
+
+def test_stored_bytes_ignores_tokenizer_files(tmp_path):
+    (tmp_path / "adapter.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "vocab.txt").write_bytes(b"y" * 50)
+    (tmp_path / "peftkit.json").write_bytes(b"{}")
+    assert glue.stored_bytes(Path(tmp_path)) == 100

@@ -1,0 +1,73 @@
+"""bench peers: the peer tools run on the same inputs as peftkit, and the LoftQ wrapper leaves torch as it was."""
+
+import pytest
+import torch
+
+from peftkit.bench import peers
+
+
+@pytest.fixture
+def tiny_peers(tiny_run_setup):
+    recipe = tiny_run_setup()
+    s = peers.settings(True, {"model": recipe["model"]["name"], "steps": 2, "repeats": 1, "batch_size": 4,
+                              "max_length": 16, "loftq_matrices": 2, "step_repeats": 1})
+    from peftkit.models.load import load_model
+
+    return s, load_model(s["model"], "seq_cls", 2)
+
+
+def test_rows_are_fixed_length_real_rows(tiny_peers):
+    s, _ = tiny_peers
+    rows = peers.fixed_length_rows(s, 6)
+    assert len(rows) == 6
+    assert {len(r["input_ids"]) for r in rows} == {16} and {len(r["attention_mask"]) for r in rows} == {16}
+    assert all(sum(r["attention_mask"]) < 16 for r in rows)  # short sentences really were padded, not cut
+    assert {r["labels"] for r in rows} == {0, 1}
+
+
+def test_both_trainers_run_the_same_number_of_steps_and_report_a_ratio(tiny_peers, monkeypatch):
+    s, base = tiny_peers
+    steps_seen = {}
+    real_hf, real_ours = peers.hf_trainer_run, peers.peftkit_run
+    monkeypatch.setattr(peers, "hf_trainer_run", lambda b, r, o: steps_seen.setdefault("hf", len(r)) and real_hf(b, r, o))
+    monkeypatch.setattr(peers, "peftkit_run", lambda b, r, o: steps_seen.setdefault("ours", len(r)) and real_ours(b, r, o))
+    [row] = peers.trainer_rows(base, s)
+    assert steps_seen == {"hf": 8, "ours": 8}  # the same 2 steps x 4 rows for both tools
+    assert row["peftkit"] > 0 and row["peer"] > 0
+    assert row["ratio"] == pytest.approx(row["peftkit"] / row["peer"])
+    assert "examples/second" in row["unit"]
+
+
+def test_peft_loftq_runs_here_and_matches_ours_at_4_bits():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128) * 0.05
+    to_before = torch.Tensor.to
+    q_peer, A_peer, B_peer = peers.peft_loftq(weight, 4, 4, 1)
+    assert torch.Tensor.to is to_before  # the device rewrite is undone
+    assert q_peer.device == weight.device and B_peer.shape == (64, 4) and A_peer.shape == (4, 128)
+    peer = peers.relative_error(weight, q_peer, A_peer, B_peer)
+    ours = peers.relative_error(weight, *peers.peftkit_loftq(weight, 4, 4, 1))
+    quant_only = float((weight - q_peer).norm() / weight.norm())
+    assert peer < quant_only  # the low-rank part really corrects the quantization residual
+    assert ours == pytest.approx(peer, rel=1e-3)  # both are NF4 with blocks of 64 + the same rank-r SVD step
+
+
+def test_device_rewrite_only_touches_accelerator_targets():
+    x = torch.ones(2)
+    with peers.compute_device_rewritten(torch.device("cpu")):
+        assert x.to("cuda").device.type == "cpu"
+        assert x.to(device="xpu:0").device.type == "cpu"
+        assert x.to(torch.float64).dtype == torch.float64
+    assert torch.Tensor.to is not None and x.to(torch.float16).dtype == torch.float16
+
+
+def test_sparse_peer_rows_compare_the_same_budget(tiny_peers):
+    s, base = tiny_peers
+    if not peers.supertuning_in_peft():
+        pytest.skip("this peft has no Super-Tuning tuner")
+    step, params, entries = peers.sparse_rows(base, s)
+    assert step["peftkit"] > 0 and step["peer"] > 0 and step["ratio"] == pytest.approx(step["peftkit"] / step["peer"])
+    assert params["peftkit"] >= entries["peftkit"] and params["peer"] >= entries["peer"]
+    # same rho: PaFi ranks across the pool, peft per matrix; the sparse entries agree up to rounding per matrix
+    assert entries["ratio"] == pytest.approx(1.0, abs=0.05)
+    assert 0 < entries["peer"] < 0.01 * sum(p.numel() for p in base.parameters())
