@@ -179,14 +179,21 @@ def recipes_list():
 
     from peftkit.config.loader import configs_dir
 
+    def field(raw, section, key):
+        value = raw.get(section)
+        return str(value.get(key, "")) if isinstance(value, dict) else ""
+
     for path in sorted(configs_dir().glob("*.yaml")):
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-            method = (raw.get("method") or {}).get("name", "?") if isinstance(raw.get("method"), dict) else "?"
-            model = (raw.get("model") or {}).get("name", "?") if isinstance(raw.get("model"), dict) else "?"
-            task = (raw.get("data") or {}).get("task", "") if isinstance(raw.get("data"), dict) else ""
         except yaml.YAMLError:
-            method = model = task = "?"
+            raw = {}
+        if not isinstance(raw, dict):
+            raw = {}
+        # finetune recipes name a method, quantize recipes a quant.method, pretrain recipes an mlm.variant
+        method = field(raw, "method", "name") or field(raw, "quant", "method") or field(raw, "mlm", "variant") or "?"
+        model = field(raw, "model", "name") or field(raw, "model", "preset") or "?"
+        task = field(raw, "data", "task") or (f"{field(raw, 'quant', 'bits')}-bit" if "quant" in raw else "")
         typer.echo(f"{path.stem:36s} {method:10s} {model:14s} {task}")
 
 

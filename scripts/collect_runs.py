@@ -1,6 +1,6 @@
 """Collect finished runs (runs/<name>/metrics.json) into one bench-format JSON under docs/results/.
 
-usage: python scripts/collect_runs.py NAME RUN_DIR [RUN_DIR ...] [--command "how the runs were made"]
+usage: python scripts/collect_runs.py NAME RUN_DIR [RUN_DIR ...] [--command "..."] [--title "..."] [--note "..."]
 """
 
 from __future__ import annotations
@@ -37,11 +37,17 @@ def main() -> None:
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--command", default="")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--title", default=None)
+    parser.add_argument("--note", action="append", default=[], help="a sentence for the results page (repeatable)")
     args = parser.parse_args()
     rows = [row_of(Path(r)) for r in args.runs if (Path(r) / "metrics.json").is_file()]
     env = json.loads((Path(args.runs[0]) / "env.json").read_text()) if (Path(args.runs[0]) / "env.json").is_file() else {}
     payload = {"bench": args.name, "machine": machine_info() | {"threads": env.get("torch_threads")},
                "command": args.command, "rows": rows}
+    if args.title:
+        payload["title"] = args.title
+    if args.note:
+        payload["notes"] = args.note
     out = Path(args.out) / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
