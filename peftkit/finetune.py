@@ -104,14 +104,7 @@ def finetune(recipe_spec: str, overrides: list[str]) -> Path:
             eval_fn = make_eval_fn(task, eval_data, collate, recipe.train.eval_batch_size)
             trainer = Trainer(model, method, recipe.train, run_dir, train_data, collate, eval_fn,
                               best_metric="glue_score", dist=dist, log=log)
-            if resume == "auto":
-                latest = trainer.latest_checkpoint()
-                if latest is not None:
-                    trainer.resume_from(latest)
-                else:
-                    log("train.resume=auto: no checkpoint yet, starting fresh")
-            elif resume != "false":
-                trainer.resume_from(Path(resume))
+            trainer.resume(resume)
             summary = trainer.train()
 
             final_metrics = eval_fn(trainer.raw_model)

@@ -120,14 +120,7 @@ def pretrain(recipe_spec: str, overrides: list[str]) -> Path:
             model = method.prepare(model, None)
             trainer = Trainer(model, method, train_options, run_dir, blocks, collate, eval_fn,
                               best_metric="eval_loss" if eval_fn else None, greater_is_better=False, log=log)
-            if resume == "auto":
-                latest = trainer.latest_checkpoint()
-                if latest is not None:
-                    trainer.resume_from(latest)
-                else:
-                    log("train.resume=auto: no checkpoint yet, starting fresh")
-            elif resume != "false":
-                trainer.resume_from(Path(resume))
+            trainer.resume(resume)
             summary = trainer.train()
 
             final_metrics = eval_fn(trainer.raw_model) if eval_fn else {}

@@ -173,6 +173,17 @@ class Trainer:
         self._truncate_metrics_log()
         self.log(f"resumed from {path} at step {self.step}/{self.total_steps}")
 
+    def resume(self, spec: str) -> None:
+        """Apply ``train.resume``: 'auto' = the latest complete checkpoint if any, 'false' = none, else a path."""
+        if spec == "auto":
+            latest = self.latest_checkpoint()
+            if latest is not None:
+                self.resume_from(latest)
+            else:
+                self.log("train.resume=auto: no checkpoint yet, starting fresh")
+        elif spec != "false":
+            self.resume_from(Path(spec))
+
     def latest_checkpoint(self) -> Path | None:
         found = ckpt.step_checkpoints(self.ckpt_dir)
         return found[-1] if found else None

@@ -32,6 +32,8 @@ def main(out: Path) -> None:
     trainer = Trainer(model, method, options, out / "run", data, PadCollator(0, False), dist=dist)
     trainer.train()
     state = {k: v.contiguous() for k, v in method.trainable_state(trainer.raw_model).items()}
+    # LoRA's B starts at zero: if it is still zero, this replica did not train and the comparison would be empty
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k), f"rank {dist.rank} did not train"
     save_file(state, str(out / f"rank{dist.rank}.safetensors"))
 
 
