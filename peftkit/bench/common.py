@@ -58,6 +58,22 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(times)
 
 
+def time_interleaved(contenders: dict, repeats: int, warmup: int, sync) -> dict:
+    """Median seconds per contender; each round runs every contender once, the order rotating by round."""
+    names = list(contenders)
+    times = {n: [] for n in names}
+    for round_ in range(warmup + repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync()
+            start = time.perf_counter()
+            contenders[name]()
+            sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def format_table(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"

@@ -23,8 +23,8 @@ timing (true; false = count FLOPs only, for shapes too slow to time on a CPU).
 
 from __future__ import annotations
 
-import statistics
-import time
+from peftkit.bench.common import time_interleaved
+
 
 PAPER_BUDGET = {"base": 0.78, "large": 0.68}
 
@@ -66,21 +66,6 @@ def analytic_step_flops(model, batch) -> int:
     targets = int((batch["labels"] != -100).sum())
     decoder = len(model.decoder.layers) if model.variant == "3ml-cross" else 0
     return step_flops(model.config, model.variant, rows, length, kept, targets, model.early_layers, decoder)
-
-
-def time_interleaved(steps: dict, repeats: int, warmup: int, sync) -> dict:
-    names = list(steps)
-    times = {n: [] for n in names}
-    for round_ in range(warmup + repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            sync()
-            start = time.perf_counter()
-            steps[name]()
-            sync()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def measure_shape(shape: str, opts: dict, log=print) -> list[dict]:

@@ -15,7 +15,7 @@ Per row (specs/benchmarks.md):
                     same batch shape);
   step_seconds      median seconds of forward + backward + AdamW step on that batch, contenders alternating;
   latency_ratio     median inference forward of the method's model (merged where the method can merge) over the
-                    unmodified base model in the same run (interleaved rounds, bench.latency.time_interleaved).
+                    unmodified base model in the same run (interleaved rounds, bench.common.time_interleaved).
 The costs are per method (measured on the first task's batch) and repeated on each of its task rows.
 The full variant runs every recipe as written (hours on CPU); --quick caps steps, rows and sequence length.
 
@@ -200,7 +200,7 @@ def latency_ratios(contenders: dict, base, batch: dict, repeats: int) -> tuple[d
     """method -> latency ratio to the base (merged model where the method can merge); and what was timed."""
     import torch
 
-    from peftkit.bench.latency import time_interleaved
+    from peftkit.bench.common import time_interleaved
 
     models, kinds = {"base": copy.deepcopy(base).eval()}, {}
     for name, (method, model, _) in contenders.items():

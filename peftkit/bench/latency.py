@@ -15,8 +15,8 @@ repeats, warmup, rho (PaFi), r (HiWi), lora_r, threads, device, seed.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
+
+from peftkit.bench.common import time_interleaved
 
 
 def build_contenders(base, opts: dict) -> dict:
@@ -50,22 +50,6 @@ def build_contenders(base, opts: dict) -> dict:
     perturb([p for n, p in model.named_parameters() if "lora_B" in n], 0.02)
     contenders["lora (unmerged)"] = model
     return contenders
-
-
-def time_interleaved(forwards: dict, repeats: int, warmup: int, sync) -> dict:
-    """Median seconds per contender; each round runs every contender once, the order rotating by round."""
-    names = list(forwards)
-    times = {n: [] for n in names}
-    for round_ in range(warmup + repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            sync()
-            start = time.perf_counter()
-            forwards[name]()
-            sync()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def run(quick: bool, options: dict) -> list[dict]:

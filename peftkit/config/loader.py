@@ -214,17 +214,21 @@ def build_section(cls, raw: Any, path: str, errors: list[str], skip: tuple[str, 
         return cls()
 
 
+def check_counts(values: dict[str, Any], errors: list[str], nullable: bool = False) -> None:
+    """Record 'key: must be at least 1' for each integer option below 1 (``nullable``: None is allowed too)."""
+    rule = "a positive integer or null" if nullable else "at least 1"
+    for key, v in values.items():
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            errors.append(f"{key}: must be {rule}, got {v}")
+
+
 def _check_values(recipe: Recipe, errors: list[str]) -> None:
     t, d = recipe.train, recipe.data
-    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "data.max_length": d.max_length,
-                "train.eval_batch_size": t.eval_batch_size, "train.log_every": t.log_every, "train.keep_last": t.keep_last}
-    for key, v in positive.items():
-        if isinstance(v, int) and v < 1:
-            errors.append(f"{key}: must be at least 1, got {v}")
-    for key, v in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every, "train.save_every": t.save_every,
-                   "data.limit": d.limit, "data.eval_limit": d.eval_limit}.items():
-        if isinstance(v, int) and v < 1:
-            errors.append(f"{key}: must be a positive integer or null, got {v}")
+    check_counts({"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "data.max_length": d.max_length,
+                  "train.eval_batch_size": t.eval_batch_size, "train.log_every": t.log_every,
+                  "train.keep_last": t.keep_last}, errors)
+    check_counts({"train.max_steps": t.max_steps, "train.eval_every": t.eval_every, "train.save_every": t.save_every,
+                  "data.limit": d.limit, "data.eval_limit": d.eval_limit}, errors, nullable=True)
     if isinstance(t.lr, float) and not t.lr > 0:
         errors.append(f"train.lr: must be positive, got {t.lr}")
     if isinstance(t.epochs, float) and not 0 < t.epochs < math.inf:

@@ -137,3 +137,17 @@ def mark_only_head_trainable(model) -> list[str]:
         if is_head:
             head_names.append(name)
     return head_names
+
+
+def parametrizations_of(model, kind: type) -> dict:
+    """'<module>.<tensor>' -> the parametrization of type ``kind`` registered on it (torch.nn.utils.parametrize)."""
+    from torch.nn.utils import parametrize
+
+    found = {}
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for attr, chain in module.parametrizations.items():
+                for p in chain:
+                    if isinstance(p, kind):
+                        found[f"{module_name}.{attr}"] = p
+    return found

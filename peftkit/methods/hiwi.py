@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peftkit.errors import UserError
-from peftkit.methods.base import ADAPTER_FILE, Method, mark_only_head_trainable
+from peftkit.methods.base import ADAPTER_FILE, Method, mark_only_head_trainable, parametrizations_of
 from peftkit.utils.options import option
 
 
@@ -64,14 +64,7 @@ class WeightAdapter(nn.Module):
 
 def adapted_tensors(model) -> dict[str, WeightAdapter]:
     """name of the adapted tensor (e.g. '...intermediate.dense.bias') -> its WeightAdapter."""
-    found = {}
-    for module_name, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            for attr, chain in module.parametrizations.items():
-                for p in chain:
-                    if isinstance(p, WeightAdapter):
-                        found[f"{module_name}.{attr}"] = p
-    return found
+    return parametrizations_of(model, WeightAdapter)
 
 
 class HiWi(Method):
@@ -124,13 +117,7 @@ class HiWi(Method):
 
         state = load_file(str(Path(in_dir) / ADAPTER_FILE))
         mark_only_head_trainable(base_model)
-        params = dict(base_model.named_parameters())
-        unknown = [k for k in state if k not in params]
-        if unknown:
-            raise ValueError(f"{in_dir}: stored tensors the model lacks: {unknown[:5]}")
-        with torch.no_grad():
-            for name, tensor in state.items():
-                params[name].copy_(tensor)
+        self.load_trainable_state(base_model, state)
         return base_model
 
     def merge(self, model):

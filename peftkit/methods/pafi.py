@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peftkit.errors import UserError
-from peftkit.methods.base import ADAPTER_FILE, NO_DECAY_MARKERS, Method, mark_only_head_trainable
+from peftkit.methods.base import ADAPTER_FILE, NO_DECAY_MARKERS, Method, mark_only_head_trainable, parametrizations_of
 from peftkit.utils.options import option
 
 INDEX_SUFFIX, VALUE_SUFFIX = ".indices", ".values"
@@ -119,14 +119,7 @@ def select_mask(pool: dict[str, tuple[nn.Module, str]], options: PaFiOptions) ->
 
 def sparse_entries(model) -> dict[str, SparseEntries]:
     """name of the parametrized tensor (e.g. '...query.weight') -> its SparseEntries."""
-    found = {}
-    for module_name, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            for attr, chain in module.parametrizations.items():
-                for p in chain:
-                    if isinstance(p, SparseEntries):
-                        found[f"{module_name}.{attr}"] = p
-    return found
+    return parametrizations_of(model, SparseEntries)
 
 
 class PaFi(Method):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from peftkit.config.loader import build_section, read_recipe_sections
+from peftkit.config.loader import build_section, check_counts, read_recipe_sections
 from peftkit.config.schema import OutputOptions, TrainOptions
 from peftkit.errors import UserError
 from peftkit.utils.options import option
@@ -104,13 +104,9 @@ def _check(recipe: PretrainRecipe, errors: list[str]) -> None:
                               f"(relative paths: from the working directory or the repository root)")
     if isinstance(d.block_size, int) and shape is not None and not 8 <= d.block_size <= shape.max_positions - 2:
         errors.append(f"data.block_size: must be in 8..{shape.max_positions - 2} for preset {m.preset}, got {d.block_size}")
-    for key, value in {"data.limit": d.limit, "data.eval_limit": d.eval_limit, "train.max_steps": t.max_steps}.items():
-        if isinstance(value, int) and value < 1:
-            errors.append(f"{key}: must be a positive integer or null, got {value}")
-    for key, value in {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
-                       "train.keep_last": t.keep_last, "mlm.decoder_layers": mlm.decoder_layers}.items():
-        if isinstance(value, int) and value < 1:
-            errors.append(f"{key}: must be at least 1, got {value}")
+    check_counts({"data.limit": d.limit, "data.eval_limit": d.eval_limit, "train.max_steps": t.max_steps}, errors, nullable=True)
+    check_counts({"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+                  "train.keep_last": t.keep_last, "mlm.decoder_layers": mlm.decoder_layers}, errors)
     for key, rate in {"mlm.mask_rate": mlm.mask_rate, "data.eval_mask_rate": d.eval_mask_rate}.items():
         if isinstance(rate, float) and not 0 < rate < 1:
             errors.append(f"{key}: must be in (0, 1), got {rate}")
