@@ -1,5 +1,8 @@
 """Collect finished runs (runs/<name>/metrics.json) into one bench-format JSON under docs/results/.
 
+GLUE runs give their GLUE metrics; causal-LM runs (data.task wikitext2) their start point and perplexity
+before/after fine-tuning.
+
 usage: python scripts/collect_runs.py NAME RUN_DIR [RUN_DIR ...] [--command "..."] [--title "..."] [--note "..."]
 """
 
@@ -17,8 +20,19 @@ from peftkit.bench.common import machine_info  # noqa: E402
 METRICS = ("accuracy", "f1", "pearson", "spearman", "matthews_correlation")
 
 
+def lm_row_of(run: Path, m: dict) -> dict:
+    """A causal-LM run (data.task wikitext2): its start point (quantizer and bits, or fp), perplexity before/after."""
+    return {"run": run.name, "method": m.get("quant_method") or "fp", "bits": m.get("bits") or 16,
+            "finetune": m["method"], "ppl_before": round(m["ppl_start"], 2), "ppl_after": round(m["ppl"], 2),
+            "eval": f"{m['eval_windows']}x{m['eval_seq_len']}", "trainable_pct": round(m["trainable_pct"], 3),
+            "steps": m["steps"], "train_tokens": m["train_tokens"], "seconds": round(m["train_seconds"], 1),
+            "quant_seconds": m.get("quant_seconds"), "seed": m["seed"]}
+
+
 def row_of(run: Path) -> dict:
     m = json.loads((run / "metrics.json").read_text())
+    if "ppl_start" in m:
+        return lm_row_of(run, m)
     row = {"run": run.name, "method": m["method"], "task": m["task"]}
     for key in METRICS:
         if key in m:

@@ -2,7 +2,9 @@
 
 Each JSON is {"bench", "machine", "command", "rows", optional "notes"}; each becomes a section with
 the command that produced it, the machine it ran on and its rows as a table. An optional
-docs/results/ORDER lists the file stems in the order the sections should appear.
+docs/results/ORDER lists the file stems in the order the sections should appear. An optional
+docs/results/<stem>.context.md is prose placed under the section's heading (how and where it ran, caveats,
+links to plots): context written by hand, never figures.
 """
 
 from __future__ import annotations
@@ -49,8 +51,16 @@ def main() -> None:
              "Every section names the command that produced its JSON and the machine it ran on.\n"]
     for path in files:
         data = json.loads(path.read_text())
-        parts.append(f"\n## {data.get('title', data.get('bench', path.stem))} (`docs/results/{path.name}`)\n")
+        context = path.with_name(f"{path.stem}.context.md")
+        prose = context.read_text().strip() if context.is_file() else ""
+        title = data.get("title", data.get("bench", path.stem))
+        if prose.startswith("# "):  # a context file may name the section
+            title, _, prose = prose.partition("\n")
+            title, prose = title[2:].strip(), prose.strip()
+        parts.append(f"\n## {title} (`docs/results/{path.name}`)\n")
         parts.append(f"Command: `{data.get('command', '')}`  \nMachine: {machine_line(data.get('machine', {}))}\n")
+        if prose:
+            parts.append("\n" + prose + "\n")
         notes = data.get("notes") or data.get("note")  # some benches write one string as "note"
         if notes:
             parts.append("\n" + ("\n".join(f"- {n}" for n in notes) if isinstance(notes, list) else str(notes)) + "\n")

@@ -16,11 +16,22 @@ Per row (specs/benchmarks.md):
   step_seconds      median seconds of forward + backward + AdamW step on that batch, contenders alternating;
   latency_ratio     median inference forward of the method's model (merged where the method can merge) over the
                     unmodified base model in the same run (interleaved rounds, bench.common.time_interleaved).
-The costs are per method (measured on the first task's batch) and repeated on each of its task rows.
+The costs are per row (measured on the first task's batch) and repeated on each of its task rows.
+A row is a recipe stem: ``pafi-r0.001`` runs configs/pafi-r0.001-minilm-<task>.yaml (its method section says which
+method and options), so one method can appear at several settings.
+Several seeds (option ``seeds``) run the tasks in ``seed_tasks`` (the small ones: mrpc, stsb, rte) once per seed;
+``value`` is then the mean, ``value_std`` the sample standard deviation, ``values`` the single runs.
+``jobs`` > 1 runs the fine-tunes as that many parallel `peftkit finetune` processes (a GPU fits many small ones);
+``finetune: false`` measures the costs and collects rows from run dirs an earlier run of the same grid left;
+``finetune: missing`` runs only the fine-tunes whose run dir has no metrics.json yet; ``costs: false`` skips the
+saved-bytes / step-time / latency measurements (their columns are then None).
+On a CUDA machine models train and are measured there in fp32, and rows add peak_cuda_bytes (the fresh process's
+peak allocated GPU bytes over a few training steps, minus what was allocated before them).
 The full variant runs every recipe as written (hours on CPU); --quick caps steps, rows and sequence length.
 
-options (all optional): methods (list), tasks (list), model, work_dir, data_root, max_steps, limit, eval_limit,
-max_length, batch_size, step_repeats, latency_repeats, latency_batch, rss (bool), rss_steps, seed, threads,
+options (all optional): methods (list of rows), tasks (list), model, work_dir, data_root, max_steps, limit,
+eval_limit, max_length, batch_size, step_repeats, latency_repeats, latency_batch, rss (bool), rss_steps, seed,
+seeds (list), seed_tasks (list), jobs, finetune (true | false | missing), costs (bool), threads,
 report (bool: also write <work_dir>/report/ with the PNG plots and report.md, as `peftkit report` does).
 """
 
@@ -34,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+COLUMNS = ("method", "task", "metric", "value", "trainable_pct", "stored_bytes", "saved_bytes", "peak_rss_bytes",
+           "step_seconds", "latency_ratio")  # the issue's columns: always present, None where not measured
 EXCLUDED_METHODS = ("apiq",)  # needs a quantized base from `peftkit quantize`: not a GLUE-from-minilm recipe
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
@@ -43,7 +56,8 @@ QUICK = dict(tasks=["sst2", "mrpc"], max_steps=20, limit=320, eval_limit=128, ma
 FULL = dict(tasks=["sst2", "mrpc", "stsb", "rte"], max_steps=None, limit=None, eval_limit=None, max_length=None,
             step_repeats=5, latency_repeats=20, rss_steps=3)
 DEFAULTS = dict(methods=None, model="minilm-l6", work_dir=None, data_root=None, batch_size=16, latency_batch=8,
-                rss=True, seed=42, threads=None, report=True)
+                rss=True, seed=42, seeds=None, seed_tasks=["mrpc", "stsb", "rte"], jobs=1, finetune=True, costs=True, threads=None,
+                report=True)
 
 
 class BenchRows(list):
@@ -57,9 +71,11 @@ class BenchRows(list):
 def settings(quick: bool, options: dict) -> dict:
     s = {**DEFAULTS, **(QUICK if quick else FULL)}
     s.update({k: v for k, v in (options or {}).items() if v is not None})
-    for key in ("methods", "tasks"):
+    for key in ("methods", "tasks", "seeds", "seed_tasks"):
         if isinstance(s[key], str):
             s[key] = [p.strip() for p in s[key].split(",") if p.strip()]
+    if s["seeds"]:
+        s["seeds"] = [int(seed) for seed in s["seeds"]]
     return s
 
 
@@ -71,19 +87,20 @@ def default_data_root() -> str | None:
 
 
 # ---- recipes -----------------------------------------------------------------------------------------
-def recipe_for(method: str, task: str, s: dict, run_dir: Path) -> dict:
-    """The recipe dict of (method, task): its own file, else the LoRA recipe with this method's defaults."""
+def recipe_for(row: str, task: str, s: dict, run_dir: Path, seed: int | None = None) -> dict:
+    """The recipe dict of (row, task): configs/<row>-minilm-<task>.yaml, else the LoRA recipe with method ``row``'s
+    defaults; ``seed`` (when given) replaces the recipe's train.seed."""
     from peftkit.config.loader import configs_dir, read_yaml
 
-    own = configs_dir() / f"{method}-minilm-{task}.yaml"
+    own = configs_dir() / f"{row}-minilm-{task}.yaml"
     if own.is_file():
         raw = read_yaml(own)
     else:
         template = configs_dir() / f"lora-minilm-{task}.yaml"
         if not template.is_file():
-            raise FileNotFoundError(f"no recipe for {method}/{task} and no {template.name} to derive one from")
+            raise FileNotFoundError(f"no recipe for {row}/{task} and no {template.name} to derive one from")
         raw = read_yaml(template)
-        raw["method"] = {"name": method}
+        raw["method"] = {"name": row}
     raw = copy.deepcopy(raw)
     raw["model"] = {**raw.get("model", {}), "name": s["model"]}
     data = raw.setdefault("data", {})
@@ -94,7 +111,9 @@ def recipe_for(method: str, task: str, s: dict, run_dir: Path) -> dict:
         if s[key] is not None:
             data[key] = s[key]
     train = raw.setdefault("train", {})
-    train["threads"] = _threads()
+    train["threads"] = s["threads"] or _threads()
+    if seed is not None:
+        train["seed"] = seed
     if s["max_steps"] is not None:
         train.update(max_steps=s["max_steps"], eval_every=s["max_steps"], save_every=s["max_steps"],
                      log_every=max(1, s["max_steps"] // 10), keep_last=1)
@@ -121,24 +140,95 @@ def _threads() -> int:
 
 
 # ---- the measurements --------------------------------------------------------------------------------
-def fine_tune_all(methods: list[str], s: dict, work: Path) -> dict:
-    """(method, task) -> {metric, value, trainable_pct, stored_bytes, steps, train_seconds, run_dir}."""
-    from peftkit.data.glue import get_task
+def seeds_for(task: str, s: dict) -> list[int | None]:
+    """The seeds a task runs with: ``seeds`` for the small tasks when given, else the recipe's own (None)."""
+    return list(s["seeds"]) if s["seeds"] and task in s["seed_tasks"] else [None]
+
+
+def planned_runs(rows: list[str], s: dict, work: Path) -> list[tuple[str, str, int | None, Path]]:
+    """(row, task, seed, run_dir) for every fine-tune of the grid: every cell's first seed before any cell's
+    second, so that a grid stopped early still has one run per cell."""
+    plan = []
+    for index in range(max(len(seeds_for(task, s)) for task in s["tasks"])):
+        for row in rows:
+            for task in s["tasks"]:
+                seeds = seeds_for(task, s)
+                if index < len(seeds):
+                    name = f"{row}-{task}" if seeds[index] is None else f"{row}-{task}-seed{seeds[index]}"
+                    plan.append((row, task, seeds[index], work / name))
+    return plan
+
+
+def run_finetunes(plan: list, s: dict, work: Path) -> list:
+    """Fine-tune the planned runs: in this process (jobs 1) or as ``jobs`` parallel `peftkit finetune` processes.
+    Returns the runs to report: all of them, or with ``finetune: false`` those an earlier run finished (every
+    cell needs one; a missing extra seed is left out and named)."""
+    import yaml
+
     from peftkit.finetune import finetune
 
+    done = [entry for entry in plan if (entry[3] / "metrics.json").is_file()]
+    if not s["finetune"]:
+        cells = {(row, task) for row, task, *_ in plan}
+        empty = sorted(cells - {(row, task) for row, task, *_ in done})
+        if empty:
+            raise FileNotFoundError(f"finetune is off but these (row, task) cells have no finished run "
+                                    f"(metrics.json) under {work}: {empty}")
+        skipped = [d.name for *_, d in plan if not (d / "metrics.json").is_file()]
+        if skipped:
+            print(f"[glue] left out (no metrics.json): {skipped}", flush=True)
+        return done
+    todo = [entry for entry in plan if entry not in done] if s["finetune"] == "missing" else plan
+    if int(s["jobs"]) <= 1:
+        for row, task, seed, run_dir in todo:
+            print(f"[glue] fine-tune {row} on {task}" + (f" (seed {seed})" if seed is not None else "")
+                  + f" -> {run_dir}", flush=True)
+            finetune(recipe_for(row, task, s, run_dir, seed), [])
+        return plan
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    (work / "recipes").mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+
+    def one(entry) -> tuple[str, int]:
+        row, task, seed, run_dir = entry
+        recipe = work / "recipes" / f"{run_dir.name}.yaml"
+        recipe.write_text(yaml.safe_dump(recipe_for(row, task, s, run_dir, seed), sort_keys=False))
+        with open(work / "logs" / f"{run_dir.name}.log", "w") as log:
+            code = subprocess.call([sys.executable, "-m", "peftkit", "finetune", str(recipe)], stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        print(f"[glue] {run_dir.name}: exit {code}", flush=True)
+        return run_dir.name, code
+
+    with ThreadPoolExecutor(max_workers=int(s["jobs"])) as pool:
+        failed = [name for name, code in pool.map(one, todo) if code != 0]
+    if failed:
+        raise RuntimeError(f"fine-tunes failed (logs in {work / 'logs'}): {failed}")
+    return plan
+
+
+def collect_results(plan: list) -> dict:
+    """(row, task) -> {metric, value (mean over seeds), value_std, values, seeds, trainable_pct, ...}."""
+    from peftkit.data.glue import get_task
+
+    by_cell: dict[tuple[str, str], list] = {}
+    for row, task, seed, run_dir in plan:
+        by_cell.setdefault((row, task), []).append((seed, run_dir, json.loads((run_dir / "metrics.json").read_text())))
     results = {}
-    for method in methods:
-        for task in s["tasks"]:
-            run_dir = work / f"{method}-{task}"
-            print(f"[glue] fine-tune {method} on {task} -> {run_dir}", flush=True)
-            finetune(recipe_for(method, task, s, run_dir), [])
-            m = json.loads((run_dir / "metrics.json").read_text())
-            main = get_task(task).main_metric
-            results[(method, task)] = {"metric": main, "value": m[main], "baseline": m.get("baseline", {}).get(main),
-                                       "trainable_pct": m["trainable_pct"],
-                                       "stored_bytes": stored_bytes(run_dir / "final"), "steps": m["steps"],
-                                       "train_seconds": m["train_seconds"], "n_eval": m["n_eval"],
-                                       "run_dir": str(run_dir)}
+    for (row, task), runs in by_cell.items():
+        main = get_task(task).main_metric
+        values = [m[main] for _, _, m in runs]
+        _, run_dir, first = runs[0]
+        results[(row, task)] = {
+            "metric": main, "value": statistics.mean(values),
+            "value_std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values if len(values) > 1 else None,
+            "seeds": [m.get("seed", seed) for seed, _, m in runs] if len(values) > 1 else None,
+            "baseline": first.get("baseline", {}).get(main), "trainable_pct": first["trainable_pct"],
+            "stored_bytes": stored_bytes(run_dir / "final"), "steps": first["steps"],
+            "train_seconds": statistics.mean(m["train_seconds"] for _, _, m in runs), "n_eval": first["n_eval"],
+            "run_dir": str(run_dir)}
     return results
 
 
@@ -161,11 +251,16 @@ def build_contenders(methods: list[str], s: dict, base, task: str) -> dict:
 
     contenders = {}
     for name in methods:
-        options = load_recipe(recipe_for(name, task, s, Path("unused")), []).method
-        method = get_method(name)
+        recipe = load_recipe(recipe_for(name, task, s, Path("unused")), [])
+        options, method = recipe.method, get_method(recipe.method_name)
         torch_seed(s["seed"])
         contenders[name] = (method, method.prepare(copy.deepcopy(base), options), options)
     return contenders
+
+
+def method_section(row: str, task: str, s: dict) -> dict:
+    """The raw method section of a row's recipe (name + options), as the fresh memory process rebuilds it."""
+    return dict(recipe_for(row, task, s, Path("unused"))["method"])
 
 
 def torch_seed(seed: int) -> None:
@@ -179,6 +274,8 @@ def saved_and_step_time(contenders: dict, batch: dict, repeats: int) -> tuple[di
 
     from peftkit.bench.memory import saved_tensor_bytes
 
+    from peftkit.bench.memory import synchronize
+
     saved, times, optimizers = {}, {n: [] for n in contenders}, {}
     for name, (method, model, _) in contenders.items():
         model.train()
@@ -187,10 +284,13 @@ def saved_and_step_time(contenders: dict, batch: dict, repeats: int) -> tuple[di
         optimizers[name] = torch.optim.AdamW(method.param_groups(model, 0.01), lr=1e-5)
     for round_ in range(repeats + 1):  # round 0 is the warm-up; contenders alternate within each round
         for name, (method, model, _) in contenders.items():
+            device = next(model.parameters()).device
+            synchronize(device)
             start = time.perf_counter()
             method.compute_loss(model, batch).backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
+            synchronize(device)
             if round_:
                 times[name].append(time.perf_counter() - start)
     return saved, {n: statistics.median(t) for n, t in times.items()}
@@ -216,16 +316,23 @@ def latency_ratios(contenders: dict, base, batch: dict, repeats: int) -> tuple[d
                 return model(**inputs).logits
         return forward
 
-    seconds = time_interleaved({n: forward_of(m) for n, m in models.items()}, repeats, 3, lambda: None)
+    device = next(base.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds = time_interleaved({n: forward_of(m) for n, m in models.items()}, repeats, 3, sync)
     return {n: seconds[n] / seconds["base"] for n in contenders}, kinds
 
 
-def peak_rss(methods: list[str], s: dict) -> dict:
-    from peftkit.bench.memory import peak_rss_in_fresh_process
+def peak_memory(rows: list[str], s: dict) -> dict:
+    """row -> {"peak_rss_bytes", "peak_cuda_bytes"} from a fresh interpreter per row (bench.memory)."""
+    from peftkit.bench.memory import bench_device, peak_memory_in_fresh_process
 
     spec = {"model": s["model"], "batch": s["batch_size"], "seq": s["max_length"] or 128, "seed": 0,
-            "steps": s["rss_steps"], "threads": _threads()}
-    return {m: peak_rss_in_fresh_process({**spec, "method": m}) for m in methods}
+            "steps": s["rss_steps"], "threads": s["threads"] or _threads(), "device": str(bench_device())}
+    peaks = {}
+    for row in rows:
+        options = method_section(row, s["tasks"][0], s)
+        peaks[row] = peak_memory_in_fresh_process({**spec, "method": options.pop("name"), "method_options": options})
+    return peaks
 
 
 def run(quick: bool, options: dict) -> list[dict]:
@@ -243,33 +350,46 @@ def run(quick: bool, options: dict) -> list[dict]:
     started = time.perf_counter()
     print(f"[glue] methods {methods} x tasks {s['tasks']} on {s['model']}, work dir {work}", flush=True)
 
-    rss = peak_rss(methods, s) if s["rss"] else {}  # fresh interpreters first, while this process is small
-    results = fine_tune_all(methods, s, work)
+    peaks = peak_memory(methods, s) if s["rss"] else {}  # fresh interpreters first, while this process is small
+    plan = planned_runs(methods, s, work)
+    results = collect_results(run_finetunes(plan, s, work))
 
+    from peftkit.bench.memory import bench_device, to_device
+
+    device = bench_device()
     first = s["tasks"][0]
-    torch_seed(s["seed"])
-    base = load_model(s["model"], "seq_cls", get_task(first).num_labels)
-    batch = real_batch(s, first, s["batch_size"])
-    contenders = build_contenders(methods, s, base, first)
-    print("[glue] saved bytes and step time (alternating)", flush=True)
-    saved, step = saved_and_step_time(contenders, batch, s["step_repeats"])
-    print("[glue] inference latency vs base (interleaved)", flush=True)
-    latency_batch = {k: v[: s["latency_batch"]] for k, v in batch.items()}
-    latency, kinds = latency_ratios(contenders, base, latency_batch, s["latency_repeats"])
+    saved = step = latency = kinds = {}
+    if s["costs"]:
+        torch_seed(s["seed"])
+        base = load_model(s["model"], "seq_cls", get_task(first).num_labels).to(device)
+        batch = to_device(real_batch(s, first, s["batch_size"]), device)
+        contenders = build_contenders(methods, s, base, first)
+        print("[glue] saved bytes and step time (alternating)", flush=True)
+        saved, step = saved_and_step_time(contenders, batch, s["step_repeats"])
+        print("[glue] inference latency vs base (interleaved)", flush=True)
+        latency_batch = {k: v[: s["latency_batch"]] for k, v in batch.items()}
+        latency, kinds = latency_ratios(contenders, base, latency_batch, s["latency_repeats"])
 
     rows = []
     for (method, task), r in results.items():
-        rows.append({"method": method, "task": task, "metric": r["metric"], "value": r["value"],
-                     "trivial_baseline": r["baseline"], "trainable_pct": r["trainable_pct"], "stored_bytes": r["stored_bytes"],
-                     "saved_bytes": saved[method], "peak_rss_bytes": rss.get(method), "step_seconds": step[method],
-                     "latency_ratio": latency[method], "latency_model": kinds[method], "steps": r["steps"],
-                     "n_eval": r["n_eval"], "train_seconds": r["train_seconds"]})
+        peak = peaks.get(method, {})
+        row = {"method": method, "task": task, "metric": r["metric"], "value": r["value"], "value_std": r["value_std"],
+               "trivial_baseline": r["baseline"], "trainable_pct": r["trainable_pct"], "stored_bytes": r["stored_bytes"],
+               "saved_bytes": saved.get(method), "peak_rss_bytes": peak.get("peak_rss_bytes"),
+               "step_seconds": step.get(method), "latency_ratio": latency.get(method), "latency_model": kinds.get(method),
+               "steps": r["steps"],
+               "n_eval": r["n_eval"], "train_seconds": r["train_seconds"], "seeds": r["seeds"], "values": r["values"]}
+        if peak.get("peak_cuda_bytes") is not None:
+            row["peak_cuda_bytes"] = peak["peak_cuda_bytes"]
+        rows.append({k: v for k, v in row.items() if v is not None or k in COLUMNS})
     notes = [
         f"{'quick' if quick else 'full'} settings: tasks {s['tasks']}, model {s['model']}, "
         + (f"max_steps {s['max_steps']} (eval and checkpoint at the end only), " if s["max_steps"] else "recipe schedules, ")
         + f"training rows limit {s['limit']}, validation rows limit {s['eval_limit']}, max_length "
         f"{s['max_length'] or 'per recipe'}, seed per recipe ({s['seed']} for the cost measurements), "
-        f"{_threads()} torch thread(s); one seed per (method, task).",
+        f"{s['threads'] or _threads()} torch thread(s) per run, on {device.type}; "
+        + (f"seeds {s['seeds']} on {s['seed_tasks']} (value = mean, value_std = sample std), the recipe's seed elsewhere."
+           if s["seeds"] else "one seed per (method, task)."),
         "recipes: configs/<method>-minilm-<task>.yaml; methods without one (bitfit, supertuning) use the LoRA recipe's "
         "data/train sections with their own default options.",
         f"costs per method on the first {s['batch_size']} {first} training rows (padded to the longest, max_length "

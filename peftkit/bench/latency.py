@@ -2,7 +2,8 @@
 
 The claim under test (PaFi/HiWi paper): once merged, these methods leave a plain pretrained-architecture
 model, so their latency ratio to the base is 1.00, while an unmerged LoRA adds work to every forward.
-Every adapter gets non-zero values first, so merging writes real changes into the weights.
+Every adapter gets non-zero values first, so merging writes real changes into the weights. A second copy of
+the unmodified base is timed as one more contender: its distance from 1.00 is the noise of the measurement.
 
 Method (specs/benchmarks.md): one process, one fixed batch of random token ids, model.eval() and
 torch.inference_mode(); contenders are interleaved — each round times one forward of each, in a
@@ -49,6 +50,9 @@ def build_contenders(base, opts: dict) -> dict:
     model = lora.prepare(copy.deepcopy(base), lora.Options(r=opts["lora_r"]))
     perturb([p for n, p in model.named_parameters() if "lora_B" in n], 0.02)
     contenders["lora (unmerged)"] = model
+    # A second, identical copy of the base: its ratio is the bench's own noise floor. Any merged method within
+    # that distance of 1.00 costs nothing measurable (on 2 shared cores identical copies differ by a few %).
+    contenders["base (identical copy)"] = copy.deepcopy(base)
     return contenders
 
 

@@ -11,6 +11,9 @@ Per method, on the same model, batch and sequence length:
                     out of it: large allocations are mmapped (MALLOC_MMAP_THRESHOLD_), so freed memory leaves
                     the RSS instead of being silently reused, and the peak counter is reset after the setup
                     (/proc/self/clear_refs "5"); where the reset is refused, the plain difference is used.
+  peak_cuda_bytes   on a CUDA machine only (everything runs there, fp32): the same fresh-process measurement of the
+                    GPU's peak allocated bytes (torch.cuda.max_memory_allocated after a reset) minus what was
+                    allocated before the steps: activation memory as the MEFT paper measures it.
   step_seconds      median time of forward + backward + optimizer step (contenders alternate in this process).
   trainable_params  parameters that receive gradients.
 Depth sweep: saved_bytes for 2, 4, 8, 12 layers of a BERT-base-width model (hidden 768, random init, small
@@ -82,13 +85,28 @@ def build_model(spec: dict):
     return AutoModelForSequenceClassification.from_pretrained(resolve_model(spec["model"]), num_labels=2)
 
 
-def prepare(method_name: str, model):
+def prepare(method_name: str, model, options: dict | None = None):
+    """(method plugin, prepared model); ``options`` are the recipe's method section (name excluded)."""
+    from peftkit.config.loader import build_section
     from peftkit.methods import get_method
 
     method = get_method(method_name)
+    errors: list[str] = []
+    method_options = build_section(method.Options, options or {}, "method", errors, skip=("name",))
+    if errors:
+        raise ValueError("; ".join(errors))
     with warnings.catch_warnings():  # meft3's "rounding may be amplified" warning: here memory is measured, not grads
         warnings.simplefilter("ignore", UserWarning)
-        return method, method.prepare(model, method.Options())
+        return method, method.prepare(model, method_options)
+
+
+def bench_device() -> torch.device:
+    """CUDA when there is one (fp32 there too, so that byte counts compare with CPU runs), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def make_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict:
@@ -138,17 +156,27 @@ def _maxrss_bytes() -> int:
 def rss_child(spec: dict) -> dict:
     """Runs in a fresh interpreter: baseline peak, then peak over a few training steps."""
     torch.set_num_threads(spec.get("threads", 1))
-    method, model = prepare(spec["method"], build_model(spec))
+    device = torch.device(spec.get("device", "cpu"))
+    method, model = prepare(spec["method"], build_model(spec).to(device), spec.get("method_options"))
     model.train()
     optimizer = make_optimizer(method, model, materialize=True)
-    batch = make_batch(model.config.vocab_size, spec["batch"], spec["seq"])
+    batch = to_device(make_batch(model.config.vocab_size, spec["batch"], spec["seq"]), device)
     with torch.no_grad():
         model(**batch)
+    cuda = device.type == "cuda"
+    if cuda:  # on a GPU the memory that matters is the device's: peak allocated over the steps, minus the start
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_baseline = torch.cuda.memory_allocated(device)
     peak_was_reset = _reset_peak_rss()
     baseline = _maxrss_bytes()
     for _ in range(spec["steps"]):
         train_step(model, optimizer, batch)
-    return {"baseline": baseline, "peak": _maxrss_bytes(), "peak_was_reset": peak_was_reset}
+    result = {"baseline": baseline, "peak": _maxrss_bytes(), "peak_was_reset": peak_was_reset}
+    if cuda:
+        torch.cuda.synchronize(device)
+        result.update(cuda_baseline=cuda_baseline, cuda_peak=torch.cuda.max_memory_allocated(device))
+    return result
 
 
 def _reset_peak_rss() -> bool:
@@ -167,7 +195,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_in_fresh_process(spec: dict, timeout: float = 600) -> int:
+def peak_memory_in_fresh_process(spec: dict, timeout: float = 600) -> dict:
+    """What training steps add to a FRESH interpreter's peaks: {"peak_rss_bytes", "peak_cuda_bytes"}.
+
+    ``spec``: model, batch, seq, steps, threads, method, optional method_options and device ("cuda" adds the
+    device's peak allocated bytes; None on the CPU)."""
     code = ("import json, sys; from peftkit.bench.memory import rss_child; "
             "print('RSS ' + json.dumps(rss_child(json.loads(sys.argv[1]))))")
     root = str(Path(__file__).resolve().parents[2])
@@ -178,23 +210,35 @@ def peak_rss_in_fresh_process(spec: dict, timeout: float = 600) -> int:
                           env=env, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RSS ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"peak-RSS subprocess for {spec['method']} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"peak-memory subprocess for {spec['method']} failed:\n{proc.stderr[-2000:]}")
     result = json.loads(lines[-1][4:])
     print(f"[memory]   {spec['method']}: {result}", flush=True)
-    return result["peak"] - result["baseline"]
+    cuda = result["cuda_peak"] - result["cuda_baseline"] if "cuda_peak" in result else None
+    return {"peak_rss_bytes": result["peak"] - result["baseline"], "peak_cuda_bytes": cuda}
+
+
+def peak_rss_in_fresh_process(spec: dict, timeout: float = 600) -> int:
+    return peak_memory_in_fresh_process(spec, timeout)["peak_rss_bytes"]
 
 
 # ---- the bench ---------------------------------------------------------------------------------------
+def synchronize(device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: a timer must wait for them
+        torch.cuda.synchronize(device)
+
+
 def main_rows(settings: dict, model_name: str) -> list[dict]:
-    spec = {"model": model_name, "batch": settings["batch"], "seq": settings["seq"], "seed": 0}
-    # Peak RSS first, while this process is still small (each method in its own fresh interpreter).
-    peak_rss = {}
+    device = bench_device()
+    spec = {"model": model_name, "batch": settings["batch"], "seq": settings["seq"], "seed": 0, "device": str(device)}
+    # Peak memory first, while this process is still small (each method in its own fresh interpreter).
+    peaks = {}
     for name in METHODS:
-        print(f"[memory] peak RSS (fresh process): {name}", flush=True)
-        peak_rss[name] = peak_rss_in_fresh_process({**spec, "method": name, "steps": settings["rss_steps"],
+        print(f"[memory] peak memory (fresh process): {name}", flush=True)
+        peaks[name] = peak_memory_in_fresh_process({**spec, "method": name, "steps": settings["rss_steps"],
                                                     "threads": torch.get_num_threads()})
-    base = build_model(spec)
-    batch = make_batch(base.config.vocab_size, settings["batch"], settings["seq"])
+    peak_rss = {name: p["peak_rss_bytes"] for name, p in peaks.items()}
+    base = build_model(spec).to(device)
+    batch = to_device(make_batch(base.config.vocab_size, settings["batch"], settings["seq"]), device)
     contenders = {}
     for name in METHODS:
         method, model = prepare(name, copy.deepcopy(base))
@@ -211,8 +255,10 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
     for round_ in range(settings["repeats"] + 1):
         print(f"[memory] step-time round {round_}", flush=True)
         for name, (model, optimizer) in contenders.items():
+            synchronize(device)
             start = time.perf_counter()
             train_step(model, optimizer, batch)
+            synchronize(device)
             if round_:
                 times[name].append(time.perf_counter() - start)
     rows = []
@@ -223,24 +269,37 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
                      "trainable_params": trainable_params(model),
                      "saved_ratio_vs_full": saved[name] / saved["full"],
                      "peak_rss_ratio_vs_full": peak_rss[name] / peak_rss["full"] if peak_rss["full"] > 0 else None,
-                     "step_ratio_vs_full": statistics.median(times[name]) / statistics.median(times["full"])})
+                     "step_ratio_vs_full": statistics.median(times[name]) / statistics.median(times["full"]),
+                     **_cuda_columns(peaks, name), "device": device.type})
     return rows
 
 
+def _cuda_columns(peaks: dict, name: str) -> dict:
+    """peak_cuda_bytes (+ ratio to full) where the fresh process measured the GPU; nothing on the CPU."""
+    cuda = peaks.get(name, {}).get("peak_cuda_bytes")
+    if cuda is None:
+        return {}
+    full = peaks["full"]["peak_cuda_bytes"]
+    return {"peak_cuda_bytes": cuda, "peak_cuda_ratio_vs_full": cuda / full if full else None}
+
+
 def depth_rows(settings: dict) -> list[dict]:
+    device = bench_device()
     rows = []
     for layers in DEPTHS:
         config = {"hidden_size": 768, "num_hidden_layers": layers, "num_attention_heads": 12,
                   "intermediate_size": 3072, "vocab_size": 1024, "max_position_embeddings": 512}
-        spec = {"model": "config", "config": config, "batch": settings["sweep_batch"], "seq": settings["sweep_seq"]}
-        peak_rss = {}
-        if layers == max(DEPTHS):  # peak RSS too at full BERT-base depth, where one layer is 1/12 of the stack
+        spec = {"model": "config", "config": config, "batch": settings["sweep_batch"], "seq": settings["sweep_seq"],
+                "device": str(device)}
+        peaks = {}
+        if layers == max(DEPTHS):  # peak memory too at full BERT-base depth, where one layer is 1/12 of the stack
             for name in METHODS:
-                print(f"[memory] depth {layers}: peak RSS (fresh process): {name}", flush=True)
-                peak_rss[name] = peak_rss_in_fresh_process({**spec, "method": name, "steps": settings["rss_steps"],
+                print(f"[memory] depth {layers}: peak memory (fresh process): {name}", flush=True)
+                peaks[name] = peak_memory_in_fresh_process({**spec, "method": name, "steps": settings["rss_steps"],
                                                             "threads": torch.get_num_threads()})
-        base = build_model(spec)
-        batch = make_batch(base.config.vocab_size, settings["sweep_batch"], settings["sweep_seq"])
+        peak_rss = {name: p["peak_rss_bytes"] for name, p in peaks.items()}
+        base = build_model(spec).to(device)
+        batch = to_device(make_batch(base.config.vocab_size, settings["sweep_batch"], settings["sweep_seq"]), device)
         full_bytes = None
         for name in METHODS:
             print(f"[memory] depth {layers}: {name}", flush=True)
@@ -253,7 +312,8 @@ def depth_rows(settings: dict) -> list[dict]:
                          "seq": settings["sweep_seq"], "saved_bytes": saved, "peak_rss_bytes": peak_rss.get(name),
                          "step_seconds": None, "trainable_params": trainable_params(model),
                          "saved_ratio_vs_full": saved / full_bytes,
-                         "peak_rss_ratio_vs_full": peak_rss[name] / peak_rss["full"] if peak_rss.get("full") else None})
+                         "peak_rss_ratio_vs_full": peak_rss[name] / peak_rss["full"] if peak_rss.get("full") else None,
+                         **_cuda_columns(peaks, name), "device": device.type})
             del model
     return rows
 

@@ -243,6 +243,10 @@ def _check_values(recipe: Recipe, errors: list[str]) -> None:
     validate = getattr(recipe.method, "validate", None)
     if callable(validate):
         errors.extend(f"method.{msg}" for msg in validate())
+    if isinstance(d.task, str) and isinstance(recipe.model.task_head, str):
+        from peftkit.data.lm_text import task_problems
+
+        errors.extend(task_problems(recipe))
 
 
 def _exists(path: str) -> bool:

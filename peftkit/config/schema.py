@@ -21,15 +21,18 @@ class ModelOptions:
 
 @dataclass
 class DataOptions:
-    task: str = option("sst2", "Dataset: a GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli).")
+    task: str = option("sst2", "Dataset: a GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), or wikitext2 "
+                               "(causal LM: trains on wiki.valid.tokens, perplexity on wiki.test.raw; needs task_head causal_lm).")
     root: Optional[str] = option(
-        None, "Directory laid out as <task>/<split>.jsonl|tsv|parquet; None = env PEFTKIT_DATA_DIR, else the hub."
+        None, "Directory laid out as <task>/<split>.jsonl|tsv|parquet; None = env PEFTKIT_DATA_DIR, else the hub. "
+              "wikitext2: the WikiText-2 directory; None = env PEFTKIT_WIKITEXT, else ../shared/data/wikitext-2."
     )
-    max_length: int = option(128, "Truncate tokenized inputs to this many tokens.")
-    limit: Optional[int] = option(None, "Use only the first N training rows (None = all).")
-    eval_limit: Optional[int] = option(None, "Use only the first N validation rows (None = all).")
-    train_split: str = option("train", "Split used for training.")
-    eval_split: Optional[str] = option(None, "Split used for evaluation; None = the task's validation split.")
+    max_length: int = option(128, "Truncate tokenized inputs to this many tokens (wikitext2: the length of every "
+                                  "training and evaluation window).")
+    limit: Optional[int] = option(None, "Use only the first N training rows (wikitext2: windows) (None = all).")
+    eval_limit: Optional[int] = option(None, "Use only the first N validation rows (wikitext2: test windows) (None = all).")
+    train_split: str = option("train", "Split used for training (GLUE only).")
+    eval_split: Optional[str] = option(None, "Split used for evaluation; None = the task's validation split (GLUE only).")
 
 
 @dataclass

@@ -41,16 +41,24 @@ def perplexity_of_windows(model, windows) -> dict:
 
 def load_for_eval(model_path_or_dir: str):
     """(model, tokenizer) from a quantize output dir (quantized base + LoRA), a peft adapter dir whose
-    base is one of these (e.g. a fine-tuned apiq run), a model dir or an alias."""
+    base is one of these (e.g. a fine-tuned apiq run), a model dir or an alias. A `peftkit finetune` run
+    directory stands for its final/ (lora and apiq runs store a peft adapter there, full runs a model dir)."""
     import json
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from peftkit.errors import UserError
     from peftkit.models.aliases import resolve_model
+    from peftkit.models.trained import INFO_FILE, final_dir
     from peftkit.quant.checkpoint import is_quantized_dir, load_quantized, load_quantized_base
 
-    path = Path(model_path_or_dir)
+    path = final_dir(model_path_or_dir)
+    if (path / INFO_FILE).is_file():
+        head = json.loads((path / INFO_FILE).read_text()).get("model", {}).get("task_head")
+        if head != "causal_lm":
+            raise UserError(f"{model_path_or_dir} was fine-tuned with a {head} head; perplexity needs a causal LM "
+                            f"(a run with data.task wikitext2, a quantize output directory or a language model).")
     adapter_config = path / "adapter_config.json"
     if is_quantized_dir(path):
         model, tokenizer_dir = load_quantized(path), path
@@ -67,7 +75,7 @@ def load_for_eval(model_path_or_dir: str):
         if (path / "tokenizer_config.json").is_file():
             tokenizer_dir = path
     else:
-        tokenizer_dir = Path(resolve_model(str(model_path_or_dir)))
+        tokenizer_dir = Path(resolve_model(str(path) if (path / INFO_FILE).is_file() else str(model_path_or_dir)))
         model = AutoModelForCausalLM.from_pretrained(tokenizer_dir, dtype=torch.float32)
     if torch.cuda.is_available():
         model = model.cuda()

@@ -1,4 +1,8 @@
-"""Process-group setup for `torchrun`: gloo on CPU, nccl on CUDA; a no-op for a single process."""
+"""Process-group setup for `torchrun`: nccl with one GPU per process, else gloo on the CPU; a no-op for one process.
+
+With fewer GPUs than local processes (e.g. `torchrun --nproc_per_node=2` on a one-GPU machine) the processes cannot
+each own a device (NCCL refuses to share one), so every process of the group trains on the CPU with gloo instead
+of failing with "invalid device ordinal"; a line says so."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    use_cuda: bool = True  # False when the group runs on the CPU although CUDA exists (too few GPUs)
 
     @property
     def is_main(self) -> bool:
@@ -28,13 +33,17 @@ def init_distributed() -> DistInfo:
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+    if torch.cuda.is_available() and not use_cuda and local == 0:
+        print(f"[peftkit] {local_world} processes per node but {torch.cuda.device_count()} GPU(s): training on the CPU "
+              "with gloo (one GPU per process is needed for CUDA)", flush=True)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
         torch.cuda.set_device(local)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, use_cuda=use_cuda)
 
 
 def barrier(info: DistInfo) -> None:
@@ -47,4 +56,6 @@ def barrier(info: DistInfo) -> None:
 def default_device(info: DistInfo):
     import torch
 
-    return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available() and info.use_cuda:
+        return torch.device(f"cuda:{info.local_rank}")
+    return torch.device("cpu")

@@ -63,13 +63,55 @@ def test_methods_without_a_recipe_borrow_the_lora_schedule(tmp_path):
     assert lora["method"]["name"] == "lora" and lora["train"]["lr"] == raw["train"]["lr"]
 
 
-def test_peak_rss_comes_from_a_fresh_process_per_method(monkeypatch):
+def test_peak_memory_comes_from_a_fresh_process_per_row_with_its_recipe_options(monkeypatch):
     calls = []
-    monkeypatch.setattr("peftkit.bench.memory.peak_rss_in_fresh_process", lambda spec: calls.append(spec) or 7)
+    monkeypatch.setattr("peftkit.bench.memory.peak_memory_in_fresh_process",
+                        lambda spec: calls.append(spec) or {"peak_rss_bytes": 7, "peak_cuda_bytes": None})
     s = glue.settings(True, {"model": "m", "batch_size": 4})
-    assert glue.peak_rss(["lora", "full"], s) == {"lora": 7, "full": 7}
-    assert [c["method"] for c in calls] == ["lora", "full"]
+    peaks = glue.peak_memory(["lora", "full", "pafi-r0.001"], s)
+    assert {row: p["peak_rss_bytes"] for row, p in peaks.items()} == {"lora": 7, "full": 7, "pafi-r0.001": 7}
+    assert [c["method"] for c in calls] == ["lora", "full", "pafi"]
+    assert calls[2]["method_options"]["rho"] == 0.001  # a row's own recipe options reach the fresh process
     assert all(c["batch"] == 4 and c["seq"] == s["max_length"] for c in calls)
+
+
+def test_a_row_is_a_recipe_stem_and_seeds_apply_to_the_small_tasks_only(tmp_path):
+    s = glue.settings(False, {"model": "m", "seeds": "1,2", "tasks": ["sst2", "rte"]})
+    raw = glue.recipe_for("pafi-r0.01", "rte", s, tmp_path / "r", seed=2)
+    assert raw["method"]["name"] == "pafi" and raw["method"]["rho"] == 0.01 and raw["train"]["seed"] == 2
+    plan = glue.planned_runs(["pafi-r0.01"], s, tmp_path)
+    assert [(task, seed, d.name) for _, task, seed, d in plan] == [
+        ("sst2", None, "pafi-r0.01-sst2"), ("rte", 1, "pafi-r0.01-rte-seed1"), ("rte", 2, "pafi-r0.01-rte-seed2")]
+
+
+def test_seeded_cells_report_the_mean_and_sample_std(tmp_path):
+    plan = []
+    for seed, acc in ((1, 0.5), (2, 0.7)):
+        run = tmp_path / f"lora-rte-seed{seed}"
+        (run / "final").mkdir(parents=True)
+        (run / "final" / "adapter_model.safetensors").write_bytes(b"x" * 10)
+        (run / "metrics.json").write_text(json.dumps({"accuracy": acc, "trainable_pct": 1.0, "steps": 3, "seed": seed,
+                                                       "train_seconds": 2.0, "n_eval": 4, "baseline": {"accuracy": 0.5}}))
+        plan.append(("lora", "rte", seed, run))
+    r = glue.collect_results(plan)[("lora", "rte")]
+    assert r["value"] == pytest.approx(0.6) and r["value_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert r["values"] == [0.5, 0.7] and r["seeds"] == [1, 2] and r["stored_bytes"] == 10
+
+
+def test_finetune_off_reports_finished_runs_and_needs_one_per_cell(tmp_path):
+    s = glue.settings(True, {"finetune": False})
+    plan = [("lora", "rte", 1, tmp_path / "lora-rte-seed1"), ("lora", "rte", 2, tmp_path / "lora-rte-seed2")]
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        glue.run_finetunes(plan, s, tmp_path)
+    (tmp_path / "lora-rte-seed1").mkdir()
+    (tmp_path / "lora-rte-seed1" / "metrics.json").write_text("{}")
+    assert glue.run_finetunes(plan, s, tmp_path) == plan[:1]  # the unfinished second seed is left out
+
+
+def test_every_cell_gets_its_first_seed_before_any_second(tmp_path):
+    s = glue.settings(False, {"seeds": [1, 2], "tasks": ["sst2", "rte"]})
+    plan = glue.planned_runs(["a", "b"], s, tmp_path)
+    assert [d.name for *_, d in plan] == ["a-sst2", "a-rte-seed1", "b-sst2", "b-rte-seed1", "a-rte-seed2", "b-rte-seed2"]
 
 
 def test_apiq_is_left_out_by_default():
@@ -82,3 +124,17 @@ def test_stored_bytes_ignores_tokenizer_files(tmp_path):
     (tmp_path / "vocab.txt").write_bytes(b"y" * 50)
     (tmp_path / "peftkit.json").write_bytes(b"{}")
     assert glue.stored_bytes(Path(tmp_path)) == 100
+
+
+def test_parallel_jobs_give_the_same_metrics_as_in_process_runs(tiny_grid, tmp_path):
+    in_process = {r["method"]: r["value"] for r in glue.run(True, {**tiny_grid, "report": False, "costs": False})}
+    parallel = glue.run(True, {**tiny_grid, "report": False, "costs": False, "jobs": 2,
+                               "work_dir": str(tmp_path / "parallel")})
+    assert {r["method"]: r["value"] for r in parallel} == in_process  # seeded training: same numbers either way
+    assert all(r["step_seconds"] is None and r["saved_bytes"] is None for r in parallel)
+    logs = sorted(p.name for p in (tmp_path / "parallel" / "logs").iterdir())
+    assert logs == ["full-sst2.log", "lora-sst2.log"]
+    # a second pass with finetune=missing finds every run done and starts nothing
+    again = glue.run(True, {**tiny_grid, "report": False, "costs": False, "jobs": 2, "finetune": "missing",
+                            "work_dir": str(tmp_path / "parallel")})
+    assert [r["value"] for r in again] == [r["value"] for r in parallel]

@@ -12,7 +12,7 @@ def test_latency_rows_on_a_tiny_model(tmp_path):
     model_dir = save_tiny_classifier(tmp_path / "tiny")
     rows = latency.run(True, {"model": str(model_dir), "batch_size": 2, "seq_len": 8, "repeats": 3, "warmup": 1})
     assert [r["method"] for r in rows] == ["base", "pafi (merged)", "hiwi-weight (merged)", "hiwi-bias (merged)",
-                                           "lora (unmerged)"]
+                                           "lora (unmerged)", "base (identical copy)"]
     for row in rows:
         assert set(row) == {"method", "latency_ratio", "seconds"}
         assert math.isfinite(row["latency_ratio"]) and row["latency_ratio"] > 0 and row["seconds"] > 0
@@ -35,3 +35,5 @@ def test_contenders_are_real_merges():
             assert any(not torch.equal(p, base.get_parameter(n)) for n, p in model.named_parameters()
                        if not n.startswith("classifier.")), name
     assert any("lora_B" in n for n, _ in contenders["lora (unmerged)"].named_parameters())
+    copy_ = contenders["base (identical copy)"]  # the noise reference really is the unmodified base
+    assert all(torch.equal(p, base.get_parameter(n)) for n, p in copy_.named_parameters())
