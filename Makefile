@@ -31,7 +31,7 @@ demo: install
 
 test: install
 	# pytest exits 5 when it collects no test: that is not a failure of the suite
-	$(PY) -m pytest -p no:randomly; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+	$(PY) -m pytest -q -p no:randomly; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 results:
 	$(PY) scripts/make_results.py
