@@ -227,15 +227,20 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fresh_peaks(spec: dict, settings: dict, label: str) -> dict:
+    """method -> peak_memory_in_fresh_process(...) for every method of the bench, one fresh interpreter each."""
+    peaks = {}
+    for name in METHODS:
+        print(f"{label} peak memory (fresh process): {name}", flush=True)
+        peaks[name] = peak_memory_in_fresh_process({**spec, "method": name, "steps": settings["rss_steps"],
+                                                    "threads": torch.get_num_threads()})
+    return peaks
+
+
 def main_rows(settings: dict, model_name: str) -> list[dict]:
     device = bench_device()
     spec = {"model": model_name, "batch": settings["batch"], "seq": settings["seq"], "seed": 0, "device": str(device)}
-    # Peak memory first, while this process is still small (each method in its own fresh interpreter).
-    peaks = {}
-    for name in METHODS:
-        print(f"[memory] peak memory (fresh process): {name}", flush=True)
-        peaks[name] = peak_memory_in_fresh_process({**spec, "method": name, "steps": settings["rss_steps"],
-                                                    "threads": torch.get_num_threads()})
+    peaks = fresh_peaks(spec, settings, "[memory]")  # first, while this process is still small
     peak_rss = {name: p["peak_rss_bytes"] for name, p in peaks.items()}
     base = build_model(spec).to(device)
     batch = to_device(make_batch(base.config.vocab_size, settings["batch"], settings["seq"]), device)
@@ -291,12 +296,8 @@ def depth_rows(settings: dict) -> list[dict]:
                   "intermediate_size": 3072, "vocab_size": 1024, "max_position_embeddings": 512}
         spec = {"model": "config", "config": config, "batch": settings["sweep_batch"], "seq": settings["sweep_seq"],
                 "device": str(device)}
-        peaks = {}
-        if layers == max(DEPTHS):  # peak memory too at full BERT-base depth, where one layer is 1/12 of the stack
-            for name in METHODS:
-                print(f"[memory] depth {layers}: peak memory (fresh process): {name}", flush=True)
-                peaks[name] = peak_memory_in_fresh_process({**spec, "method": name, "steps": settings["rss_steps"],
-                                                            "threads": torch.get_num_threads()})
+        # peak memory too at full BERT-base depth, where one layer is 1/12 of the stack
+        peaks = fresh_peaks(spec, settings, f"[memory] depth {layers}:") if layers == max(DEPTHS) else {}
         peak_rss = {name: p["peak_rss_bytes"] for name, p in peaks.items()}
         base = build_model(spec).to(device)
         batch = to_device(make_batch(base.config.vocab_size, settings["sweep_batch"], settings["sweep_seq"]), device)
