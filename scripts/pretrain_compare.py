@@ -72,7 +72,8 @@ def main() -> None:
              "layers and are re-inserted, or decoded by the cross-attention decoder, which the exported checkpoint drops).",
              f"sst2_accuracy: full fine-tuning with configs/{args.finetune}.yaml from each checkpoint, SST-2 validation.",
              f"loss curves: {args.plots}/loss_curves.png (pretraining loss per step of each variant)."]
-    write_bench("pretrain-compare", rows, ROOT / args.json, {"notes": notes})
+    command = " ".join(["python scripts/pretrain_compare.py", *sys.argv[1:]])
+    write_bench("pretrain-compare", rows, ROOT / args.json, {"notes": notes, "command": command})
 
 
 if __name__ == "__main__":
