@@ -163,8 +163,6 @@ def run_finetunes(plan: list, s: dict, work: Path) -> list:
     """Fine-tune the planned runs: in this process (jobs 1) or as ``jobs`` parallel `peftkit finetune` processes.
     Returns the runs to report: all of them, or with ``finetune: false`` those an earlier run finished (every
     cell needs one; a missing extra seed is left out and named)."""
-    import yaml
-
     from peftkit.finetune import finetune
 
     done = [entry for entry in plan if (entry[3] / "metrics.json").is_file()]
@@ -174,7 +172,7 @@ def run_finetunes(plan: list, s: dict, work: Path) -> list:
         if empty:
             raise FileNotFoundError(f"finetune is off but these (row, task) cells have no finished run "
                                     f"(metrics.json) under {work}: {empty}")
-        skipped = [d.name for *_, d in plan if not (d / "metrics.json").is_file()]
+        skipped = [entry[3].name for entry in plan if entry not in done]
         if skipped:
             print(f"[glue] left out (no metrics.json): {skipped}", flush=True)
         return done
@@ -185,8 +183,17 @@ def run_finetunes(plan: list, s: dict, work: Path) -> list:
                   + f" -> {run_dir}", flush=True)
             finetune(recipe_for(row, task, s, run_dir, seed), [])
         return plan
+    run_in_parallel(todo, s, work)
+    return plan
+
+
+def run_in_parallel(todo: list, s: dict, work: Path) -> None:
+    """``jobs`` concurrent `peftkit finetune` processes, each with its recipe under work/recipes and log under
+    work/logs; raises if any of them failed."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
 
     (work / "recipes").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -205,7 +212,6 @@ def run_finetunes(plan: list, s: dict, work: Path) -> list:
         failed = [name for name, code in pool.map(one, todo) if code != 0]
     if failed:
         raise RuntimeError(f"fine-tunes failed (logs in {work / 'logs'}): {failed}")
-    return plan
 
 
 def collect_results(plan: list) -> dict:
