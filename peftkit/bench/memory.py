@@ -217,10 +217,6 @@ def peak_memory_in_fresh_process(spec: dict, timeout: float = 600) -> dict:
     return {"peak_rss_bytes": result["peak"] - result["baseline"], "peak_cuda_bytes": cuda}
 
 
-def peak_rss_in_fresh_process(spec: dict, timeout: float = 600) -> int:
-    return peak_memory_in_fresh_process(spec, timeout)["peak_rss_bytes"]
-
-
 # ---- the bench ---------------------------------------------------------------------------------------
 def synchronize(device) -> None:
     if device.type == "cuda":  # kernels run asynchronously: a timer must wait for them

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peftkit.methods.base import is_head_parameter
-from tiny import tiny_bert, tiny_llama
+from tiny import assert_base_architecture, tiny_bert, tiny_llama
 
 from peftkit.errors import UserError
 from peftkit.methods import get_method
@@ -115,9 +115,7 @@ def test_merged_equals_unmerged_base_architecture_and_only_ffn_changes(target):
     unmerged = logits(model)
     merged = METHOD.merge(model)
     assert torch.equal(logits(merged), unmerged)
-    assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in base.named_modules()]
-    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in base.parameters())
-    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    assert_base_architecture(merged, base)
     adapted = {f"{m}.{target}" for m in FFN}
     for name, before in base.state_dict().items():
         after = merged.state_dict()[name]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peftkit.methods.base import is_head_parameter
-from tiny import tiny_bert, tiny_llama
+from tiny import assert_base_architecture, tiny_bert, tiny_llama
 
 from peftkit.errors import UserError
 from peftkit.methods import get_method
@@ -191,9 +191,7 @@ def test_merged_equals_unmerged_and_has_the_base_architecture():
     unmerged = logits(model)
     merged = METHOD.merge(model)
     assert torch.equal(logits(merged), unmerged)
-    assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in base.named_modules()]
-    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in base.parameters())
-    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    assert_base_architecture(merged, base)
 
 
 def test_decoder_family_and_unchanged_forward_at_start():

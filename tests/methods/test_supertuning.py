@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from tiny import tiny_bert
+from tiny import assert_base_architecture, tiny_bert
 
 from peftkit.methods import get_method
 from peftkit.methods.base import is_head_parameter
@@ -86,7 +86,7 @@ def test_save_load_and_merge_reproduce_logits(tmp_path):
     assert torch.equal(logits(METHOD.load(fresh, tmp_path, opts)), trained)
     merged = METHOD.merge(model)
     assert torch.equal(logits(merged), trained)
-    assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in base.named_modules()]
+    assert_base_architecture(merged, base)
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in base.parameters())
 
 

@@ -86,3 +86,10 @@ def write_glue_task(root: Path, task: str = "sst2", n_train: int = 64, n_val: in
                     row = {"sentence1": f"{filler} {word}", "sentence2": f"the {word} story", "label": label, "idx": i}
                 f.write(json.dumps(row) + "\n")
     return Path(root)
+
+
+def assert_base_architecture(merged, base) -> None:
+    """A merged model is the base architecture again: same modules, parameter count and tensor shapes."""
+    assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in base.named_modules()]
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in base.parameters())
+    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
