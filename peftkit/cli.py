@@ -60,7 +60,7 @@ def _run(fn, *args, **kwargs):
 def finetune(recipe: str = typer.Argument(..., help="Recipe YAML file or name in configs/."),
              overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP)):
     """Fine-tune a model on a GLUE task with any method (full, lora, bitfit, pafi, hiwi, meft1-3, apiq)."""
-    from peftkit.finetune import finetune as run
+    from peftkit.commands.train import finetune as run
 
     _run(run, recipe, list(overrides or []))
 
@@ -69,14 +69,18 @@ def finetune(recipe: str = typer.Argument(..., help="Recipe YAML file or name in
 def quantize(recipe: str = typer.Argument(..., help="Quantization recipe YAML (rtn | nf | loftq | apiq-lw | apiq-bw)."),
              overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP)):
     """Quantize an LLM to 2/3/4 bits and initialise LoRA (ApiQ, LoftQ, RTN, NF)."""
-    _run(_call, "peftkit.quant.command", "quantize", "issue 5", recipe, list(overrides or []))
+    from peftkit.commands.quantize import quantize as run
+
+    _run(run, recipe, list(overrides or []))
 
 
 @app.command()
 def pretrain(recipe: str = typer.Argument(..., help="Pretraining recipe YAML (mlm | 3ml-self | 3ml-cross)."),
              overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP)):
     """Masked-LM pretraining: vanilla MLM, 3ML-self and 3ML-cross."""
-    _run(_call, "peftkit.pretrain.command", "pretrain", "issue 6", recipe, list(overrides or []))
+    from peftkit.commands.train import pretrain as run
+
+    _run(run, recipe, list(overrides or []))
 
 
 @app.command("eval")
@@ -91,14 +95,14 @@ def evaluate(task: str = typer.Option(..., "--task", help="glue, glue:sst2,mrpc 
     """Evaluate fine-tuned models on GLUE (table + JSON) or a language model on WikiText-2 (perplexity)."""
 
     def body():
+        from peftkit.commands.evaluate import evaluate_glue, parse_task_spec, run_cli
         from peftkit.errors import UserError
-        from peftkit.eval.glue_eval import evaluate_glue, parse_task_spec
 
         suite, tasks = parse_task_spec(task)
         if suite == "glue":
             return evaluate_glue(model, tasks, data_root, batch_size, limit, json_out)
         if suite == "wikitext2":
-            return _call("peftkit.eval.perplexity", "run_cli", "issue 5", model, seq_len, max_windows, json_out)
+            return run_cli(model, seq_len, max_windows, json_out)
         raise UserError(f'unknown task suite "{suite}" in --task {task}; use glue, glue:<task>[,<task>] or wikitext2.')
 
     _run(body)
@@ -112,32 +116,9 @@ def bench(name: str = typer.Argument(..., help="Benchmark name (see `peftkit ben
     """Run a measured comparison; prints a table and writes JSON ({bench, machine, command, rows})."""
 
     def body():
-        import importlib
+        from peftkit.commands.bench import run_bench
 
-        from peftkit.bench import BENCHES
-        from peftkit.bench.common import write_bench
-        from peftkit.config.loader import parse_override
-        from peftkit.errors import UserError, did_you_mean
-
-        if name == "list":
-            for key, (_, description) in BENCHES.items():
-                typer.echo(f"{key:10s} {description}")
-            return None
-        if name not in BENCHES:
-            raise UserError(f'unknown bench "{name}"{did_you_mean(name, BENCHES)}; available: {", ".join(BENCHES)}.')
-        module_name = BENCHES[name][0]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            raise UserError(f'bench "{name}" ({BENCHES[name][1]}) is not built yet in this version.') from None
-        options = {}
-        for text in option or []:
-            parts, value = parse_override(f"bench.{text}")
-            options[".".join(parts[1:])] = value
-        rows = module.run(quick, options)
-        return write_bench(name, rows, json_out)
+        return run_bench(name, quick, json_out, list(option or []))
 
     _run(body)
 
@@ -155,11 +136,10 @@ def report(paths: List[str] = typer.Argument(..., help="Run directories, quantiz
 @app.command()
 def methods():
     """List the method plugins with one-line descriptions."""
-    from peftkit.methods import METHODS, available_methods
+    from peftkit.utils.registry import METHODS
 
-    built = set(available_methods())
-    for key, (_, _, description) in METHODS.items():
-        typer.echo(f"{key:12s} {description}{'' if key in built else '  [not built yet]'}")
+    for entry in METHODS.entries():
+        typer.echo(f"{entry.name:12s} {entry.help}")
 
 
 @app.command()
@@ -174,27 +154,10 @@ def env():
 
 @recipes_app.command("list")
 def recipes_list():
-    """List the recipes in configs/."""
-    import yaml
+    """List the shipped recipes: name, kind, method, model, task."""
+    from peftkit.commands.recipes import list_recipes
 
-    from peftkit.config.loader import configs_dir
-
-    def field(raw, section, key):
-        value = raw.get(section)
-        return str(value.get(key, "")) if isinstance(value, dict) else ""
-
-    for path in sorted(configs_dir().glob("*.yaml")):
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
-            raw = {}
-        if not isinstance(raw, dict):
-            raw = {}
-        # finetune recipes name a method, quantize recipes a quant.method, pretrain recipes an mlm.variant
-        method = field(raw, "method", "name") or field(raw, "quant", "method") or field(raw, "mlm", "variant") or "?"
-        model = field(raw, "model", "name") or field(raw, "model", "preset") or "?"
-        task = field(raw, "data", "task") or (f"{field(raw, 'quant', 'bits')}-bit" if "quant" in raw else "")
-        typer.echo(f"{path.stem:36s} {method:10s} {model:14s} {task}")
+    _run(lambda: typer.echo(list_recipes()))
 
 
 @recipes_app.command("show")
@@ -203,12 +166,9 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name or file."),
     """Print the resolved recipe (every option with its value) and the option docs."""
 
     def body():
-        import yaml
+        from peftkit.commands.recipes import show_recipe
 
-        from peftkit.config.loader import load_recipe
-
-        recipe = load_recipe(name, list(overrides or []))
-        typer.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        typer.echo(show_recipe(name, list(overrides or [])))
 
     _run(body)
 
@@ -218,13 +178,13 @@ def recipes_validate(files: List[str] = typer.Argument(..., help="Recipe files o
     """Validate recipes without running them (exit 2 if any is invalid)."""
 
     def body():
-        from peftkit.config.loader import load_any_recipe
+        from peftkit.config.loader import load_recipe
         from peftkit.errors import UserError
 
         bad = 0
         for f in files:
             try:
-                load_any_recipe(f)
+                load_recipe(f)
                 typer.echo(f"ok       {f}")
             except UserError as e:
                 bad += 1
@@ -233,21 +193,6 @@ def recipes_validate(files: List[str] = typer.Argument(..., help="Recipe files o
             raise typer.Exit(2)
 
     _run(body)
-
-
-def _call(module_name: str, function: str, issue: str, *args):
-    """Import a command's implementation lazily; a clear message while it is not built yet."""
-    import importlib
-
-    from peftkit.errors import UserError
-
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            raise UserError(f"this command is not built yet in this version of peftkit ({issue}).") from None
-        raise
-    return getattr(module, function)(*args)
 
 
 def main() -> None:

@@ -207,7 +207,7 @@ def accuracy_rows(sources: Sources) -> list[dict]:
     rows = [r for r in sources.bench_rows("glue") if r.get("value") is not None]
     if rows:
         return rows
-    from peftkit.data.glue import TASKS
+    from peftkit.tasks.glue import TASKS_BY_NAME as TASKS
 
     out = []
     for run in sources.runs:
@@ -222,7 +222,7 @@ def accuracy_rows(sources: Sources) -> list[dict]:
 def baselines(sources: Sources) -> dict[str, float]:
     """task -> the trivial baseline of its headline metric (majority class / mean), where a source has it."""
     found = {r["task"]: r["trivial_baseline"] for r in sources.bench_rows("glue") if r.get("trivial_baseline") is not None}
-    from peftkit.data.glue import TASKS
+    from peftkit.tasks.glue import TASKS_BY_NAME as TASKS
 
     for run in sources.runs:
         m = run.metrics or {}

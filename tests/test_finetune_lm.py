@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "quant"))
 
 from peftkit.errors import UserError  # noqa: E402
-from peftkit.finetune import finetune  # noqa: E402
+from peftkit.commands.train import finetune  # noqa: E402
 from qhelpers import options, write_model_dir, write_wikitext  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def _write(tmp_path, recipe, name):
 
 
 def test_apiq_fine_tune_lowers_perplexity_and_peftkit_eval_reproduces_it(lm_setup, tmp_path):
-    from peftkit.eval.perplexity import run
+    from peftkit.commands.evaluate import run
 
     run_dir = finetune(_write(tmp_path, lm_setup["recipe"](), "apiq"), [])
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -72,18 +72,19 @@ def test_apiq_fine_tune_lowers_perplexity_and_peftkit_eval_reproduces_it(lm_setu
 def test_only_lora_trains_on_the_quantized_base(lm_setup):
     from types import SimpleNamespace
 
-    from peftkit.data.lm_text import collate_windows, window_rows
-    from peftkit.methods import get_method
+    from peftkit.config.schema import TrainArgs
+    from peftkit.tasks.causal_lm import collate_windows
+    from peftkit.methods import create_method
     from peftkit.train.trainer import Trainer
     from qhelpers import windows
 
-    method = get_method("apiq")
-    model = method.prepare(method.load_base(SimpleNamespace(name=str(lm_setup["quant_dir"])), "causal_lm"), method.Options())
+    method = create_method("apiq")
+    model = method.prepare(method.load_base(SimpleNamespace(name=str(lm_setup["quant_dir"])), "causal_lm"))
     before = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
-    opts = SimpleNamespace(weight_decay=0.0, lr=1e-2, adam_betas=[0.9, 0.999], adam_eps=1e-8, batch_size=4, epochs=1.0,
-                           max_steps=5, grad_accum=1, warmup_ratio=0.0, schedule="constant", max_grad_norm=1.0, eval_every=None,
-                           save_every=None, keep_last=1, seed=0, log_every=5, group_by_length=True, select_best=False)
-    trainer = Trainer(model, method, opts, Path(lm_setup["data"]) / "run", window_rows(windows(12, 16)), collate_windows,
+    opts = TrainArgs(weight_decay=0.0, lr=1e-2, batch_size=4, epochs=1.0, max_steps=5, warmup_ratio=0.0,
+                     schedule="constant", keep_last=1, seed=0, log_every=5, select_best=False)
+    trainer = Trainer(model, method, opts, Path(lm_setup["data"]) / "run", [{"input_ids": w} for w in windows(12, 16)],
+                      collate_windows,
                       log=lambda s: None)
     trainer.train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.cpu(), before[n])}  # the trainer may move it to a GPU
@@ -94,7 +95,7 @@ def test_only_lora_trains_on_the_quantized_base(lm_setup):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fp_reference_methods_fine_tune_a_plain_causal_lm(lm_setup, tmp_path, method):
-    from peftkit.eval.perplexity import run
+    from peftkit.commands.evaluate import run
 
     run_dir = finetune(_write(tmp_path, lm_setup["recipe"](method, out=method, max_steps=12, eval_every=None), method), [])
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -122,7 +123,7 @@ def test_bad_lm_recipes_are_refused_before_a_run_dir_exists(lm_setup, tmp_path):
 
 
 def test_perplexity_refuses_a_classification_run(tmp_path):
-    from peftkit.eval.perplexity import load_for_eval
+    from peftkit.methods.trained import load_for_eval
 
     (tmp_path / "run" / "final").mkdir(parents=True)
     (tmp_path / "run" / "final" / "peftkit.json").write_text(json.dumps({"model": {"task_head": "seq_cls"}}))

@@ -29,7 +29,7 @@ def peers_payload():
 
 @pytest.fixture
 def inputs(tiny_run_setup, tmp_path):
-    from peftkit.finetune import finetune
+    from peftkit.commands.train import finetune
 
     runs = tmp_path / "runs"
     for method in ("lora", "full"):

@@ -16,34 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-
-def machine_info() -> dict:
-    import torch
-
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    for pkg in ("transformers", "peft"):
-        try:
-            from importlib.metadata import version
-
-            info[pkg] = version(pkg)
-        except Exception:
-            info[pkg] = None
-    return info
+from peftkit.utils.tables import format_table, machine_info
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -72,24 +45,6 @@ def time_interleaved(contenders: dict, repeats: int, warmup: int, sync) -> dict:
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {n: statistics.median(t) for n, t in times.items()}
-
-
-def format_table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no rows)"
-    cols = list(rows[0])
-    for r in rows[1:]:
-        cols += [c for c in r if c not in cols]
-
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    widths = {c: max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
-    lines += ["  ".join(cell(r.get(c)).ljust(widths[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
 
 
 def write_bench(name: str, rows: list[dict], json_path: str | Path | None, extra: dict | None = None) -> dict:

@@ -23,6 +23,14 @@ timing (true; false = count FLOPs only, for shapes too slow to time on a CPU).
 
 from __future__ import annotations
 
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import StrictBool, Field
+
+from peftkit.config.base import BenchSettings, option
+from peftkit.config.schema import like_train
+from peftkit.utils.registry import BENCHES
+
 from peftkit.bench.common import time_interleaved
 
 
@@ -153,3 +161,25 @@ def run(quick: bool, options: dict) -> list[dict]:
     for shape in opts["shapes"]:
         rows += [{k: r[k] for k in order} for r in measure_shape(shape, opts)]
     return rows
+
+
+# ---- settings and registration -----------------------------------------------------------------------
+
+class FlopsSettings(BenchSettings):
+    shapes: Optional[list[Literal["tiny", "small", "base", "large"]]] = option(None, "Model shapes (base, large).", min_length=1)
+    seq_len: Optional[int] = option(None, "Tokens per row (quick 128, full 512).", ge=8, le=1_048_576)
+    batch_size: like_train("batch_size") = option(None, "Rows per step (1).")
+    repeats: Optional[int] = option(None, "Timed steps (5).", ge=1, le=100_000)
+    warmup: Optional[int] = option(None, "Untimed steps first (1).", ge=0, le=100_000)
+    seed: like_train("seed") = option(None, "Seed (0).")
+    full_length_layers: Optional[list[int]] = option(None, "3ML-self full-length layers to compare ([2, 4]).", min_length=1)
+    decoder_layers: Optional[int] = option(None, "3ML-cross decoder layers (2).", ge=1, le=64)
+    device: Optional[Literal["cpu", "cuda"]] = option(None, "Device (cuda when available).")
+    timing: Optional[StrictBool] = option(None, "Time the steps (true); false counts FLOPs only.")
+    threads: like_train("threads") = option(None, "torch threads (torch's default).")
+
+
+@BENCHES.register("flops", help="FLOPs and step time of vanilla MLM vs 3ML-self/cross.")
+class FlopsBench:
+    Settings = FlopsSettings
+    run = staticmethod(run)

@@ -37,6 +37,14 @@ report (bool: also write <work_dir>/report/ with the PNG plots and report.md, as
 
 from __future__ import annotations
 
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import StrictBool, Field
+
+from peftkit.config.base import BenchSettings, option
+from peftkit.config.schema import like_train
+from peftkit.utils.registry import BENCHES
+
 import copy
 import json
 import os
@@ -47,7 +55,8 @@ from pathlib import Path
 
 COLUMNS = ("method", "task", "metric", "value", "trainable_pct", "stored_bytes", "saved_bytes", "peak_rss_bytes",
            "step_seconds", "latency_ratio")  # the issue's columns: always present, None where not measured
-EXCLUDED_METHODS = ("apiq",)  # needs a quantized base from `peftkit quantize`: not a GLUE-from-minilm recipe
+# The rows of the grid, baselines first; apiq is left out: it needs a quantized base from `peftkit quantize`.
+DEFAULT_ROWS = ("full", "lora", "bitfit", "pafi", "hiwi", "supertuning", "meft1", "meft2", "meft3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
                    "chat_template.jinja", "peftkit.json")
@@ -122,11 +131,7 @@ def recipe_for(row: str, task: str, s: dict, run_dir: Path, seed: int | None = N
 
 
 def methods_to_run(s: dict) -> list[str]:
-    from peftkit.methods import available_methods
-
-    if s["methods"]:
-        return list(s["methods"])
-    return [m for m in available_methods() if m not in EXCLUDED_METHODS]
+    return list(s["methods"] or DEFAULT_ROWS)
 
 
 def stored_bytes(final_dir: Path) -> int:
@@ -163,7 +168,8 @@ def run_finetunes(plan: list, s: dict, work: Path) -> list:
     """Fine-tune the planned runs: in this process (jobs 1) or as ``jobs`` parallel `peftkit finetune` processes.
     Returns the runs to report: all of them, or with ``finetune: false`` those an earlier run finished (every
     cell needs one; a missing extra seed is left out and named)."""
-    from peftkit.finetune import finetune
+    from peftkit.config.loader import load_recipe
+    from peftkit.train.pipeline import run_training
 
     done = [entry for entry in plan if (entry[3] / "metrics.json").is_file()]
     if not s["finetune"]:
@@ -181,7 +187,7 @@ def run_finetunes(plan: list, s: dict, work: Path) -> list:
         for row, task, seed, run_dir in todo:
             print(f"[glue] fine-tune {row} on {task}" + (f" (seed {seed})" if seed is not None else "")
                   + f" -> {run_dir}", flush=True)
-            finetune(recipe_for(row, task, s, run_dir, seed), [])
+            run_training(load_recipe(recipe_for(row, task, s, run_dir, seed), kind="finetune"))
         return plan
     run_in_parallel(todo, s, work)
     return plan
@@ -216,7 +222,7 @@ def run_in_parallel(todo: list, s: dict, work: Path) -> None:
 
 def collect_results(plan: list) -> dict:
     """(row, task) -> {metric, value (mean over seeds), value_std, values, seeds, trainable_pct, ...}."""
-    from peftkit.data.glue import get_task
+    from peftkit.tasks.glue import get_task
 
     by_cell: dict[tuple[str, str], list] = {}
     for row, task, seed, run_dir in plan:
@@ -240,7 +246,7 @@ def collect_results(plan: list) -> dict:
 
 def real_batch(s: dict, task: str, size: int) -> dict:
     """The first ``size`` training rows of ``task``, tokenized and padded as the trainer does."""
-    from peftkit.data.glue import PadCollator, get_task, load_rows, tokenize_rows
+    from peftkit.tasks.glue import PadCollator, get_task, load_rows, tokenize_rows
     from peftkit.models.load import load_tokenizer
 
     t = get_task(task)
@@ -253,14 +259,14 @@ def real_batch(s: dict, task: str, size: int) -> dict:
 def build_contenders(methods: list[str], s: dict, base, task: str) -> dict:
     """method -> (method plugin, prepared model, options) on copies of one base model."""
     from peftkit.config.loader import load_recipe
-    from peftkit.methods import get_method
+    from peftkit.methods import create_method
 
     contenders = {}
     for name in methods:
         recipe = load_recipe(recipe_for(name, task, s, Path("unused")), [])
-        options, method = recipe.method, get_method(recipe.method_name)
+        method = create_method(recipe.method_name, recipe.method)
         torch_seed(s["seed"])
-        contenders[name] = (method, method.prepare(copy.deepcopy(base), options), options)
+        contenders[name] = (method, method.prepare(copy.deepcopy(base)), recipe.method)
     return contenders
 
 
@@ -344,7 +350,7 @@ def peak_memory(rows: list[str], s: dict) -> dict:
 def run(quick: bool, options: dict) -> list[dict]:
     import torch
 
-    from peftkit.data.glue import get_task
+    from peftkit.tasks.glue import get_task
     from peftkit.models.load import load_model
 
     s = settings(quick, options)
@@ -417,3 +423,37 @@ def run(quick: bool, options: dict) -> list[dict]:
         make_report([str(work)], str(work / "report"), {"glue": {"bench": "glue", "command": " ".join(
             ["peftkit", *sys.argv[1:]]), "rows": rows, **extra}})
     return BenchRows(rows, extra)
+
+
+# ---- settings and registration -----------------------------------------------------------------------
+
+class GlueSettings(BenchSettings):
+    tasks: Optional[list[str]] = option(None, "GLUE tasks (quick: sst2, mrpc; full: sst2, mrpc, stsb, rte).", min_length=1)
+    methods: Optional[list[str]] = option(None, "Rows: method names or recipe stems (every GLUE method).", min_length=1)
+    model: Optional[str] = option(None, "Model alias or directory (default minilm-l6).", min_length=1)
+    max_steps: like_train("max_steps") = option(None, "Steps per fine-tune (quick: a fixed budget; full: the recipes').")
+    limit: Optional[int] = option(None, "Training rows per task.", ge=1, le=2**31 - 1)
+    eval_limit: Optional[int] = option(None, "Validation rows per task.", ge=1, le=2**31 - 1)
+    max_length: Optional[int] = option(None, "Tokens per row.", ge=2, le=1_048_576)
+    step_repeats: Optional[int] = option(None, "Timed steps per method in the cost columns.", ge=1, le=100_000)
+    latency_repeats: Optional[int] = option(None, "Timed rounds of the latency column.", ge=1, le=100_000)
+    rss_steps: Optional[int] = option(None, "Steps of each fresh-process peak measurement.", ge=1, le=100_000)
+    work_dir: Optional[str] = option(None, "Where the runs go (runs/bench-glue[-quick]).", min_length=1)
+    data_root: Optional[str] = option(None, "GLUE data root (env PEFTKIT_DATA_DIR).", min_length=1)
+    batch_size: like_train("batch_size") = option(None, "Batch of the cost columns (16).")
+    latency_batch: Optional[int] = option(None, "Batch of the latency column (8).", ge=1, le=65536)
+    rss: Optional[StrictBool] = option(None, "Measure peak RSS in fresh processes (true).")
+    seed: like_train("seed") = option(None, "Seed of the cost columns (42).")
+    seeds: Optional[list[Annotated[int, Field(ge=0, le=2**32 - 1)]]] = option(None, "Seeds of the seed_tasks (mean and std).", min_length=1)
+    seed_tasks: Optional[list[str]] = option(None, "Tasks that run every seed (mrpc, stsb, rte).")
+    jobs: Optional[int] = option(None, "Parallel fine-tune processes (1).", ge=1, le=1024)
+    finetune: Optional[Union[StrictBool, Literal["missing"]]] = option(None, "Fine-tune (true), only the missing runs (missing), or report what is there (false).")
+    costs: Optional[StrictBool] = option(None, "Measure the cost columns (true).")
+    threads: like_train("threads") = option(None, "torch threads per fine-tune.")
+    report: Optional[StrictBool] = option(None, "Write the plots of the grid (true).")
+
+
+@BENCHES.register("glue", help="Every method on GLUE with its costs (metric, trainable %, stored bytes, saved bytes, step time, latency).")
+class GlueBench:
+    Settings = GlueSettings
+    run = staticmethod(run)

@@ -15,6 +15,14 @@ repeats, warmup, rho (PaFi), r (HiWi), lora_r, threads, device, seed.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field
+
+from peftkit.config.base import BenchSettings, option
+from peftkit.config.schema import like_train
+from peftkit.utils.registry import BENCHES
+
 import copy
 
 from peftkit.bench.common import time_interleaved
@@ -24,7 +32,7 @@ def build_contenders(base, opts: dict) -> dict:
     """name -> model; each adapter is given non-zero trained-looking values before merging."""
     import torch
 
-    from peftkit.methods import get_method
+    from peftkit.methods import create_method
 
     def perturb(params, scale):
         with torch.no_grad():
@@ -35,19 +43,19 @@ def build_contenders(base, opts: dict) -> dict:
     # (from_pretrained's may be memory-mapped from the checkpoint file).
     contenders = {"base": copy.deepcopy(base)}
 
-    pafi = get_method("pafi")
-    model = pafi.prepare(copy.deepcopy(base), pafi.Options(rho=opts["rho"]))
+    pafi = create_method("pafi", rho=opts["rho"])
+    model = pafi.prepare(copy.deepcopy(base))
     perturb([p for n, p in model.named_parameters() if n.endswith(".values")], 0.02)
     contenders["pafi (merged)"] = pafi.merge(model)
 
-    hiwi = get_method("hiwi")
     for target in ("weight", "bias"):
-        model = hiwi.prepare(copy.deepcopy(base), hiwi.Options(target=target, r=opts["r"]))
+        hiwi = create_method("hiwi", target=target, r=opts["r"])
+        model = hiwi.prepare(copy.deepcopy(base))
         perturb([p for n, p in model.named_parameters() if n.endswith(".up")], 0.02)
         contenders[f"hiwi-{target} (merged)"] = hiwi.merge(model)
 
-    lora = get_method("lora")
-    model = lora.prepare(copy.deepcopy(base), lora.Options(r=opts["lora_r"]))
+    lora = create_method("lora", r=opts["lora_r"])
+    model = lora.prepare(copy.deepcopy(base))
     perturb([p for n, p in model.named_parameters() if "lora_B" in n], 0.02)
     contenders["lora (unmerged)"] = model
     # A second, identical copy of the base: its ratio is the bench's own noise floor. Any merged method within
@@ -88,3 +96,25 @@ def run(quick: bool, options: dict) -> list[dict]:
           f"{opts['repeats']} interleaved rounds after {opts['warmup']} warm-up, {torch.get_num_threads()} threads, {device}")
     seconds = time_interleaved({n: forward_of(m) for n, m in contenders.items()}, opts["repeats"], opts["warmup"], sync)
     return [{"method": name, "latency_ratio": s / seconds["base"], "seconds": s} for name, s in seconds.items()]
+
+
+# ---- settings and registration -----------------------------------------------------------------------
+
+class LatencySettings(BenchSettings):
+    model: Optional[str] = option(None, "Model alias or directory (default minilm-l6).", min_length=1)
+    batch_size: like_train("batch_size") = option(None, "Rows per forward (quick 8, full 32).")
+    seq_len: Optional[int] = option(None, "Tokens per row (quick 64, full 128).", ge=2, le=1_048_576)
+    repeats: Optional[int] = option(None, "Interleaved timed rounds (20).", ge=1, le=100_000)
+    warmup: Optional[int] = option(None, "Untimed rounds first (3).", ge=0, le=100_000)
+    rho: Optional[float] = option(None, "PaFi's trainable fraction (0.005).", gt=0, lt=1)
+    r: Optional[int] = option(None, "HiWi bottleneck (8).", ge=1, le=65536)
+    lora_r: Optional[int] = option(None, "LoRA rank (8).", ge=1, le=65536)
+    threads: like_train("threads") = option(None, "torch threads (torch's default).")
+    device: Optional[Literal["cpu", "cuda"]] = option(None, "Device (cuda when available).")
+    seed: like_train("seed") = option(None, "Seed of the inputs and adapters (0).")
+
+
+@BENCHES.register("latency", help="Inference latency of base vs merged PaFi/HiWi vs unmerged LoRA, with an identical copy as noise reference.")
+class LatencyBench:
+    Settings = LatencySettings
+    run = staticmethod(run)

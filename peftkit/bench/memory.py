@@ -24,6 +24,14 @@ The paper's claim: MEFT's activation memory is <= 16% of full fine-tuning's (84%
 
 from __future__ import annotations
 
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import StrictBool, Field
+
+from peftkit.config.base import BenchSettings, option
+from peftkit.config.schema import like_train
+from peftkit.utils.registry import BENCHES
+
 import copy
 import json
 import os
@@ -87,17 +95,12 @@ def build_model(spec: dict):
 
 def prepare(method_name: str, model, options: dict | None = None):
     """(method plugin, prepared model); ``options`` are the recipe's method section (name excluded)."""
-    from peftkit.config.loader import build_section
-    from peftkit.methods import get_method
+    from peftkit.methods import create_method
 
-    method = get_method(method_name)
-    errors: list[str] = []
-    method_options = build_section(method.Options, options or {}, "method", errors, skip=("name",))
-    if errors:
-        raise ValueError("; ".join(errors))
+    method = create_method(method_name, {k: v for k, v in (options or {}).items() if k != "name"})
     with warnings.catch_warnings():  # meft3's "rounding may be amplified" warning: here memory is measured, not grads
         warnings.simplefilter("ignore", UserWarning)
-        return method, method.prepare(model, method_options)
+        return method, method.prepare(model)
 
 
 def bench_device() -> torch.device:
@@ -322,3 +325,22 @@ def run(quick: bool, options: dict) -> list[dict]:
     if not options.get("skip_depth"):
         rows += depth_rows(settings)
     return rows
+
+
+# ---- settings and registration -----------------------------------------------------------------------
+
+class MemorySettings(BenchSettings):
+    model: Optional[str] = option(None, "Model alias or directory (default minilm-l6).", min_length=1)
+    batch: Optional[int] = option(None, "Rows per training batch (quick 8, full 32).", ge=1, le=65536)
+    seq: Optional[int] = option(None, "Tokens per row (quick 64, full 128).", ge=2, le=1_048_576)
+    repeats: Optional[int] = option(None, "Timed steps per contender (5).", ge=1, le=10_000)
+    rss_steps: Optional[int] = option(None, "Steps of each fresh-process peak measurement (quick 1, full 3).", ge=1, le=10_000)
+    sweep_batch: Optional[int] = option(None, "Batch of the depth sweep (quick 2, full 8).", ge=1, le=65536)
+    sweep_seq: Optional[int] = option(None, "Tokens per row in the depth sweep (quick 64, full 128).", ge=2, le=1_048_576)
+    skip_depth: Optional[StrictBool] = option(None, "Skip the depth sweep.")
+
+
+@BENCHES.register("memory", help="Activation bytes, peak RSS and step time: full, LoRA, MEFT1-3, at one size and over depth.")
+class MemoryBench:
+    Settings = MemorySettings
+    run = staticmethod(run)

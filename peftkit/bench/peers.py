@@ -22,6 +22,14 @@ loftq_rank, loftq_iters, loftq_matrices, rho, skip (list of a/b/c), threads (tor
 
 from __future__ import annotations
 
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field
+
+from peftkit.config.base import BenchSettings, option
+from peftkit.config.schema import like_train
+from peftkit.utils.registry import BENCHES
+
 import contextlib
 import copy
 import statistics
@@ -48,7 +56,7 @@ def settings(quick: bool, options: dict) -> dict:
 # ---- data: fixed-shape rows --------------------------------------------------------------------------
 def fixed_length_rows(s: dict, n: int) -> list[dict]:
     """The first ``n`` training rows, tokenized and padded to max_length (every batch has one shape)."""
-    from peftkit.data.glue import get_task, load_rows, tokenize_rows
+    from peftkit.tasks.glue import get_task, load_rows, tokenize_rows
     from peftkit.models.load import load_tokenizer
 
     task = get_task(s["task"])
@@ -60,11 +68,10 @@ def fixed_length_rows(s: dict, n: int) -> list[dict]:
 
 # ---- (a) HF Trainer + peft LoRA vs peftkit LoRA -------------------------------------------------------
 def lora_model(base, s: dict):
-    from peftkit.methods import get_method
+    from peftkit.methods import create_method
 
-    method = get_method("lora")
-    options = method.Options(r=s["lora_r"], alpha=s["lora_alpha"])
-    return method, method.prepare(copy.deepcopy(base), options)
+    method = create_method("lora", r=s["lora_r"], alpha=s["lora_alpha"])
+    return method, method.prepare(copy.deepcopy(base))
 
 
 def hf_trainer_run(base, rows: list[dict], s: dict) -> float:
@@ -72,7 +79,7 @@ def hf_trainer_run(base, rows: list[dict], s: dict) -> float:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from peftkit.data.glue import PadCollator
+    from peftkit.tasks.glue import PadCollator
 
     _, model = lora_model(base, s)
     with tempfile.TemporaryDirectory() as out:
@@ -89,12 +96,12 @@ def hf_trainer_run(base, rows: list[dict], s: dict) -> float:
 
 def peftkit_run(base, rows: list[dict], s: dict) -> float:
     """Seconds of peftkit's ``Trainer.train()`` (what ``peftkit finetune`` runs) for ``steps`` steps."""
-    from peftkit.config.schema import TrainOptions
-    from peftkit.data.glue import PadCollator
+    from peftkit.config.schema import TrainArgs
+    from peftkit.tasks.glue import PadCollator
     from peftkit.train.trainer import Trainer
 
     method, model = lora_model(base, s)
-    options = TrainOptions(max_steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"],
+    options = TrainArgs(max_steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"],
                            weight_decay=s["weight_decay"], warmup_ratio=0.0, schedule="linear", max_grad_norm=1.0,
                            log_every=s["steps"], seed=s["seed"], group_by_length=False, select_best=False)
     with tempfile.TemporaryDirectory() as out:
@@ -207,15 +214,15 @@ def loftq_rows(base, s: dict) -> list[dict]:
 def sparse_rows(base, s: dict) -> list[dict]:
     import torch
 
-    from peftkit.data.glue import PadCollator
-    from peftkit.methods import get_method
+    from peftkit.tasks.glue import PadCollator
+    from peftkit.methods import create_method
     from peftkit.models.load import count_parameters
 
     batch = PadCollator(0, False)(fixed_length_rows(s, s["batch_size"]))
     contenders = {}
     for name in ("pafi", "supertuning"):
-        method = get_method(name)
-        model = method.prepare(copy.deepcopy(base), method.Options(rho=s["rho"]))
+        method = create_method(name, rho=s["rho"])
+        model = method.prepare(copy.deepcopy(base))
         model.train()
         contenders[name] = (method, model, torch.optim.AdamW(method.param_groups(model, 0.01), lr=1e-4))
     times = {name: [] for name in contenders}
@@ -293,3 +300,33 @@ def run(quick: bool, options: dict) -> list[dict]:
         else:
             notes.append("peft has no Super-Tuning tuner in this version: the PaFi vs supertuning rows are absent.")
     return BenchRows(rows, {"notes": notes, "settings": s})
+
+
+# ---- settings and registration -----------------------------------------------------------------------
+
+class PeersSettings(BenchSettings):
+    model: Optional[str] = option(None, "Model alias or directory (default minilm-l6).", min_length=1)
+    data_root: Optional[str] = option(None, "GLUE data root (env PEFTKIT_DATA_DIR).", min_length=1)
+    task: Optional[str] = option(None, "GLUE task (sst2).", min_length=1)
+    steps: like_train("max_steps") = option(None, "Training steps per contender (quick 10, full 40).")
+    repeats: Optional[int] = option(None, "Repeats (quick 5, full 7).", ge=1, le=100_000)
+    step_repeats: Optional[int] = option(None, "Timed steps (quick 5, full 10).", ge=1, le=100_000)
+    loftq_matrices: Optional[int] = option(None, "Weight matrices LoftQ is compared on (quick 12, full 36).", ge=1, le=100_000)
+    loftq_iters: Optional[int] = option(None, "LoftQ alternations (quick 1, full 5).", ge=1, le=1000)
+    loftq_rank: Optional[int] = option(None, "LoftQ rank (16).", ge=1, le=65536)
+    batch_size: like_train("batch_size") = option(None, "Rows per step (16).")
+    max_length: Optional[int] = option(None, "Tokens per row (64).", ge=2, le=1_048_576)
+    lr: like_train("lr") = option(None, "Learning rate (1e-3).")
+    weight_decay: like_train("weight_decay") = option(None, "AdamW weight decay (0.01).")
+    threads: like_train("threads") = option(None, "torch threads.")
+    lora_r: Optional[int] = option(None, "LoRA rank (8).", ge=1, le=65536)
+    lora_alpha: Optional[float] = option(None, "LoRA alpha (16).", gt=0, le=1e6)
+    rho: Optional[float] = option(None, "Sparse fraction of PaFi and supertuning (0.005).", gt=0, lt=1)
+    seed: like_train("seed") = option(None, "Seed (42).")
+    skip: Optional[list[str]] = option(None, "Comparisons to skip.")
+
+
+@BENCHES.register("peers", help="peftkit vs the tools users would pick instead (HF Trainer + peft, peft LoftQ, peft supertuning).")
+class PeersBench:
+    Settings = PeersSettings
+    run = staticmethod(run)

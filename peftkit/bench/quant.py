@@ -14,6 +14,14 @@ error_windows, loftq_iters, model.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field
+
+from peftkit.config.base import BenchSettings, option
+from peftkit.config.schema import like_train
+from peftkit.utils.registry import BENCHES
+
 import copy
 import time
 from types import SimpleNamespace
@@ -45,8 +53,8 @@ def run(quick: bool, options: dict) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.eval.perplexity import perplexity_of_windows
-    from peftkit.eval.wikitext import TEST_FILE, consecutive_windows, default_wikitext_root, random_windows, read_text, token_ids
+    from peftkit.tasks.causal_lm import perplexity_of_windows
+    from peftkit.utils.text_windows import TEST_FILE, consecutive_windows, default_wikitext_root, random_windows, read_text, token_ids
     from peftkit.models.aliases import resolve_model
     from peftkit.quant.pipeline import build_quantized_model, quantize_model
 
@@ -95,3 +103,29 @@ def run(quick: bool, options: dict) -> list[dict]:
                   f"{seconds:.1f} s", flush=True)
             del model
     return rows
+
+
+# ---- settings and registration -----------------------------------------------------------------------
+
+class QuantSettings(BenchSettings):
+    model: Optional[str] = option(None, "Decoder alias or directory (default smollm2-135m).", min_length=1)
+    methods: Optional[list[Literal["rtn", "nf", "loftq", "apiq-lw", "apiq-bw"]]] = option(None, "Quantizers (all).", min_length=1)
+    bits: Optional[list[Literal[2, 3, 4, 16]]] = option(None, "Bit widths (2, 3, 4).", min_length=1)
+    group_size: Optional[int] = option(None, "Group size (64).", ge=1, le=65536)
+    calib_windows: Optional[int] = option(None, "Calibration windows (quick 8, full 64).", ge=2, le=1_000_000)
+    calib_seq_len: Optional[int] = option(None, "Tokens per calibration window (quick 64, full 512).", ge=2, le=1_048_576)
+    epochs: Optional[int] = option(None, "ApiQ calibration epochs (quick 1, full 4).", ge=1, le=100_000)
+    lora_r: Optional[int] = option(None, "LoRA rank (64).", ge=1, le=65536)
+    lora_alpha: Optional[float] = option(None, "LoRA alpha (16).", gt=0, le=1e6)
+    lr_lora: Optional[float] = option(None, "ApiQ learning rate of A, B (bw 5e-3, lw 1e-3).", gt=0, le=10)
+    lr_clip: Optional[float] = option(None, "ApiQ learning rate of the clipping logits (bw 5e-2, lw 1e-2).", gt=0, le=10)
+    ppl_windows: Optional[int] = option(None, "Perplexity windows (quick 4, full 20).", ge=1, le=1_000_000)
+    ppl_seq_len: Optional[int] = option(None, "Tokens per perplexity window (quick 256, full 512).", ge=2, le=1_048_576)
+    error_windows: Optional[int] = option(None, "Held-out windows of the output error (quick 2, full 4).", ge=1, le=1_000_000)
+    loftq_iters: Optional[int] = option(None, "LoftQ alternations (1).", ge=1, le=1000)
+
+
+@BENCHES.register("quant", help="Output error and perplexity of RTN, NF, LoftQ, ApiQ-lw/bw at 2/3/4 bits.")
+class QuantBench:
+    Settings = QuantSettings
+    run = staticmethod(run)

@@ -1,80 +1,300 @@
-"""The recipe schema: one options dataclass per section. Field help texts are the documentation."""
+"""Every recipe section, typed and ranged, and the three kinds of recipe built from them.
+
+One ``TrainArgs`` serves fine-tuning and pretraining; one ``OutputArgs`` every command that writes a
+directory. A recipe names its ``kind`` (finetune, pretrain, quantize); the sections it may hold follow
+from the kind. Field help texts are the documentation (`peftkit recipes show`, docs/configuration.md).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
 
-from peftkit.utils.options import option
+from pydantic import StrictBool, field_validator, model_validator
+
+from peftkit.config.base import MAX_COUNT, MAX_SEED, Section, option
+
+Count = int  # an integer option; its range is declared with the field
+ATTENTION = Optional[Literal["eager", "sdpa", "flash_attention_2", "flex_attention"]]
+WIKITEXT_VALID = "../shared/data/wikitext-2/wiki.valid.tokens"
+WIKITEXT_TEST = "../shared/data/wikitext-2/wiki.test.raw"
+SST2_TRAIN = "../shared/data/glue/sst2/train.jsonl"
 
 
-@dataclass
-class ModelOptions:
-    name: str = option("minilm-l6", "Model alias (minilm-l6, smollm2-135m), local directory or hub id.")
+def plain_name(value: Optional[str]) -> Optional[str]:
+    """A name usable as one path component (a split, a run name): no separators, not '.' or '..'."""
+    if value is None:
+        return value
+    if not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise ValueError("must be a plain file name such as train or validation (no '/', '\\', '..')")
+    return value
+
+
+# ---- sections shared by several kinds ---------------------------------------------------------------
+class TrainArgs(Section):
+    """The training loop: one set of options for fine-tuning and pretraining."""
+
+    epochs: float = option(3.0, "Passes over the training data (ignored when max_steps is set).", gt=0, le=1e6)
+    max_steps: Optional[Count] = option(None, "Stop after this many optimizer steps (overrides epochs).", ge=1, le=MAX_COUNT)
+    batch_size: Count = option(32, "Examples per forward pass (per process).", ge=1, le=65536)
+    grad_accum: Count = option(1, "Forward passes accumulated per optimizer step.", ge=1, le=65536)
+    lr: float = option(5e-4, "Peak learning rate.", gt=0, le=10)
+    weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and LayerNorm weights).", ge=0, le=10)
+    adam_betas: list[float] = option(factory=lambda: [0.9, 0.999], help="AdamW betas, each in [0, 1).",
+                                     min_length=2, max_length=2)
+    adam_eps: float = option(1e-8, "AdamW epsilon.", gt=0, le=1)
+    warmup_ratio: float = option(0.06, "Fraction of steps with linear warmup.", ge=0, lt=1)
+    schedule: Literal["linear", "cosine", "constant"] = option("linear", "Learning-rate decay after warmup.")
+    max_grad_norm: Optional[float] = option(1.0, "Clip the global gradient norm to this (null = no clipping).", gt=0)
+    eval_every: Optional[Count] = option(None, "Evaluate every N optimizer steps (null = at the end of each epoch).",
+                                         ge=1, le=MAX_COUNT)
+    save_every: Optional[Count] = option(None, "Checkpoint every N optimizer steps (null = with each evaluation).",
+                                         ge=1, le=MAX_COUNT)
+    keep_last: Count = option(2, "Checkpoints kept on disk (the best one is kept as well).", ge=1, le=1000)
+    seed: Count = option(42, "Seed for initialisation, data order and dropout.", ge=0, le=MAX_SEED)
+    resume: str = option("false", "'auto' continues from the latest checkpoint, a path resumes from it, 'false' starts fresh.")
+    log_every: Count = option(10, "Log training loss every N optimizer steps.", ge=1, le=MAX_COUNT)
+    eval_batch_size: Count = option(128, "Batch size for evaluation.", ge=1, le=65536)
+    threads: Optional[Count] = option(None, "torch.set_num_threads (null = torch's default).", ge=1, le=1024)
+    group_by_length: StrictBool = option(True, "Batch rows of similar length together (less padding; order stays seeded).")
+    select_best: StrictBool = option(True, "Final model = best evaluated checkpoint (false: the last one).")
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, betas: list[float]) -> list[float]:
+        if any(not 0 <= b < 1 for b in betas):
+            raise ValueError("each beta must be in [0, 1)")
+        return betas
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, value: str) -> str:
+        if value in ("auto", "false"):
+            return value
+        try:
+            exists = Path(value).expanduser().exists()
+        except (OSError, ValueError):  # a NUL byte or a name too long for the file system
+            exists = False
+        if not exists:
+            raise ValueError("is neither 'auto', 'false' nor an existing checkpoint path")
+        return value
+
+
+class OutputArgs(Section):
+    dir: Optional[str] = option(None, "Output directory; null = runs/<recipe name>. '~' and $VARS are expanded.",
+                                min_length=1)
+    overwrite: StrictBool = option(False, "Replace what an earlier peftkit run wrote in this directory (never other files).")
+
+
+# ---- fine-tuning ----------------------------------------------------------------------------------
+class ModelArgs(Section):
+    name: str = option("minilm-l6", "Model alias (minilm-l6, smollm2-135m), local directory or hub id.", min_length=1)
     task_head: Literal["seq_cls", "causal_lm", "mlm"] = option("seq_cls", "Head put on the backbone.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = option(
-        "float32", "Training dtype; 'auto' picks bfloat16 on CUDA hardware that supports it, else float32."
-    )
-    trust_remote_code: bool = option(False, "Allow code shipped with a hub model to run (off unless you trust it).")
-    attn_implementation: Optional[str] = option(None, "Attention kernel (eager, sdpa); None lets transformers choose.")
+        "float32", "Training dtype; 'auto' picks bfloat16 on CUDA hardware that supports it, else float32.")
+    trust_remote_code: StrictBool = option(False, "Allow code shipped with a hub model to run (off unless you trust it).")
+    attn_implementation: ATTENTION = option(None, "Attention kernel; null lets transformers choose.")
 
 
-@dataclass
-class DataOptions:
-    task: str = option("sst2", "Dataset: a GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), or wikitext2 "
-                               "(causal LM: trains on wiki.valid.tokens, perplexity on wiki.test.raw; needs task_head causal_lm).")
+class DataArgs(Section):
+    task: str = option("sst2", "A GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), or wikitext2 "
+                               "(causal LM: trains on wiki.valid.tokens, perplexity on wiki.test.raw; needs task_head "
+                               "causal_lm).", min_length=1)
     root: Optional[str] = option(
-        None, "Directory laid out as <task>/<split>.jsonl|tsv|parquet; None = env PEFTKIT_DATA_DIR, else the hub. "
-              "wikitext2: the WikiText-2 directory; None = env PEFTKIT_WIKITEXT, else ../shared/data/wikitext-2."
-    )
-    max_length: int = option(128, "Truncate tokenized inputs to this many tokens (wikitext2: the length of every "
-                                  "training and evaluation window).")
-    limit: Optional[int] = option(None, "Use only the first N training rows (wikitext2: windows) (None = all).")
-    eval_limit: Optional[int] = option(None, "Use only the first N validation rows (wikitext2: test windows) (None = all).")
+        None, "Directory laid out as <task>/<split>.jsonl|tsv|parquet; null = env PEFTKIT_DATA_DIR, else the hub. "
+              "wikitext2: the WikiText-2 directory; null = env PEFTKIT_WIKITEXT, else ../shared/data/wikitext-2.")
+    max_length: Count = option(128, "Truncate tokenized inputs to this many tokens (wikitext2: the length of every "
+                                    "training and evaluation window).", ge=2, le=1_048_576)
+    limit: Optional[Count] = option(None, "Use only the first N training rows (wikitext2: windows) (null = all).",
+                                    ge=1, le=MAX_COUNT)
+    eval_limit: Optional[Count] = option(None, "Use only the first N validation rows (wikitext2: test windows) (null = all).",
+                                         ge=1, le=MAX_COUNT)
     train_split: str = option("train", "Split used for training (GLUE only).")
-    eval_split: Optional[str] = option(None, "Split used for evaluation; None = the task's validation split (GLUE only).")
+    eval_split: Optional[str] = option(None, "Split used for evaluation; null = the task's validation split (GLUE only).")
+
+    @field_validator("train_split", "eval_split")
+    @classmethod
+    def _split(cls, value: Optional[str]) -> Optional[str]:
+        return plain_name(value)
 
 
-@dataclass
-class MethodOptions:
-    name: str = option("lora", "Method plugin (peftkit methods lists them); its own options sit beside 'name'.")
+class MethodArgs(Section):
+    """The base of every method's options; a method's options sit beside ``name`` in the recipe."""
 
 
-@dataclass
-class TrainOptions:
-    epochs: float = option(3.0, "Passes over the training data (ignored when max_steps is set).")
-    max_steps: Optional[int] = option(None, "Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = option(32, "Examples per forward pass (per process).")
-    grad_accum: int = option(1, "Forward passes accumulated per optimizer step.")
-    lr: float = option(5e-4, "Peak learning rate.")
-    weight_decay: float = option(0.0, "AdamW weight decay (never applied to biases and LayerNorm weights).")
-    adam_betas: list[float] = option(factory=lambda: [0.9, 0.999], help="AdamW betas.")
-    adam_eps: float = option(1e-8, "AdamW epsilon.")
-    warmup_ratio: float = option(0.06, "Fraction of steps with linear warmup.")
-    schedule: Literal["linear", "cosine", "constant"] = option("linear", "Learning-rate decay after warmup.")
-    max_grad_norm: Optional[float] = option(1.0, "Clip the global gradient norm (None = no clipping).")
-    eval_every: Optional[int] = option(None, "Evaluate every N optimizer steps (None = at the end of each epoch).")
-    save_every: Optional[int] = option(None, "Checkpoint every N optimizer steps (None = with each evaluation).")
-    keep_last: int = option(2, "Checkpoints kept on disk (the best one is kept as well).")
-    seed: int = option(42, "Seed for initialisation, data order and dropout.")
-    resume: str = option("false", "'auto' continues from the latest checkpoint, a path resumes from it, 'false' starts fresh.")
-    log_every: int = option(10, "Log training loss every N optimizer steps.")
-    eval_batch_size: int = option(128, "Batch size for evaluation.")
-    threads: Optional[int] = option(None, "torch.set_num_threads (None = torch's default).")
-    group_by_length: bool = option(True, "Batch rows of similar length together (less padding; order stays seeded).")
-    select_best: bool = option(True, "Final model = best evaluated checkpoint (False: the last one).")
+# ---- pretraining ----------------------------------------------------------------------------------
+class PretrainModelArgs(Section):
+    preset: Literal["tiny", "small", "base", "large"] = option(
+        "small", "RoBERTa shape: tiny (tests), small (6x256, CPU), base (12x768), large (24x1024).")
+    tokenizer: str = option("train", "'train' = byte-level BPE trained on data.files (cached), or a local tokenizer directory.")
+    vocab_size: Count = option(8192, "Vocabulary of the trained BPE (256 bytes + merges; the model takes the tokenizer's size).",
+                               ge=300, le=1_000_000)
+    attn_implementation: ATTENTION = option(None, "Attention kernel; null lets transformers choose.")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, value: str) -> str:
+        if value != "train" and not Path(value).expanduser().is_dir():
+            raise ValueError("is neither 'train' nor an existing tokenizer directory")
+        return value
 
 
-@dataclass
-class OutputOptions:
-    dir: Optional[str] = option(None, "Run directory; None = runs/<recipe name>.")
-    overwrite: bool = option(False, "Replace an existing run directory that holds a different run.")
+class PretrainDataArgs(Section):
+    files: list[str] = option(factory=lambda: [WIKITEXT_VALID, SST2_TRAIN], min_length=1,
+                              help="Training text: plain text (a paragraph per line) or GLUE-style .jsonl. Relative paths "
+                                   "are read from the working directory, else from the repository root.")
+    block_size: Count = option(128, "Tokens per training block, <s> and </s> included.", ge=8, le=65536)
+    limit: Optional[Count] = option(None, "Use only the first N training blocks (null = all).", ge=1, le=MAX_COUNT)
+    eval_files: list[str] = option(factory=lambda: [WIKITEXT_TEST], help="Held-out text for the evaluation loss ([] = none).")
+    eval_limit: Optional[Count] = option(64, "Evaluation blocks (null = all).", ge=1, le=MAX_COUNT)
+    eval_mask_rate: float = option(0.15, "Masking rate of the evaluation loss; the same for every variant so runs compare.",
+                                   gt=0, lt=1)
 
 
-SECTIONS = {
-    "model": ModelOptions,
-    "data": DataOptions,
-    "method": MethodOptions,
-    "train": TrainOptions,
-    "output": OutputOptions,
-}
+class MLMArgs(Section):
+    variant: Literal["mlm", "3ml-self", "3ml-cross"] = option(
+        "3ml-self", "mlm = vanilla RoBERTa MLM; 3ml-self / 3ml-cross = Mask More and Mask Later.")
+    mask_rate: Optional[float] = option(None, "Fraction of tokens to predict; null = 0.15 for mlm, 0.5 for 3ML.", gt=0, lt=1)
+    replace_probs: list[float] = option(factory=lambda: [0.8, 0.1, 0.1], min_length=3, max_length=3,
+                                        help="How targets are corrupted: [MASK] (removed from 3ML's early layers) / "
+                                             "random token / unchanged; three numbers >= 0 summing to 1.")
+    full_length_layers: Count = option(2, "3ml-self: top encoder layers that see the [MASK]s (appended after layer L - this).",
+                                       ge=1, le=1024)
+    decoder_layers: Count = option(2, "3ml-cross: layers of the self+cross-attention decoder (dropped after pretraining).",
+                                   ge=1, le=64)
+    flop_budget: Optional[float] = option(None, "Total training FLOPs (forward+backward, analytic): sets train.max_steps "
+                                                "so that variants train with equal compute. Exclusive with train.max_steps.",
+                                          gt=0, le=1e30)
+
+    @field_validator("replace_probs")
+    @classmethod
+    def _probs(cls, probs: list[float]) -> list[float]:
+        if min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+            raise ValueError("must be three numbers >= 0 ([MASK], random, unchanged) summing to 1")
+        return probs
+
+    def resolved_mask_rate(self) -> float:
+        if self.mask_rate is not None:
+            return self.mask_rate
+        return 0.15 if self.variant == "mlm" else 0.5
+
+
+# ---- quantization ---------------------------------------------------------------------------------
+class QuantModelArgs(Section):
+    name: str = option("smollm2-135m", "Model to quantize: alias (smollm2-135m) or local directory (LLaMA-family or OPT decoder).",
+                       min_length=1)
+
+
+class QuantArgs(Section):
+    method: Literal["rtn", "nf", "loftq", "apiq-lw", "apiq-bw"] = option(
+        "apiq-bw", "rtn (min/max round-to-nearest, B=0) | nf (normal-float, the QLoRA start, B=0) | loftq | apiq-lw | apiq-bw.")
+    bits: Literal[2, 3, 4, 16] = option(2, "Bits per weight: 2, 3 or 4 (16 = no quantization, LoRA B=0).")
+    group_size: Count = option(64, "Consecutive input columns sharing one scale/zero; must divide every projection's input width.",
+                               ge=1, le=65536)
+    symmetric: StrictBool = option(False, "Symmetric uniform quantization (fixed zero point 2^(b-1)); rtn and ApiQ only.")
+    lora_r: Count = option(64, "LoRA rank r.", ge=1, le=65536)
+    lora_alpha: float = option(16.0, "LoRA alpha; the update is (alpha / r)·B·A.", gt=0, le=1e6)
+    lora_targets: list[str] = option(factory=list, help="Projection names that get LoRA; [] = all (q,k,v,o,gate,up,down for LLaMA).")
+    loftq_iters: Count = option(1, "LoftQ alternations T.", ge=1, le=1000)
+    epochs: Count = option(2, "ApiQ: calibration epochs over the windows, per block (bw) or per layer (lw).", ge=1, le=100_000)
+    lr_lora: float = option(5e-3, "ApiQ: AdamW learning rate of A and B.", gt=0, le=10)
+    lr_clip: float = option(5e-2, "ApiQ: AdamW learning rate of the clipping logits gamma, beta.", gt=0, le=10)
+    weight_decay: float = option(0.0, "ApiQ: AdamW weight decay.", ge=0, le=10)
+    aug_loss: StrictBool = option(True, "ApiQ-bw: add ||F(Xq; W) - F(Xq; Q, A, B)||^2 to the loss.")
+    batch_size: Count = option(1, "ApiQ: calibration windows per optimizer step (and per forward when measuring).",
+                               ge=1, le=65536)
+    seed: Count = option(0, "Seed of the LoRA A initialisation and the calibration order.", ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def _symmetric(self):
+        if self.symmetric and self.method in ("nf", "loftq"):
+            raise ValueError(f"symmetric: {self.method} uses normal-float levels (absmax, always symmetric); "
+                             f"set symmetric: false")
+        return self
+
+
+class CalibArgs(Section):
+    root: Optional[str] = option(None, "WikiText-2 directory; null = env PEFTKIT_WIKITEXT, else ../shared/data/wikitext-2.")
+    file: str = option("wiki.valid.tokens", "Calibration text file inside root (never the test file used for perplexity).")
+    n_windows: Count = option(32, "Random token windows drawn from the file.", ge=2, le=1_000_000)
+    seq_len: Count = option(256, "Tokens per window.", ge=2, le=1_048_576)
+    seed: Count = option(0, "Seed of the window positions.", ge=0, le=MAX_SEED)
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, value: str) -> str:
+        return plain_name(value)
+
+
+# ---- the recipes ----------------------------------------------------------------------------------
+class Recipe(Section):
+    """What every kind shares: its kind, its name (the default run directory) and where it came from."""
+
+    kind: str
+    name: str = "recipe"
+    source: str = "<dict>"
+    output: OutputArgs = option(factory=OutputArgs)
+    SECTIONS: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def run_dir(self) -> Path:
+        from peftkit.utils.output_paths import resolve_output_dir
+
+        return resolve_output_dir(self.output.dir) if self.output.dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as config.yaml holds it."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for section in self.SECTIONS:
+            value = getattr(self, section)
+            if section == "method":
+                out[section] = {"name": self.method_name, **value.model_dump(mode="json")}
+            else:
+                out[section] = value.model_dump(mode="json")
+        return out
+
+
+class FinetuneRecipe(Recipe):
+    kind: Literal["finetune"] = "finetune"
+    model: ModelArgs = option(factory=ModelArgs)
+    data: DataArgs = option(factory=DataArgs)
+    method_name: str = "lora"
+    method: MethodArgs = option(factory=MethodArgs)
+    train: TrainArgs = option(factory=TrainArgs)
+    SECTIONS: ClassVar[tuple[str, ...]] = ("model", "data", "method", "train", "output")
+
+
+class PretrainRecipe(Recipe):
+    kind: Literal["pretrain"] = "pretrain"
+    model: PretrainModelArgs = option(factory=PretrainModelArgs)
+    data: PretrainDataArgs = option(factory=PretrainDataArgs)
+    mlm: MLMArgs = option(factory=MLMArgs)
+    train: TrainArgs = option(factory=TrainArgs)
+    SECTIONS: ClassVar[tuple[str, ...]] = ("model", "data", "mlm", "train", "output")
+
+
+class QuantizeRecipe(Recipe):
+    kind: Literal["quantize"] = "quantize"
+    model: QuantModelArgs = option(factory=QuantModelArgs)
+    quant: QuantArgs = option(factory=QuantArgs)
+    calib: CalibArgs = option(factory=CalibArgs)
+    SECTIONS: ClassVar[tuple[str, ...]] = ("model", "quant", "calib", "output")
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run_dir
+
+
+KINDS: dict[str, type[Recipe]] = {"finetune": FinetuneRecipe, "pretrain": PretrainRecipe, "quantize": QuantizeRecipe}
+
+
+def like_train(name: str) -> Any:
+    """The type of ``TrainArgs.<name>`` with its range, optional: a bench setting that means the same as a training
+    option is checked by the same rule."""
+    from typing import Annotated, Union, get_args, get_origin
+
+    field = TrainArgs.model_fields[name]
+    base = field.annotation
+    if get_origin(base) is Union:
+        base = next(a for a in get_args(base) if a is not type(None))
+    return Optional[Annotated[(base, *field.metadata)]] if field.metadata else Optional[base]

@@ -1,48 +1,50 @@
 """The contract every method plugin fulfils.
 
-A method is one module under ``peftkit/methods/`` holding an options dataclass and a
-:class:`Method` subclass, registered by name in ``peftkit/methods/__init__.py``.
-The shared trainer only talks to methods through this class:
+A method is one module under ``peftkit/methods/``: an options section (a ``MethodArgs`` subclass whose
+fields carry defaults, ranges and help) and a :class:`Method` subclass registered beside it with
+``@METHODS.register("name")``. A method object is created with its options, validated then
+(``create_method``); everything after that reads ``self.options``. The trainer only talks to it through:
 
-* ``prepare(model, options)``   apply the method; afterwards only the method's parameters
-                                 (and the task head, when it has one) require grad.
-* ``param_groups(model, train)`` optimizer parameter groups (default: AdamW groups with no
-                                 weight decay on biases and LayerNorm weights).
-* ``compute_loss(model, batch)``  the loss of one batch (default: ``model(**batch).loss``).
-* ``after_optimizer_step(model)`` a hook after every optimizer step (default: nothing).
-* ``trainable_state(model)``     the tensors that define the fine-tuned model beyond the base:
-                                 what checkpoints and ``save`` store (default: params that require grad).
-* ``save(model, dir)`` / ``load(base, dir)``  the method's compact format (safetensors + json).
-* ``merge(model)``               a plain transformers model, where the method allows it.
+* ``prepare(model)``               apply the method; afterwards only the method's parameters
+                                    (and the task head, when it has one) require grad.
+* ``param_groups(model, wd)``       optimizer parameter groups (default: AdamW groups with no
+                                    weight decay on biases and LayerNorm weights).
+* ``compute_loss(model, batch)``    the loss of one batch (default: ``model(**batch).loss``).
+* ``after_optimizer_step(model)``   a hook after every optimizer step (default: nothing).
+* ``trainable_state(model)``        the tensors that define the fine-tuned model beyond the base:
+                                    what checkpoints and ``save`` store (default: params that require grad).
+* ``save(model, dir)`` / ``load(base, dir)``  the method's compact format (safetensors); the options are
+                                    recorded once, in the run's ``final/peftkit.json``.
+* ``merge(model)``                  a plain transformers model, where the method allows it.
 
 Defaults cover the common case, so a method overrides only what differs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
+from peftkit.config import MethodArgs
+
 ADAPTER_FILE = "adapter.safetensors"
 NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight", "norm.weight")
-
-
-@dataclasses.dataclass
-class NoOptions:
-    """This method has no options."""
 
 
 class Method:
     """Base class for method plugins; see the module docstring for the contract."""
 
     name: ClassVar[str] = ""
-    Options: ClassVar[type] = NoOptions
+    Options: ClassVar[type[MethodArgs]] = MethodArgs
     can_merge: ClassVar[bool] = False
 
+    def __init__(self, options: MethodArgs | None = None):
+        if options is not None and not isinstance(options, self.Options):
+            raise TypeError(f"method {self.name!r} takes {self.Options.__name__}, got {type(options).__name__}")
+        self.options = options if options is not None else self.Options()
+
     # ---- applying the method -------------------------------------------------------------
-    def prepare(self, model, options):  # pragma: no cover - every method defines it
+    def prepare(self, model):  # pragma: no cover - every method defines it
         raise TypeError(f"method {self.name!r} does not define prepare()")
 
     def param_groups(self, model, weight_decay: float) -> list[dict[str, Any]]:
@@ -80,25 +82,18 @@ class Method:
             for n, t in state.items():
                 params[n].copy_(t)
 
-    def save(self, model, out_dir: Path, options) -> None:
-        """Store ``trainable_state`` as safetensors plus the options as json."""
+    def save(self, model, out_dir: Path) -> None:
+        """Store ``trainable_state`` as safetensors."""
         from safetensors.torch import save_file
 
-        out_dir = Path(out_dir)
         state = {k: v.contiguous().cpu() for k, v in self.trainable_state(model).items()}
-        save_file(state, str(out_dir / ADAPTER_FILE))
-        self.save_options(out_dir, options)
+        save_file(state, str(Path(out_dir) / ADAPTER_FILE))
 
-    def save_options(self, out_dir: Path, options) -> None:
-        """method.json: which method and with which options produced this directory."""
-        payload = {"method": self.name, "options": dataclasses.asdict(options)}
-        (Path(out_dir) / "method.json").write_text(json.dumps(payload, indent=2))
-
-    def load(self, base_model, in_dir: Path, options):
+    def load(self, base_model, in_dir: Path):
         """Apply the method to a freshly loaded base model and restore its saved state."""
         from safetensors.torch import load_file
 
-        model = self.prepare(base_model, options)
+        model = self.prepare(base_model)
         self.load_trainable_state(model, load_file(str(Path(in_dir) / ADAPTER_FILE)))
         return model
 
@@ -106,13 +101,9 @@ class Method:
         """Return a plain transformers model with the method folded in (only if ``can_merge``)."""
         raise TypeError(f"method {self.name!r} cannot be merged into the base architecture")
 
-    def load_base(self, model_options, task_head: str, num_labels: int | None, problem_type: str | None):
+    def load_base(self, model_args, task_head: str, num_labels: int | None, problem_type: str | None):
         """Return a base model when this method needs a special one (e.g. a quantized base); None = the usual loader."""
         return None
-
-    def unwrap(self, model):
-        """The transformers model inside whatever ``prepare`` returned (used for saving the config)."""
-        return model
 
 
 HEAD_PREFIXES = ("classifier.", "score.", "qa_outputs.")

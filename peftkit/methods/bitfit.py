@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from peftkit.methods.base import Method, mark_only_head_trainable
+from peftkit.utils.registry import METHODS
 
 
+@METHODS.register("bitfit", help="BitFit: only bias terms (and the task head) train.")
 class BitFit(Method):
     name = "bitfit"
     can_merge = True
 
-    def prepare(self, model, options):
+    def prepare(self, model):
         mark_only_head_trainable(model)
         for name, param in model.named_parameters():
             if name.endswith(".bias"):

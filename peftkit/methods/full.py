@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from peftkit.methods.base import Method
+from peftkit.utils.registry import METHODS
 
 
+@METHODS.register("full", help="Full fine-tuning: every parameter trains.")
 class FullFineTuning(Method):
     name = "full"
     can_merge = True
 
-    def prepare(self, model, options):
+    def prepare(self, model):
         for param in model.parameters():
             param.requires_grad_(True)
         return model
 
-    def save(self, model, out_dir, options):
+    def save(self, model, out_dir):
         """A full fine-tune is saved as a plain transformers checkpoint."""
         model.save_pretrained(out_dir, safe_serialization=True)
-        self.save_options(out_dir, options)
 
-    def load(self, base_model, in_dir, options):
+    def load(self, base_model, in_dir):
         return type(base_model).from_pretrained(in_dir)
 
     def merge(self, model):

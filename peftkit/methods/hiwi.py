@@ -17,7 +17,6 @@ the FFN weight matrices and saves the adapters, which are far smaller than the m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,18 +24,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from peftkit.config import MethodArgs, option
 from peftkit.errors import UserError
 from peftkit.methods.base import ADAPTER_FILE, Method, mark_only_head_trainable, parametrizations_of
-from peftkit.utils.options import option
+from peftkit.utils.registry import METHODS
 
 
-@dataclass
-class HiWiOptions:
+class HiWiOptions(MethodArgs):
     target: Literal["weight", "bias"] = option("weight", "FFN parameters fed to the adapter: the weight matrices or the biases.")
-    r: int = option(8, "Bottleneck of each adapter (W_down: width x r, W_up: r x width).")
-
-    def validate(self) -> list[str]:
-        return [f"r: must be at least 1, got {self.r}"] if self.r < 1 else []
+    r: int = option(8, "Bottleneck of each adapter (W_down: width x r, W_up: r x width).", ge=1, le=65536)
 
 
 class WeightAdapter(nn.Module):
@@ -67,12 +63,14 @@ def adapted_tensors(model) -> dict[str, WeightAdapter]:
     return parametrizations_of(model, WeightAdapter)
 
 
+@METHODS.register("hiwi", help="HiWi: adapter applied to FFN weights/biases, merged away (no latency).")
 class HiWi(Method):
     name = "hiwi"
     Options = HiWiOptions
     can_merge = True
 
-    def prepare(self, model, options: HiWiOptions):
+    def prepare(self, model):
+        options = self.options
         from peftkit.models.families import family_of, ffn_modules
 
         targets = ffn_modules(model)
@@ -99,20 +97,19 @@ class HiWi(Method):
         adapter_params = {id(p) for a in adapted_tensors(model).values() for p in a.parameters()}
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_params}
 
-    def save(self, model, out_dir, options: HiWiOptions):
+    def save(self, model, out_dir):
         """Bias variant: only the new biases and the head. Weight variant: the adapters and the head."""
-        if options.target != "bias":
-            return super().save(model, out_dir, options)
+        if self.options.target != "bias":
+            return super().save(model, out_dir)
         from safetensors.torch import save_file
 
         state = {**self.adapted_values(model), **self.head_state(model)}
         save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(Path(out_dir) / ADAPTER_FILE))
-        self.save_options(out_dir, options)
 
-    def load(self, base_model, in_dir, options: HiWiOptions):
+    def load(self, base_model, in_dir):
         """Bias variant: copy the stored biases and head into the plain base model (nothing to merge)."""
-        if options.target != "bias":
-            return super().load(base_model, in_dir, options)
+        if self.options.target != "bias":
+            return super().load(base_model, in_dir)
         from safetensors.torch import load_file
 
         state = load_file(str(Path(in_dir) / ADAPTER_FILE))

@@ -6,11 +6,13 @@ is stored with the adapter: a saved LoRA run reloads to the same logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
+from pydantic import StrictBool
+
+from peftkit.config import MethodArgs, option
 from peftkit.methods.peft_backed import PeftBackedMethod, head_modules
-from peftkit.utils.options import option
+from peftkit.utils.registry import METHODS
 
 # Default targets per model family (attribute names of the projection Linears).
 DEFAULT_TARGETS = {
@@ -22,32 +24,26 @@ DEFAULT_TARGETS = {
 }
 
 
-@dataclass
-class LoRAOptions:
-    r: int = option(8, "Rank of the update B·A.")
-    alpha: float = option(16.0, "Scaling numerator: the update is (alpha / r)·B·A.")
-    dropout: float = option(0.0, "Dropout on the LoRA input.")
-    targets: Optional[list[str]] = option(None, "Module names to adapt; None = every attention and FFN projection of the family.")
-    train_bias: bool = option(False, "Also train the biases of the adapted model (peft bias='all').")
-
-    def validate(self) -> list[str]:
-        errors = []
-        if self.r < 1:
-            errors.append(f"r: must be at least 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            errors.append(f"dropout: must be in [0, 1), got {self.dropout}")
-        return errors
+class LoRAOptions(MethodArgs):
+    r: int = option(8, "Rank of the update B·A.", ge=1, le=65536)
+    alpha: float = option(16.0, "Scaling numerator: the update is (alpha / r)·B·A.", gt=0, le=1e6)
+    dropout: float = option(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
+    targets: Optional[list[str]] = option(None, "Module names to adapt; null = every attention and FFN projection of the "
+                                                "family.", min_length=1)
+    train_bias: StrictBool = option(False, "Also train the biases of the adapted model (peft bias='all').")
 
 
+@METHODS.register("lora", help="LoRA through peft; the task head trains and is saved with the adapter.")
 class LoRA(PeftBackedMethod):
     name = "lora"
     Options = LoRAOptions
 
-    def peft_config(self, model, options: LoRAOptions):
+    def peft_config(self, model):
         from peft import LoraConfig
 
         from peftkit.models.families import family_of
 
+        options = self.options
         targets = options.targets or DEFAULT_TARGETS[family_of(model).name]
         heads = head_modules(model)
         # Match names ending in the target (peft's suffix matching) but never inside the head.

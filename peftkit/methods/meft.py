@@ -38,32 +38,20 @@ from peftkit.errors import UserError
 from peftkit.methods.base import Method, mark_only_head_trainable
 from peftkit.models.families import Family, backbone_of, family_of, get_path, split_path
 from peftkit.models.reversible import ReversibleBlock, run_stack
-from peftkit.utils.options import option
+from peftkit.config import MethodArgs, option
+from peftkit.utils.registry import METHODS
 
 
-@dataclass
-class MEFTOptions:
-    r: int = option(8, "Adapter bottleneck width (Linear d->r, activation, Linear r->d).")
-    lambda_factor: Optional[float] = option(None, "lambda in y1 = lambda·x1 + F(x2); None = the variant's value (0.1 / 1 / 0.1).")
-    beta_factor: Optional[float] = option(None, "beta in y2 = beta·x2 + G(y1); None = the variant's value (1 / 0.1 / 0.1).")
+class MEFTOptions(MethodArgs):
+    r: int = option(8, "Adapter bottleneck width (Linear d->r, activation, Linear r->d).", ge=1, le=65536)
+    lambda_factor: Optional[float] = option(None, "lambda in y1 = lambda·x1 + F(x2); null = the variant's value "
+                                                  "(0.1 / 1 / 0.1). The inverse divides by it.", gt=0, le=1e3)
+    beta_factor: Optional[float] = option(None, "beta in y2 = beta·x2 + G(y1); null = the variant's value (1 / 0.1 / 0.1).",
+                                          gt=0, le=1e3)
     num_rev_layers: Optional[int] = option(
-        None, "How many layers (from the bottom) run reversibly; the layers above use ordinary autograd. None = all."
-    )
-    init_std: float = option(0.02, "Std of the normal init of the adapter weights (biases start at zero).")
-
-    def validate(self) -> list[str]:
-        errors = []
-        if self.r < 1:
-            errors.append(f"r: must be at least 1, got {self.r}")
-        for name in ("lambda_factor", "beta_factor"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                errors.append(f"{name}: must be > 0 (the inverse divides by it), got {value}")
-        if self.num_rev_layers is not None and self.num_rev_layers < 0:
-            errors.append(f"num_rev_layers: must be >= 0 (or null for all layers), got {self.num_rev_layers}")
-        if self.init_std < 0:
-            errors.append(f"init_std: must be >= 0, got {self.init_std}")
-        return errors
+        None, "How many layers (from the bottom) run reversibly; the layers above use ordinary autograd. null = all.",
+        ge=0, le=100_000)
+    init_std: float = option(0.02, "Std of the normal init of the adapter weights (biases start at zero).", ge=0, le=10)
 
 
 class Adapter(nn.Module):
@@ -224,12 +212,10 @@ class _MEFT(Method):
     Options = MEFTOptions
     can_merge = False
 
-    def prepare(self, model, options: MEFTOptions):
+    def prepare(self, model):
         from transformers.activations import ACT2FN
 
-        errors = options.validate()
-        if errors:
-            raise UserError(f"method options for {self.name}: " + "; ".join(errors))
+        options = self.options
         family = family_of(model)
         parent_path, layers_attr = split_path(family.layers)
         if family.norm_position != "post" or not parent_path:
@@ -271,13 +257,16 @@ class _MEFT(Method):
                 stacklevel=3)
 
 
+@METHODS.register("meft1", help="MEFT1 (reversible): F = pretrained layer, G = adapter, lambda 0.1.")
 class MEFT1(_MEFT):
     name = "meft1"
 
 
+@METHODS.register("meft2", help="MEFT2 (reversible): F = adapter, G = pretrained layer, beta 0.1.")
 class MEFT2(_MEFT):
     name = "meft2"
 
 
+@METHODS.register("meft3", help="MEFT3 (reversible): F = attention, G = FFN, lambda = beta = 0.1.")
 class MEFT3(_MEFT):
     name = "meft3"

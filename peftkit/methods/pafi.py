@@ -19,39 +19,40 @@ parametrized tensor by its scattered value: a plain model of the base architectu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from pydantic import StrictBool, field_validator
+
+from peftkit.config import MethodArgs, option
 from peftkit.errors import UserError
 from peftkit.methods.base import ADAPTER_FILE, NO_DECAY_MARKERS, Method, mark_only_head_trainable, parametrizations_of
-from peftkit.utils.options import option
+from peftkit.utils.registry import METHODS
 
 INDEX_SUFFIX, VALUE_SUFFIX = ".indices", ".values"
 
 
-@dataclass
-class PaFiOptions:
-    rho: float = option(0.005, "Trainable fraction of the pool: k = round(rho * N) entries (the paper's budget is ~0.5%).")
-    include_bias: bool = option(False, "Also put the biases of the pooled weight matrices' layers in the pool.")
-    per_layer: bool = option(False, "Rank within each tensor (round(rho * N_i) entries each) instead of across the whole pool.")
+class PaFiOptions(MethodArgs):
+    rho: float = option(0.005, "Trainable fraction of the pool: k = round(rho * N) entries (the paper's budget is ~0.5%).",
+                        gt=0, lt=1)
+    include_bias: StrictBool = option(False, "Also put the biases of the pooled weight matrices' layers in the pool.")
+    per_layer: StrictBool = option(False, "Rank within each tensor (round(rho * N_i) entries each) instead of across the whole pool.")
     patterns: Optional[list[str]] = option(
-        None, "Regular expressions searched in parameter names (e.g. 'intermediate'); only matching tensors join the pool."
-    )
+        None, "Regular expressions searched in parameter names (e.g. 'intermediate'); only matching tensors join the pool.",
+        min_length=1)
 
-    def validate(self) -> list[str]:
-        errors = []
-        if not 0 < self.rho < 1:
-            errors.append(f"rho: must be strictly between 0 and 1, got {self.rho}")
-        for i, pattern in enumerate(self.patterns or []):
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, patterns: Optional[list[str]]) -> Optional[list[str]]:
+        for pattern in patterns or []:
             try:
                 re.compile(pattern)
             except re.error as e:
-                errors.append(f"patterns[{i}]: {pattern!r} is not a valid regular expression ({e})")
-        return errors
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({e})") from None
+        return patterns
 
 
 class SparseEntries(nn.Module):
@@ -122,12 +123,14 @@ def sparse_entries(model) -> dict[str, SparseEntries]:
     return parametrizations_of(model, SparseEntries)
 
 
+@METHODS.register("pafi", help="PaFi: sparse fine-tuning of the smallest-magnitude pretrained weights.")
 class PaFi(Method):
     name = "pafi"
     Options = PaFiOptions
     can_merge = True
 
-    def prepare(self, model, options: PaFiOptions):
+    def prepare(self, model):
+        options = self.options
         pool = pool_of(model, options)
         if not pool:
             raise UserError(f"PaFi found no weight matrices to train (patterns={options.patterns}). "
@@ -189,7 +192,7 @@ class PaFi(Method):
                 raise ValueError(f"state has sparse values for tensors this model does not train: {extra[:5]}")
             super().load_trainable_state(model, rest)
 
-    def load(self, base_model, in_dir, options):
+    def load(self, base_model, in_dir):
         """Rebuild the parametrizations from the saved indices (no re-ranking needed), then restore values and head."""
         from pathlib import Path
 

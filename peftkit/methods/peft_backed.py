@@ -1,6 +1,6 @@
 """What every method built on huggingface/peft shares: state, save/load in peft's adapter format, merge.
 
-A subclass defines ``peft_config(model, options)`` (or overrides ``prepare``). The task head —
+A subclass defines ``peft_config(model)`` (or overrides ``prepare``). The task head —
 the classifier/score and BERT's pooler, see base.is_head_parameter — is listed in peft's
 ``modules_to_save`` so it trains in full and is stored with the adapter.
 """
@@ -30,13 +30,13 @@ def head_modules(model) -> list[str]:
 class PeftBackedMethod(Method):
     can_merge = True
 
-    def peft_config(self, model, options):  # pragma: no cover - every subclass defines it or overrides prepare
+    def peft_config(self, model):  # pragma: no cover - every subclass defines it or overrides prepare
         raise TypeError(f"method {self.name!r} defines neither peft_config() nor prepare()")
 
-    def prepare(self, model, options):
+    def prepare(self, model):
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(model, options))
+        return get_peft_model(model, self.peft_config(model))
 
     def trainable_state(self, model):
         from peft import get_peft_model_state_dict
@@ -50,17 +50,13 @@ class PeftBackedMethod(Method):
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"adapter state has unexpected keys: {result.unexpected_keys[:5]}")
 
-    def save(self, model, out_dir, options):
+    def save(self, model, out_dir):
         model.save_pretrained(out_dir, safe_serialization=True)
-        self.save_options(out_dir, options)
 
-    def load(self, base_model, in_dir, options):
+    def load(self, base_model, in_dir):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base_model, in_dir, is_trainable=False)
 
     def merge(self, model):
         return model.merge_and_unload()
-
-    def unwrap(self, model):
-        return model.get_base_model()

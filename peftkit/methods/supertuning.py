@@ -10,34 +10,32 @@ torch.topk. The task head trains in full and is saved with the adapter (``module
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal, Optional
 
+from peftkit.config import MethodArgs, option
 from peftkit.methods.lora import DEFAULT_TARGETS
 from peftkit.methods.peft_backed import PeftBackedMethod, head_modules
-from peftkit.utils.options import option
+from peftkit.utils.registry import METHODS
 
 
-@dataclass
-class SuperTuningOptions:
-    rho: float = option(0.005, "Trainable fraction of each targeted weight matrix (peft's sparsity = 1 - rho).")
+class SuperTuningOptions(MethodArgs):
+    rho: float = option(0.005, "Trainable fraction of each targeted weight matrix (peft's sparsity = 1 - rho).", gt=0, lt=1)
     select: Literal["smallest", "largest"] = option("smallest", "Which end of |w| trains: smallest (PaFi-like) or largest.")
-    targets: Optional[list[str]] = option(None, "Module names to adapt; None = every attention and FFN projection of the family.")
-
-    def validate(self) -> list[str]:
-        return [] if 0 < self.rho < 1 else [f"rho: must be strictly between 0 and 1, got {self.rho}"]
+    targets: Optional[list[str]] = option(None, "Module names to adapt; null = every attention and FFN projection of the "
+                                                "family.", min_length=1)
 
 
+@METHODS.register("supertuning", help="peft's magnitude-selected sparse tuner (a PaFi peer).")
 class SuperTuning(PeftBackedMethod):
     name = "supertuning"
     Options = SuperTuningOptions
 
-    def peft_config(self, model, options: SuperTuningOptions):
+    def peft_config(self, model):
         from peft import SupertuningConfig
 
         from peftkit.models.families import family_of
 
-        heads = head_modules(model)
+        options, heads = self.options, head_modules(model)
         return SupertuningConfig(target_modules=options.targets or DEFAULT_TARGETS[family_of(model).name],
                                  modules_to_save=heads or None, sparsity=1.0 - options.rho,
                                  select_top=options.select == "largest")

@@ -31,13 +31,13 @@ def test_meft_reversible_gradients_and_dropout_replay_on_cuda():
 
 
 def test_pafi_frozen_entries_bit_identical_after_adamw_on_cuda():
-    from peftkit.methods import get_method
+    from peftkit.methods import create_method
     from peftkit.methods.pafi import PaFiOptions
     from tiny import tiny_bert
 
-    method = get_method("pafi")
+    method = create_method("pafi")
     base = tiny_bert().to(CUDA)
-    model = method.prepare(copy.deepcopy(base), PaFiOptions(rho=0.05))
+    model = type(method)(PaFiOptions(rho=0.05)).prepare(copy.deepcopy(base))
     optimizer = torch.optim.AdamW(method.param_groups(model, 0.1), lr=1e-2)
     ids = torch.randint(5, 64, (4, 10), device=CUDA)
     for _ in range(3):
@@ -79,7 +79,7 @@ def test_quantize_on_cuda_matches_cpu(method):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", ["lora", "pafi", "hiwi", "meft1"])
 def test_finetune_trains_on_cuda_in_fp32_and_bf16(method, dtype, tiny_run_setup, tmp_path):
-    from peftkit.finetune import finetune
+    from peftkit.commands.train import finetune
 
     recipe = tiny_run_setup(method=method, out=f"{method}-{dtype}", max_steps=8, lr=5e-3)
     recipe["model"]["dtype"] = dtype

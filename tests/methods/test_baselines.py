@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from peftkit.methods import get_method
+from peftkit.methods import create_method
 from tiny import tiny_bert
 
 
@@ -24,16 +24,16 @@ def _train_a_bit(model, method, steps=3):
 
 
 def test_bitfit_trains_only_biases_and_head():
-    method = get_method("bitfit")
-    model = method.prepare(tiny_bert(), method.Options())
+    method = create_method("bitfit")
+    model = method.prepare(tiny_bert())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(".bias") or n.startswith("classifier.") or ".pooler." in n for n in trainable)
     assert "classifier.weight" in trainable and "bert.pooler.dense.weight" in trainable
 
 
 def test_lora_trains_adapters_and_head_only():
-    method = get_method("lora")
-    model = method.prepare(tiny_bert(), method.Options(r=4))
+    method = create_method("lora")
+    model = create_method(method.name, r=4).prepare(tiny_bert())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all("lora_" in n or "classifier" in n or "pooler" in n for n in trainable)
     assert any("classifier" in n for n in trainable) and any("lora_A" in n for n in trainable)
@@ -42,20 +42,20 @@ def test_lora_trains_adapters_and_head_only():
 
 @pytest.mark.parametrize("name", ["lora", "bitfit", "full"])
 def test_save_then_load_reproduces_logits(tmp_path, name):
-    method = get_method(name)
+    method = create_method(name)
     options = method.Options()
-    model = _train_a_bit(method.prepare(tiny_bert(seed=0), options), method)
+    model = _train_a_bit(type(method)(options).prepare(tiny_bert(seed=0)), method)
     expected = model(**_batch()).logits
-    method.save(model, tmp_path, options)
+    type(method)(options).save(model, tmp_path)
     fresh = tiny_bert(seed=0)  # the same pretrained base ...
     torch.nn.init.normal_(fresh.classifier.weight)  # ... with a new, different task head
-    reloaded = method.load(fresh, tmp_path, options).eval()
+    reloaded = type(method)(options).load(fresh, tmp_path).eval()
     torch.testing.assert_close(reloaded(**_batch()).logits, expected, rtol=0, atol=1e-6)
 
 
 def test_lora_merged_equals_unmerged():
-    method = get_method("lora")
-    model = _train_a_bit(method.prepare(tiny_bert(), method.Options(r=4)), method)
+    method = create_method("lora")
+    model = _train_a_bit(create_method(method.name, r=4).prepare(tiny_bert()), method)
     expected = model(**_batch()).logits
     merged = method.merge(model)
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -64,8 +64,8 @@ def test_lora_merged_equals_unmerged():
 
 
 def test_no_weight_decay_on_bias_and_layernorm():
-    method = get_method("full")
-    model = method.prepare(tiny_bert(), method.Options())
+    method = create_method("full")
+    model = method.prepare(tiny_bert())
     groups = method.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = [names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]]
@@ -76,4 +76,4 @@ def test_unknown_and_unbuilt_methods_explain_themselves():
     from peftkit.errors import UserError
 
     with pytest.raises(UserError, match='did you mean "lora"'):
-        get_method("loar")
+        create_method("loar")

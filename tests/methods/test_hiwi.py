@@ -11,10 +11,10 @@ from peftkit.methods.base import is_head_parameter
 from tiny import assert_base_architecture, tiny_bert, tiny_llama
 
 from peftkit.errors import UserError
-from peftkit.methods import get_method
-from peftkit.methods.hiwi import HiWiOptions, adapted_tensors
+from peftkit.methods import create_method
+from peftkit.methods.hiwi import HiWi, HiWiOptions, adapted_tensors
 
-METHOD = get_method("hiwi")
+METHOD = create_method("hiwi")
 BATCH = {"input_ids": torch.tensor([[2, 7, 9, 11, 3, 0], [2, 5, 6, 8, 12, 3]]),
          "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
          "labels": torch.tensor([0, 1])}
@@ -51,7 +51,7 @@ def train_steps(model, steps=4, lr=5e-2, weight_decay=0.1):
 @pytest.mark.parametrize("target", ["weight", "bias"])
 def test_at_init_outputs_equal_the_base(target):
     base = pretrained_like()
-    model = METHOD.prepare(copy.deepcopy(base), HiWiOptions(target=target, r=4))
+    model = HiWi(HiWiOptions(target=target, r=4)).prepare(copy.deepcopy(base))
     assert set(adapted_tensors(model)) == {f"{m}.{target}" for m in FFN}
     assert torch.equal(logits(model), logits(base))
 
@@ -59,17 +59,17 @@ def test_at_init_outputs_equal_the_base(target):
 def test_at_init_equal_on_a_decoder_and_bias_target_needs_biases():
     base = tiny_llama()
     ids = torch.randint(0, 128, (2, 7))
-    model = METHOD.prepare(copy.deepcopy(base), HiWiOptions(target="weight"))
+    model = HiWi(HiWiOptions(target="weight")).prepare(copy.deepcopy(base))
     assert len(adapted_tensors(model)) == 2 * 3  # gate, up, down per layer
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
     with pytest.raises(UserError, match="no bias"):
-        METHOD.prepare(copy.deepcopy(base), HiWiOptions(target="bias"))
+        HiWi(HiWiOptions(target="bias")).prepare(copy.deepcopy(base))
 
 
 @pytest.mark.parametrize("target", ["weight", "bias"])
 def test_trains_only_adapters_and_head_and_gradients_reach_both_projections(target):
-    model = METHOD.prepare(pretrained_like(), HiWiOptions(target=target, r=4))
+    model = HiWi(HiWiOptions(target=target, r=4)).prepare(pretrained_like())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"} | {
         f"{m}.parametrizations.{target}.0.{w}" for m in FFN for w in ("down", "up")}
@@ -88,7 +88,7 @@ def test_trains_only_adapters_and_head_and_gradients_reach_both_projections(targ
 
 def test_forward_uses_p_plus_relu_p_down_up():
     base = pretrained_like()
-    model = METHOD.prepare(copy.deepcopy(base), HiWiOptions(target="weight", r=3))
+    model = HiWi(HiWiOptions(target="weight", r=3)).prepare(copy.deepcopy(base))
     with torch.no_grad():
         for a in adapted_tensors(model).values():
             a.up.normal_()
@@ -97,7 +97,7 @@ def test_forward_uses_p_plus_relu_p_down_up():
         p = base.get_submodule(module_name).get_parameter(attr).detach()
         expected = p + torch.clamp(p @ adapter.down, min=0) @ adapter.up  # rows of the (out, in) matrix
         assert torch.allclose(getattr(model.get_submodule(module_name), attr), expected, atol=1e-6)
-    bias_model = METHOD.prepare(copy.deepcopy(base), HiWiOptions(target="bias", r=3))
+    bias_model = HiWi(HiWiOptions(target="bias", r=3)).prepare(copy.deepcopy(base))
     adapter = adapted_tensors(bias_model)["bert.encoder.layer.0.intermediate.dense.bias"]
     with torch.no_grad():
         adapter.up.normal_()
@@ -110,7 +110,7 @@ def test_forward_uses_p_plus_relu_p_down_up():
 @pytest.mark.parametrize("target", ["weight", "bias"])
 def test_merged_equals_unmerged_base_architecture_and_only_ffn_changes(target):
     base = pretrained_like()
-    model = METHOD.prepare(copy.deepcopy(base), HiWiOptions(target=target, r=4))
+    model = HiWi(HiWiOptions(target=target, r=4)).prepare(copy.deepcopy(base))
     train_steps(model)
     unmerged = logits(model)
     merged = METHOD.merge(model)
@@ -128,15 +128,15 @@ def test_merged_equals_unmerged_base_architecture_and_only_ffn_changes(target):
 @pytest.mark.parametrize("target", ["weight", "bias"])
 def test_save_load_reproduces_logits(tmp_path, target):
     opts = HiWiOptions(target=target, r=4)
-    model = METHOD.prepare(pretrained_like(), opts)
+    model = HiWi(opts).prepare(pretrained_like())
     train_steps(model)
     trained = logits(model)
 
-    resumed = METHOD.prepare(pretrained_like(), opts)
+    resumed = HiWi(opts).prepare(pretrained_like())
     METHOD.load_trainable_state(resumed, METHOD.trainable_state(model))
     assert torch.equal(logits(resumed), trained)
 
-    METHOD.save(model, tmp_path, opts)
+    HiWi(opts).save(model, tmp_path)
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "adapter.safetensors"))
@@ -147,11 +147,12 @@ def test_save_load_reproduces_logits(tmp_path, target):
         assert set(saved) == head | {f"{m}.parametrizations.weight.0.{w}" for m in FFN for w in ("down", "up")}
     fresh = pretrained_like()
     torch.nn.init.normal_(fresh.classifier.weight)
-    loaded = METHOD.load(fresh, tmp_path, opts)
+    loaded = HiWi(opts).load(fresh, tmp_path)
     assert torch.equal(logits(loaded), trained)
     assert torch.equal(logits(METHOD.merge(loaded)), trained)
 
 
 def test_options_validate():
-    assert HiWiOptions().validate() == []
-    assert HiWiOptions(r=0).validate() == ["r: must be at least 1, got 0"]
+    assert create_method("hiwi").options == HiWiOptions()
+    with pytest.raises(UserError, match="method.r: input should be greater than or equal to 1, got 0"):
+        create_method("hiwi", r=0)

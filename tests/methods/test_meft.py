@@ -9,7 +9,7 @@ from peftkit.methods.base import is_head_parameter
 
 from peftkit.bench.memory import saved_tensor_bytes
 from peftkit.errors import UserError
-from peftkit.methods import get_method
+from peftkit.methods import create_method
 from peftkit.methods.meft import MEFTOptions, PostNormLayerParts, meft_encoder_of
 from peftkit.models.families import family_of, layers_of
 from tiny import tiny_bert, tiny_llama
@@ -21,7 +21,7 @@ def make(variant, model_type="bert", layers=3, dtype=torch.float64, seed=0, init
     """A tiny classifier prepared with ``variant``. init_range 0.2 makes each layer change the hidden state
     substantially (at 0.02 a random BERT is close to the identity and every closeness test would pass trivially)."""
     base = tiny_bert(model_type=model_type, layers=layers, seed=seed, initializer_range=init_range).to(dtype)
-    return get_method(variant).prepare(base, MEFTOptions(**options))
+    return create_method(variant, **options).prepare(base)
 
 
 def batch_of(model, size=3, length=9, pad=True, seed=1):
@@ -95,7 +95,7 @@ def test_dropout_replays_exactly(variant):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_masks_reach_every_recomputation(attn):
     base = tiny_bert(layers=2, initializer_range=0.2, attn_implementation=attn).double()
-    model = get_method("meft3").prepare(base, MEFTOptions()).eval()
+    model = create_method("meft3", MEFTOptions()).prepare(base).eval()
     batch = batch_of(model)
     assert_same_grads(model, grads_of(model, batch, True), grads_of(model, batch, False), rtol=1e-6)
     # padding is honoured: changing a padded token leaves the logits of that row unchanged
@@ -170,7 +170,7 @@ def test_starting_point_on_real_minilm_weights():
     ids = torch.tensor([[101, 1996, 4438, 2001, 2307, 1998, 1996, 3772, 2001, 6659, 102]])
     with torch.no_grad():
         want = pretrained(input_ids=ids).last_hidden_state
-    model = get_method("meft1").prepare(AutoModel.from_pretrained(resolve_model("minilm-l6")), MEFTOptions()).eval()
+    model = create_method("meft1", MEFTOptions()).prepare(AutoModel.from_pretrained(resolve_model("minilm-l6"))).eval()
     for p in meft_encoder_of(model).adapters.parameters():
         torch.nn.init.zeros_(p)
     with torch.no_grad():
@@ -181,8 +181,8 @@ def test_starting_point_on_real_minilm_weights():
 def test_saved_bytes_do_not_grow_with_depth():
     def saved(method_name, layers, **options):
         base = tiny_bert(layers=layers)
-        method = get_method(method_name)
-        model = method.prepare(base, method.Options(**options)).train()
+        method = create_method(method_name, **options)
+        model = method.prepare(base).train()
         return saved_tensor_bytes(model, batch_of(model, length=16))
 
     for variant in VARIANTS:
@@ -227,9 +227,9 @@ def test_only_adapters_and_head_train(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_load_gives_the_same_logits(variant, tmp_path):
-    method = get_method(variant)
+    method = create_method(variant)
     options = MEFTOptions(r=4)
-    model = method.prepare(tiny_bert(layers=2, model_type="roberta", seed=3).float(), options)
+    model = type(method)(options).prepare(tiny_bert(layers=2, model_type="roberta", seed=3).float())
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -238,8 +238,8 @@ def test_save_load_gives_the_same_logits(variant, tmp_path):
     batch = batch_of(model)
     with torch.no_grad():
         want = model(**batch).logits
-    method.save(model, tmp_path, options)
-    loaded = method.load(tiny_bert(layers=2, model_type="roberta", seed=3).float(), tmp_path, options).eval()
+    type(method)(options).save(model, tmp_path)
+    loaded = type(method)(options).load(tiny_bert(layers=2, model_type="roberta", seed=3).float(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, want)
     assert not torch.allclose(want, tiny_bert(layers=2, model_type="roberta", seed=3).eval()(**batch).logits)
@@ -247,7 +247,7 @@ def test_save_load_gives_the_same_logits(variant, tmp_path):
 
 def test_one_training_step_lowers_the_loss():
     model = make("meft2", layers=2, dtype=torch.float32, init_range=0.02).train()
-    method = get_method("meft2")
+    method = create_method("meft2")
     optimizer = torch.optim.AdamW(method.param_groups(model, 0.0), lr=1e-2)
     batch = batch_of(model)
     model.eval()
@@ -267,10 +267,10 @@ def test_bad_options_and_models_are_user_errors():
     with pytest.raises(UserError, match="lambda_factor"):
         make("meft1", layers=2, lambda_factor=0.0)
     with pytest.raises(UserError, match="not supported"):
-        get_method("meft1").prepare(tiny_llama(), MEFTOptions())
+        create_method("meft1", MEFTOptions()).prepare(tiny_llama())
     model = make("meft1", layers=2)
     with pytest.raises(UserError, match="already prepared"):
-        get_method("meft1").prepare(model, MEFTOptions())
+        create_method("meft1", MEFTOptions()).prepare(model)
 
 
 def test_warns_when_reconstruction_would_amplify_rounding_too_much():
@@ -293,16 +293,16 @@ def test_shared_trainer_runs_and_reloads(variant, task, tiny_run_setup, tmp_path
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    from peftkit.finetune import finetune
+    from peftkit.commands.train import finetune
 
     recipe = tiny_run_setup(variant, task=task, out="meft-run", max_steps=4, save_every=2, eval_every=2)
     finetune(recipe, [])
     final = tmp_path / "meft-run" / "final"
-    assert json.loads((final / "method.json").read_text())["method"] == variant
+    assert json.loads((final / "peftkit.json").read_text())["method"] == variant
     saved = load_file(str(final / "adapter.safetensors"))
     assert any(".adapters." in k for k in saved) and any(is_head_parameter(k) for k in saved)
     base = AutoModelForSequenceClassification.from_pretrained(recipe["model"]["name"])
-    loaded = get_method(variant).load(base, final, MEFTOptions()).eval()
+    loaded = create_method(variant, MEFTOptions()).load(base, final).eval()
     params = dict(loaded.named_parameters())
     for name, tensor in saved.items():
         assert torch.equal(params[name].detach(), tensor), name

@@ -10,10 +10,10 @@ from peftkit.methods.base import is_head_parameter
 from tiny import assert_base_architecture, tiny_bert, tiny_llama
 
 from peftkit.errors import UserError
-from peftkit.methods import get_method
-from peftkit.methods.pafi import PaFiOptions
+from peftkit.methods import create_method
+from peftkit.methods.pafi import PaFi, PaFiOptions
 
-METHOD = get_method("pafi")
+METHOD = create_method("pafi")
 BATCH = {"input_ids": torch.tensor([[2, 7, 9, 11, 3, 0], [2, 5, 6, 8, 12, 3]]),
          "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
          "labels": torch.tensor([0, 1])}
@@ -75,7 +75,7 @@ def logits(model):
 def test_trains_exactly_round_rho_n_entries(rho):
     base = tiny_bert()
     n = sum(t.numel() for t in pool_params(base).values())
-    model = METHOD.prepare(base, PaFiOptions(rho=rho))
+    model = PaFi(PaFiOptions(rho=rho)).prepare(base)
     assert len(chosen_entries(model)) == round(rho * n)
     head = {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -87,10 +87,10 @@ def test_trains_exactly_round_rho_n_entries(rho):
 def test_smallest_one_entry_edge():
     base = tiny_bert()
     n = sum(t.numel() for t in pool_params(base).values())
-    model = METHOD.prepare(copy.deepcopy(base), PaFiOptions(rho=1.0 / n))
+    model = PaFi(PaFiOptions(rho=1.0 / n)).prepare(copy.deepcopy(base))
     assert chosen_entries(model) == expected_smallest(pool_params(base), 1)
     with pytest.raises(UserError, match="selects no entry"):
-        METHOD.prepare(copy.deepcopy(base), PaFiOptions(rho=0.4 / n))
+        PaFi(PaFiOptions(rho=0.4 / n)).prepare(copy.deepcopy(base))
 
 
 @pytest.mark.parametrize("include_bias", [False, True])
@@ -102,13 +102,13 @@ def test_chosen_are_exactly_the_smallest_magnitudes_with_ties(include_bias):
             p.copy_((p * 50).round() / 50)
     tensors = pool_params(base, include_bias)
     k = round(0.1 * sum(t.numel() for t in tensors.values()))
-    model = METHOD.prepare(copy.deepcopy(base), PaFiOptions(rho=0.1, include_bias=include_bias))
+    model = PaFi(PaFiOptions(rho=0.1, include_bias=include_bias)).prepare(copy.deepcopy(base))
     assert chosen_entries(model) == expected_smallest(tensors, k)
 
 
 def test_per_layer_ranks_within_each_matrix():
     base = tiny_bert()
-    model = METHOD.prepare(copy.deepcopy(base), PaFiOptions(rho=0.07, per_layer=True))
+    model = PaFi(PaFiOptions(rho=0.07, per_layer=True)).prepare(copy.deepcopy(base))
     expected = set()
     for name, t in pool_params(base).items():
         expected |= expected_smallest({name: t}, round(0.07 * t.numel()))
@@ -117,24 +117,26 @@ def test_per_layer_ranks_within_each_matrix():
 
 def test_patterns_restrict_the_pool():
     base = tiny_bert()
-    model = METHOD.prepare(copy.deepcopy(base), PaFiOptions(rho=0.1, patterns=["intermediate"]))
+    model = PaFi(PaFiOptions(rho=0.1, patterns=["intermediate"])).prepare(copy.deepcopy(base))
     names = {name for name, _ in chosen_entries(model)}
     assert names == {"bert.encoder.layer.0.intermediate.dense.weight", "bert.encoder.layer.1.intermediate.dense.weight"}
     assert len(chosen_entries(model)) == round(0.1 * 2 * 64 * 32)
     with pytest.raises(UserError, match="no weight matrices"):
-        METHOD.prepare(copy.deepcopy(base), PaFiOptions(patterns=["no_such_module"]))
+        PaFi(PaFiOptions(patterns=["no_such_module"])).prepare(copy.deepcopy(base))
 
 
 def test_options_validate():
-    assert PaFiOptions().validate() == []
-    for rho in (0.0, 1.0, 1.5, -0.1):
-        assert any(e.startswith("rho:") for e in PaFiOptions(rho=rho).validate())
-    assert any(e.startswith("patterns[0]:") for e in PaFiOptions(patterns=["(unclosed"]).validate())
+    assert create_method("pafi").options == PaFiOptions()
+    for rho in (0.0, 1.0, -0.1, 2.0):
+        with pytest.raises(UserError, match="method.rho"):
+            create_method("pafi", rho=rho)
+    with pytest.raises(UserError, match="method.patterns: .*not a valid regular expression"):
+        create_method("pafi", patterns=["(unclosed"])
 
 
 def test_outside_the_mask_bit_identical_after_adamw_with_weight_decay():
     base = tiny_bert()
-    model = METHOD.prepare(copy.deepcopy(base), PaFiOptions(rho=0.05))
+    model = PaFi(PaFiOptions(rho=0.05)).prepare(copy.deepcopy(base))
     opt = train_steps(model, METHOD)
     # AdamW holds state only for the k values and the head, never for a whole matrix.
     state_numel = sum(s["exp_avg"].numel() for s in opt.state.values())
@@ -155,16 +157,16 @@ def test_outside_the_mask_bit_identical_after_adamw_with_weight_decay():
 
 
 def test_checkpoint_state_roundtrip_and_save_load_reproduce_logits(tmp_path):
-    model = METHOD.prepare(tiny_bert(), PaFiOptions(rho=0.05))
+    model = PaFi(PaFiOptions(rho=0.05)).prepare(tiny_bert())
     train_steps(model, METHOD)
     trained = logits(model)
     opts = PaFiOptions(rho=0.05)
 
-    resumed = METHOD.prepare(tiny_bert(), opts)
+    resumed = PaFi(opts).prepare(tiny_bert())
     METHOD.load_trainable_state(resumed, METHOD.trainable_state(model))
     assert torch.equal(logits(resumed), trained)
 
-    METHOD.save(model, tmp_path, opts)
+    PaFi(opts).save(model, tmp_path)
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "adapter.safetensors"))
@@ -173,20 +175,20 @@ def test_checkpoint_state_roundtrip_and_save_load_reproduce_logits(tmp_path):
     assert sum(v.numel() for k, v in saved.items() if k.endswith(".values")) == len(chosen_entries(model))
     fresh = tiny_bert()
     torch.nn.init.normal_(fresh.classifier.weight)  # a different random head: the saved one must win
-    loaded = METHOD.load(fresh, tmp_path, opts)
+    loaded = PaFi(opts).load(fresh, tmp_path)
     assert torch.equal(logits(loaded), trained)
 
 
 def test_load_rejects_a_mask_from_another_base():
-    model = METHOD.prepare(tiny_bert(seed=0), PaFiOptions(rho=0.05))
-    other = METHOD.prepare(tiny_bert(seed=3), PaFiOptions(rho=0.05))
+    model = PaFi(PaFiOptions(rho=0.05)).prepare(tiny_bert(seed=0))
+    other = PaFi(PaFiOptions(rho=0.05)).prepare(tiny_bert(seed=3))
     with pytest.raises(ValueError, match="mask"):
         METHOD.load_trainable_state(other, METHOD.trainable_state(model))
 
 
 def test_merged_equals_unmerged_and_has_the_base_architecture():
     base = tiny_bert()
-    model = METHOD.prepare(copy.deepcopy(base), PaFiOptions(rho=0.05, include_bias=True))
+    model = PaFi(PaFiOptions(rho=0.05, include_bias=True)).prepare(copy.deepcopy(base))
     train_steps(model, METHOD)
     unmerged = logits(model)
     merged = METHOD.merge(model)
@@ -199,7 +201,7 @@ def test_decoder_family_and_unchanged_forward_at_start():
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         before = base(input_ids=ids).logits
-    model = METHOD.prepare(copy.deepcopy(base), PaFiOptions(rho=0.01))
+    model = PaFi(PaFiOptions(rho=0.01)).prepare(copy.deepcopy(base))
     n = sum(p.numel() for name, p in base.named_parameters() if ".layers." in name and p.ndim == 2)
     assert len(chosen_entries(model)) == round(0.01 * n)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
 
 from peftkit.errors import UserError  # noqa: E402
-from peftkit.methods import get_method  # noqa: E402
+from peftkit.methods import create_method  # noqa: E402
 from peftkit.quant.checkpoint import load_quantized, save_quantized  # noqa: E402
 from peftkit.quant.pipeline import quantize_model  # noqa: E402
 from qhelpers import options, structured_llama, windows  # noqa: E402
@@ -29,9 +29,8 @@ def _model_options(name):
 
 
 def test_prepare_starts_from_the_calibrated_lora_and_freezes_the_base(quant_dir):
-    method = get_method("apiq")
-    opts = method.Options()
-    model = method.prepare(method.load_base(_model_options(quant_dir), "causal_lm", None, None), opts)
+    method = create_method("apiq")
+    model = method.prepare(method.load_base(_model_options(quant_dir), "causal_lm", None, None))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert len(trainable) == 2 * 2 * 7  # A and B of 7 projections in 2 blocks
@@ -42,9 +41,8 @@ def test_prepare_starts_from_the_calibrated_lora_and_freezes_the_base(quant_dir)
 
 
 def test_training_step_changes_only_lora_and_save_load_round_trips(quant_dir, tmp_path):
-    method = get_method("apiq")
-    opts = method.Options()
-    model = method.prepare(method.load_base(_model_options(quant_dir), "causal_lm", None, None), opts)
+    method = create_method("apiq")
+    model = method.prepare(method.load_base(_model_options(quant_dir), "causal_lm", None, None))
     frozen_before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW(method.param_groups(model, 0.0), lr=1e-2)
     ids = windows(2, seed=4)
@@ -52,14 +50,14 @@ def test_training_step_changes_only_lora_and_save_load_round_trips(quant_dir, tm
     loss.backward()
     optimizer.step()
     assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
-    method.save(model, tmp_path / "run", opts)
+    method.save(model, tmp_path / "run")
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
     fresh = method.load_base(_model_options(quant_dir), "causal_lm", None, None)
-    loaded = method.load(fresh, tmp_path / "run", opts)
+    loaded = method.load(fresh, tmp_path / "run")
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
-    restored = method.prepare(method.load_base(_model_options(quant_dir), "causal_lm", None, None), opts)
+    restored = method.prepare(method.load_base(_model_options(quant_dir), "causal_lm", None, None))
     method.load_trainable_state(restored, method.trainable_state(model))
     restored.eval()
     with torch.no_grad():
@@ -67,18 +65,19 @@ def test_training_step_changes_only_lora_and_save_load_round_trips(quant_dir, tm
 
 
 def test_zero_init_and_a_plain_model_dir_is_refused(quant_dir, tmp_path):
-    method = get_method("apiq")
-    model = method.prepare(method.load_base(_model_options(quant_dir), "causal_lm", None, None), method.Options(init="zero"))
+    method = create_method("apiq", init="zero")
+    model = method.prepare(method.load_base(_model_options(quant_dir), "causal_lm", None, None))
     assert all(torch.count_nonzero(p) == 0 for n, p in model.named_parameters() if "lora_B" in n)
     with pytest.raises(UserError, match="quantize` output directory"):
         method.load_base(_model_options(tmp_path), "causal_lm", None, None)
-    assert method.Options(dropout=1.5).validate()
+    with pytest.raises(UserError, match="method.dropout"):
+        create_method("apiq", dropout=1.5)
 
 
 def test_classification_head_trains_with_lora_and_float16_is_refused(quant_dir):
-    method = get_method("apiq")
+    method = create_method("apiq")
     base = method.load_base(_model_options(quant_dir), "seq_cls", 2, "single_label_classification")
-    model = method.prepare(base, method.Options())
+    model = method.prepare(base)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("score" in n for n in trainable) and all("lora_" in n or "score" in n for n in trainable)
     ids = windows(2, seed=6)

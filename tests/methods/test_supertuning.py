@@ -7,11 +7,12 @@ import pytest
 import torch
 from tiny import assert_base_architecture, tiny_bert
 
-from peftkit.methods import get_method
+from peftkit.errors import UserError
+from peftkit.methods import create_method
 from peftkit.methods.base import is_head_parameter
-from peftkit.methods.supertuning import SuperTuningOptions
+from peftkit.methods.supertuning import SuperTuning, SuperTuningOptions
 
-METHOD = get_method("supertuning")
+METHOD = create_method("supertuning")
 BATCH = {"input_ids": torch.tensor([[2, 7, 9, 11, 3, 0], [2, 5, 6, 8, 12, 3]]),
          "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
          "labels": torch.tensor([0, 1])}
@@ -45,7 +46,7 @@ def train_steps(model, steps=4):
 @pytest.mark.parametrize("select", ["smallest", "largest"])
 def test_selects_the_extreme_magnitudes_of_every_projection(select):
     base = tiny_bert()
-    model = METHOD.prepare(copy.deepcopy(base), SuperTuningOptions(rho=0.05, select=select))
+    model = SuperTuning(SuperTuningOptions(rho=0.05, select=select)).prepare(copy.deepcopy(base))
     chosen = supports(model)
     assert len(chosen) == 2 * 6  # q, k, v, attention out, FFN in, FFN out per layer
     for name, idx in chosen.items():
@@ -57,7 +58,7 @@ def test_selects_the_extreme_magnitudes_of_every_projection(select):
 
 def test_outside_the_support_bit_identical_after_adamw_with_weight_decay():
     base = tiny_bert()
-    model = METHOD.prepare(copy.deepcopy(base), SuperTuningOptions(rho=0.05))
+    model = SuperTuning(SuperTuningOptions(rho=0.05)).prepare(copy.deepcopy(base))
     chosen = supports(model)
     train_steps(model)
     merged = METHOD.merge(model)
@@ -77,13 +78,13 @@ def test_outside_the_support_bit_identical_after_adamw_with_weight_decay():
 def test_save_load_and_merge_reproduce_logits(tmp_path):
     base = tiny_bert()
     opts = SuperTuningOptions(rho=0.05)
-    model = METHOD.prepare(copy.deepcopy(base), opts)
+    model = SuperTuning(opts).prepare(copy.deepcopy(base))
     train_steps(model)
     trained = logits(model)
-    METHOD.save(model, tmp_path, opts)
+    SuperTuning(opts).save(model, tmp_path)
     fresh = tiny_bert()
     torch.nn.init.normal_(fresh.classifier.weight)
-    assert torch.equal(logits(METHOD.load(fresh, tmp_path, opts)), trained)
+    assert torch.equal(logits(SuperTuning(opts).load(fresh, tmp_path)), trained)
     merged = METHOD.merge(model)
     assert torch.equal(logits(merged), trained)
     assert_base_architecture(merged, base)
@@ -91,5 +92,6 @@ def test_save_load_and_merge_reproduce_logits(tmp_path):
 
 
 def test_options_validate():
-    assert SuperTuningOptions().validate() == []
-    assert SuperTuningOptions(rho=1.0).validate() == ["rho: must be strictly between 0 and 1, got 1.0"]
+    assert create_method("supertuning").options == SuperTuningOptions()
+    with pytest.raises(UserError, match="method.rho: input should be less than 1, got 1.0"):
+        create_method("supertuning", rho=1.0)

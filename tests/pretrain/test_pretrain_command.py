@@ -9,7 +9,11 @@ import torch
 import yaml
 
 from peftkit.errors import UserError
-from peftkit.pretrain.recipe import load_recipe
+from peftkit.config.loader import load_recipe as load_any_recipe
+
+
+def load_recipe(spec, overrides=()):
+    return load_any_recipe(spec, overrides, kind="pretrain")
 
 WORDS = "the a good bad movie film plot actor was is not very fun boring story scene cat dog sat on mat".split()
 
@@ -58,7 +62,7 @@ def test_shipped_recipes_validate():
 def test_tiny_pretraining_exports_a_standard_roberta(tmp_path, monkeypatch, variant):
     from transformers import RobertaForMaskedLM, RobertaForSequenceClassification
 
-    from peftkit.pretrain.command import pretrain
+    from peftkit.commands.train import pretrain
     from peftkit.pretrain.cost import expected_step_flops
 
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
@@ -102,7 +106,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
 
     from safetensors.torch import load_file
 
-    from peftkit.pretrain.command import pretrain
+    from peftkit.commands.train import pretrain
 
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
     corpus = _corpus(tmp_path / "corpus.txt")

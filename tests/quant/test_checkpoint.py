@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftkit.quant.checkpoint import load_quantized, load_quantized_base, save_quantized
-from peftkit.quant.command import quantize
+from peftkit.commands.quantize import quantize
 from peftkit.quant.pipeline import quantize_model
 from qhelpers import options, structured_llama, windows, write_model_dir, write_wikitext
 
@@ -52,7 +52,7 @@ def test_quantize_command_writes_everything_and_reproduces_calibrated_outputs(tm
     # Reloaded model on the calibration windows reproduces the per-block error the quantizer measured.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.eval.wikitext import random_windows, read_text, token_ids
+    from peftkit.utils.text_windows import random_windows, read_text, token_ids
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     calib = random_windows(token_ids(tok, read_text(data / "wiki.valid.tokens")), 4, 16, 0)

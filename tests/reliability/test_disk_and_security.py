@@ -50,14 +50,14 @@ def test_disk_full_during_a_checkpoint(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", original)  # space freed: the run continues and finishes
     assert invoke("finetune", path, "train.resume=auto").exit_code == 0
-    from peftkit.finetune import finetune
+    from peftkit.commands.train import finetune
 
     reference = finetune(write_recipe(tmp_path / "ref.yaml", recipe(setup, "full-disk-ref", eval_every=None)), [])
     assert_identical(final_state(reference), final_state(run))
 
 
 def test_disk_full_during_the_final_save(setup, tmp_path, monkeypatch):
-    from peftkit.models.trained import INFO_FILE
+    from peftkit.methods.trained import INFO_FILE
 
     path = write_recipe(tmp_path / "r.yaml", recipe(setup, "full-final"))
     run = Path(setup["root"]) / "full-final"

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peftkit.config.loader import load_recipe
-from peftkit.data.glue import load_rows
+from peftkit.tasks.glue import load_rows
 from peftkit.errors import UserError
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

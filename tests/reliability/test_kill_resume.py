@@ -25,7 +25,7 @@ TRAIN = {"max_steps": STEPS, "save_every": 1, "eval_every": 5, "keep_last": 2, "
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The uninterrupted reference run (in-process: the same code as the CLI, one thread)."""
-    from peftkit.finetune import finetune
+    from peftkit.commands.train import finetune
 
     setup = make_setup(tmp_path_factory.mktemp("kill"))
     path = write_recipe(Path(setup["root"]) / "straight.yaml", recipe(setup, "straight", **TRAIN))
@@ -70,7 +70,7 @@ def test_sigkill_at_random_moment_then_resume_is_bit_identical(straight, seed):
     print(f"seed {seed}: killed after step {killed_at}")
     read_checkpoint(latest)  # the last complete checkpoint verifies (sizes and sha256) and loads
 
-    from peftkit.finetune import finetune
+    from peftkit.commands.train import finetune
 
     finetune(path, ["train.resume=auto"])  # in-process to save a start-up; the signal tests resume through the CLI
     assert f"resumed from {latest}" in (run / "train.log").read_text()

@@ -17,7 +17,7 @@ TRAIN = {"max_steps": STEPS, "save_every": 10, "eval_every": 10, "keep_last": 2,
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    from peftkit.finetune import finetune
+    from peftkit.commands.train import finetune
 
     setup = make_setup(tmp_path_factory.mktemp("signals"))
     path = write_recipe(Path(setup["root"]) / "straight.yaml", recipe(setup, "straight", **TRAIN))

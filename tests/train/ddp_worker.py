@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftkit.config.schema import TrainOptions  # noqa: E402
-from peftkit.data.glue import PadCollator, get_task, load_rows, tokenize_rows  # noqa: E402
-from peftkit.methods import get_method  # noqa: E402
+from peftkit.config.schema import TrainArgs  # noqa: E402
+from peftkit.tasks.glue import PadCollator, get_task, load_rows, tokenize_rows  # noqa: E402
+from peftkit.methods import create_method  # noqa: E402
 from peftkit.train.distributed import init_distributed  # noqa: E402
 from peftkit.train.trainer import Trainer  # noqa: E402
 from tiny import tiny_bert, tiny_bert_tokenizer, write_glue_task  # noqa: E402
@@ -21,13 +21,13 @@ def main(out: Path) -> None:
     dist = init_distributed()
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts them)
     model = tiny_bert()
-    method = get_method("lora")
-    model = method.prepare(model, method.Options(r=4))
+    method = create_method("lora", r=4)
+    model = method.prepare(model)
     tok = tiny_bert_tokenizer(out / f"tok{dist.rank}")
     write_glue_task(out / f"glue{dist.rank}", "sst2", 40, 8)
     task = get_task("sst2")
     data = tokenize_rows(task, load_rows("sst2", "train", str(out / f"glue{dist.rank}")), tok, 16)
-    options = TrainOptions(max_steps=5, batch_size=4, lr=1e-2, save_every=100, log_every=1)
+    options = TrainArgs(max_steps=5, batch_size=4, lr=1e-2, save_every=100, log_every=1)
     torch.manual_seed(1000 + dist.rank)  # different dropout per rank, as in real DDP
     trainer = Trainer(model, method, options, out / "run", data, PadCollator(0, False), dist=dist)
     trainer.train()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftkit.errors import RunFailed
-from peftkit.finetune import finetune
+from peftkit.commands.train import finetune
 from peftkit.train.trainer import Trainer
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from peftkit.data.glue import TASKS, PadCollator, get_task, load_rows, tokenize_rows
+from peftkit.tasks.glue import TASKS_BY_NAME as TASKS, PadCollator, get_task, load_rows, tokenize_rows
 from peftkit.errors import UserError
 from tiny import write_glue_task
 

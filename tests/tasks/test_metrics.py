@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from peftkit.eval.metrics import baseline_metrics, glue_metrics
+from peftkit.tasks.metrics import baseline_metrics, glue_metrics
 
 
 def test_accuracy_f1_and_mcc_by_hand():

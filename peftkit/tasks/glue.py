@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import UserError, did_you_mean
+from peftkit.tasks.base import Task, TaskData
+from peftkit.utils.registry import TASKS
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class GlueTask:
         return self.metrics[0]
 
 
-TASKS: dict[str, GlueTask] = {
+TASKS_BY_NAME: dict[str, GlueTask] = {
     "cola": GlueTask("cola", ("sentence",), 2, ("matthews_correlation",)),
     "sst2": GlueTask("sst2", ("sentence",), 2, ("accuracy",)),
     "mrpc": GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("f1", "accuracy")),
@@ -50,9 +52,10 @@ FORMATS = ("jsonl", "tsv", "parquet")
 
 
 def get_task(name: str) -> GlueTask:
-    if name not in TASKS:
-        raise UserError(f'unknown GLUE task "{name}"{did_you_mean(name, TASKS)}; known tasks: {", ".join(TASKS)}.')
-    return TASKS[name]
+    if name not in TASKS_BY_NAME:
+        raise UserError(f'unknown GLUE task "{name}"{did_you_mean(name, TASKS_BY_NAME)}; '
+                        f'known tasks: {", ".join(TASKS_BY_NAME)}.')
+    return TASKS_BY_NAME[name]
 
 
 def data_root(root: str | None) -> Path | None:
@@ -207,3 +210,90 @@ class PadCollator:
         dtype = torch.float32 if self.regression else torch.long
         batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=dtype)
         return batch
+
+
+def predict(model, rows: list[dict], collate, batch_size: int, regression: bool):
+    """Predictions (class ids, or scores for regression) for tokenized ``rows``, in order."""
+    import torch
+
+    device = next(model.parameters()).device
+    preds = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size])
+            batch.pop("labels", None)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            preds.extend(logits[:, 0].tolist() if regression else logits.argmax(-1).tolist())
+    return preds
+
+
+def make_eval_fn(task: GlueTask, rows: list[dict], collate, batch_size: int):
+    """A function model -> GLUE metrics on ``rows`` (used during training and for the final figures)."""
+    from peftkit.tasks.metrics import glue_metrics
+
+    labels = [r["labels"] for r in rows]
+
+    def evaluate(model) -> dict:
+        was_training = model.training
+        model.eval()
+        try:
+            preds = predict(model, rows, collate, batch_size, task.is_regression)
+        finally:
+            model.train(was_training)
+        metrics = glue_metrics(task.name, preds, labels)
+        # GLUE's per-task score: the mean of the task's metrics. Selecting checkpoints on MRPC's F1 alone
+        # would prefer the degenerate "always paraphrase" model (F1 0.81 at accuracy 0.68).
+        metrics["glue_score"] = sum(metrics.values()) / len(metrics)
+        return metrics
+
+    return evaluate
+
+
+@TASKS.register(*TASKS_BY_NAME, help="GLUE classification / regression (accuracy, F1, Pearson, Matthews).")
+class GlueFinetuning(Task):
+    """Fine-tuning on one GLUE task; checkpoints are selected on the task's GLUE score (higher is better)."""
+
+    best_metric = "glue_score"
+    greater_is_better = True
+
+    @classmethod
+    def recipe_problems(cls, recipe) -> list[str]:
+        if recipe.model.task_head == "causal_lm":
+            return [f"model.task_head: causal_lm needs a language-modelling data.task (wikitext2), not the GLUE task "
+                    f"{recipe.data.task!r}; GLUE uses seq_cls"]
+        return []
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.task = get_task(recipe.data.task)
+        self.name = self.task.name
+        self.eval_split = recipe.data.eval_split or self.task.validation_splits[0]
+
+    def head(self):
+        return self.task.num_labels, "regression" if self.task.is_regression else "single_label_classification"
+
+    def load_data(self, tokenizer) -> TaskData:
+        d = self.recipe.data
+        train_rows = load_rows(self.task.name, d.train_split, d.root, d.limit)
+        eval_rows = load_rows(self.task.name, self.eval_split, d.root, d.eval_limit)
+        train = tokenize_rows(self.task, train_rows, tokenizer, d.max_length)
+        evaluation = tokenize_rows(self.task, eval_rows, tokenizer, d.max_length)
+        collate = PadCollator(tokenizer.pad_token_id or 0, self.task.is_regression)
+        eval_fn = make_eval_fn(self.task, evaluation, collate, self.recipe.train.eval_batch_size)
+        from peftkit.tasks.metrics import baseline_metrics
+
+        baseline = baseline_metrics(self.task.name, [r["label"] for r in train_rows], [r["label"] for r in eval_rows])
+        return TaskData(train, collate, eval_fn, {"n_eval": len(eval_rows), "baseline": baseline})
+
+    def save_final(self, method, model, tokenizer, directory, task_info=None) -> None:
+        num_labels, problem = self.head()
+        super().save_final(method, model, tokenizer, directory,
+                           {"task": self.task.name, "num_labels": num_labels, "problem_type": problem})
+
+    def summary(self, data, final, start, model, trained) -> dict:
+        return {**final, "eval_split": self.eval_split, **data.info}
+
+    def final_line(self, final, data) -> str:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
+        base = "  ".join(f"{k} {v:.4f}" for k, v in data.info["baseline"].items())
+        return f"{shown}  (trivial baseline: {base})"

@@ -1,4 +1,4 @@
-"""GLUE evaluation: predictions of a model on a tokenized split, and the `peftkit eval --task glue` table."""
+"""`peftkit eval`: the GLUE table of fine-tuned runs, and WikiText-2 perplexity of language models."""
 
 from __future__ import annotations
 
@@ -7,43 +7,6 @@ import time
 from pathlib import Path
 
 from peftkit.errors import UserError
-
-
-def predict(model, rows: list[dict], collate, batch_size: int, regression: bool):
-    """Predictions (class ids, or scores for regression) for tokenized ``rows``, in order."""
-    import torch
-
-    device = next(model.parameters()).device
-    preds = []
-    with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start : start + batch_size])
-            batch.pop("labels", None)
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-            preds.extend(logits[:, 0].tolist() if regression else logits.argmax(-1).tolist())
-    return preds
-
-
-def make_eval_fn(task, rows: list[dict], collate, batch_size: int):
-    """A function model -> GLUE metrics on ``rows`` (used during training and for the final figures)."""
-    from peftkit.eval.metrics import glue_metrics
-
-    labels = [r["labels"] for r in rows]
-
-    def evaluate(model) -> dict:
-        was_training = model.training
-        model.eval()
-        try:
-            preds = predict(model, rows, collate, batch_size, task.is_regression)
-        finally:
-            model.train(was_training)
-        metrics = glue_metrics(task.name, preds, labels)
-        # GLUE's per-task score: the mean of the task's metrics. Selecting checkpoints on MRPC's F1 alone
-        # would prefer the degenerate "always paraphrase" model (F1 0.81 at accuracy 0.68).
-        metrics["glue_score"] = sum(metrics.values()) / len(metrics)
-        return metrics
-
-    return evaluate
 
 
 def parse_task_spec(spec: str) -> tuple[str, list[str] | None]:
@@ -56,9 +19,9 @@ def parse_task_spec(spec: str) -> tuple[str, list[str] | None]:
 def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str | None, batch_size: int = 128,
                   limit: int | None = None, json_path: str | None = None) -> dict:
     """Evaluate each model on its own GLUE task (or on ``tasks`` for a plain checkpoint); print and save a table."""
-    from peftkit.bench.common import format_table
-    from peftkit.data.glue import PadCollator, get_task, load_rows, tokenize_rows
-    from peftkit.models.trained import load_trained
+    from peftkit.methods.trained import load_trained
+    from peftkit.tasks.glue import PadCollator, get_task, load_rows, make_eval_fn, tokenize_rows
+    from peftkit.utils.tables import format_table
 
     rows_out = []
     for model_dir in model_dirs:
@@ -88,7 +51,7 @@ def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str
         print(f"average (mean of each task's metrics): {average:.4f}")
     import sys
 
-    from peftkit.bench.common import machine_info
+    from peftkit.utils.tables import machine_info
 
     payload = {"bench": "glue-eval", "suite": "glue", "machine": machine_info(),
                "command": " ".join(["peftkit", *sys.argv[1:]]), "rows": rows_out, "average": average}
@@ -101,3 +64,27 @@ def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(payload, indent=2))
     return payload
+
+
+def run(model_path_or_dir: str, data_root: str | None = None, seq_len: int = 512, max_windows: int | None = None) -> dict:
+    """Perplexity of one model on the WikiText-2 test text."""
+    from peftkit.methods.trained import load_for_eval
+    from peftkit.tasks.causal_lm import evaluate_perplexity
+    from peftkit.utils.text_windows import TEST_FILE, default_wikitext_root, read_text
+
+    path = Path(data_root or default_wikitext_root()) / TEST_FILE
+    text = read_text(path)
+    model, tokenizer = load_for_eval(str(model_path_or_dir))
+    result = evaluate_perplexity(model, tokenizer, text, seq_len, max_windows)
+    return {"task": "wikitext2", "model": str(model_path_or_dir), "data": str(path), **result}
+
+
+def run_cli(models: list[str] | str, seq_len: int = 512, max_windows: int | None = None, json_out: str | None = None) -> list[dict]:
+    """`peftkit eval --task wikitext2 --model DIR [--model DIR2] [--max-windows N] [--json FILE]`."""
+    rows = [run(m, seq_len=seq_len, max_windows=max_windows) for m in ([models] if isinstance(models, str) else models)]
+    for row in rows:
+        print(f"wikitext2 {row['model']}: ppl {row['ppl']:.3f} (nll {row['nll']:.4f}, {row['windows']} windows x {row['seq_len']} tokens)")
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps({"task": "wikitext2", "rows": rows}, indent=2))
+    return rows

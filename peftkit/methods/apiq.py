@@ -9,31 +9,28 @@ Fine-tune in fp32 or bf16 (fp16 on a fake-quant base is unstable).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from peftkit.config import MethodArgs, option
 from peftkit.errors import UserError
 from peftkit.methods.peft_backed import PeftBackedMethod, head_modules
-from peftkit.utils.options import option
+from peftkit.utils.registry import METHODS
 
 
-@dataclass
-class QuantizedLoRAOptions:
-    dropout: float = option(0.0, "Dropout on the LoRA input during fine-tuning.")
-    init: str = option("quantized", "'quantized' = start from the A, B the quantizer wrote; 'zero' = fresh LoRA (B = 0).")
-
-    def validate(self) -> list[str]:
-        errors = []
-        if not 0 <= self.dropout < 1:
-            errors.append(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.init not in ("quantized", "zero"):
-            errors.append(f"init: must be 'quantized' or 'zero', got {self.init!r}")
-        return errors
+class QuantizedLoRAOptions(MethodArgs):
+    dropout: float = option(0.0, "Dropout on the LoRA input during fine-tuning.", ge=0, lt=1)
+    init: Literal["quantized", "zero"] = option(
+        "quantized", "'quantized' = start from the A, B the quantizer wrote; 'zero' = fresh LoRA (B = 0).")
 
 
+@METHODS.register("apiq", help="LoRA on a quantized base made by `peftkit quantize`.")
 class QuantizedLoRA(PeftBackedMethod):
+    """The quantize output directory is the base: ``load_base`` records it, ``prepare`` reads its LoRA."""
+
     name = "apiq"
     Options = QuantizedLoRAOptions
+    quant_dir: Path | None = None
 
     def load_base(self, model_options, task_head="causal_lm", num_labels=None, problem_type=None):
         from peftkit.quant.checkpoint import is_quantized_dir, load_quantized_base
@@ -50,17 +47,17 @@ class QuantizedLoRA(PeftBackedMethod):
         model = load_quantized_base(quant_dir, task_head, num_labels, problem_type, torch_dtype(dtype_name))
         if task_head == "seq_cls" and model.config.pad_token_id is None:
             model.config.pad_token_id = model.config.eos_token_id  # decoders need it to find the last token
-        model.peftkit_quant_dir = str(quant_dir)  # read by prepare() to find the initial LoRA
+        self.quant_dir = quant_dir
         return model
 
-    def prepare(self, model, options: QuantizedLoRAOptions):
+    def prepare(self, model):
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors.torch import load_file
 
         from peftkit.quant.checkpoint import read_info
         from peftkit.quant.pipeline import lora_config
 
-        quant_dir = getattr(model, "peftkit_quant_dir", None)
+        options, quant_dir = self.options, self.quant_dir
         if quant_dir is None:
             raise UserError("method apiq: the base model was not loaded from a quantize output directory (use load_base).")
         lora = read_info(quant_dir)["lora"]

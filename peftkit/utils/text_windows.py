@@ -1,7 +1,7 @@
-"""WikiText-2 text as token windows (calibration for quantization, perplexity evaluation).
+"""Plain text as token windows: calibration for quantization, causal-LM training and perplexity.
 
-Files are read from a local directory (env PEFTKIT_WIKITEXT, else ../shared/data/wikitext-2 next to
-the repository): wiki.test.raw for perplexity, wiki.valid.tokens for calibration.
+WikiText-2 files are read from a local directory (env PEFTKIT_WIKITEXT, else ../shared/data/wikitext-2
+next to the repository): wiki.test.raw for perplexity, wiki.valid.tokens for calibration and training.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from peftkit.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_FILE = "wiki.test.raw"
+TRAIN_FILE = "wiki.valid.tokens"
 
 
 def default_wikitext_root() -> str:

@@ -1,4 +1,4 @@
-"""data/lm_text.py: WikiText-2 as training windows, the collator and the recipe checks of an LM task."""
+"""tasks/causal_lm.py: WikiText-2 as training windows, the collator and the recipe checks of an LM task."""
 
 import sys
 from pathlib import Path
@@ -9,8 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
 
-from peftkit.data.lm_text import (LMText, collate_windows, is_lm_task, task_problems, text_windows,  # noqa: E402
-                                  window_rows)
+from peftkit.tasks.causal_lm import CausalLMText, LMText, collate_windows, text_windows  # noqa: E402
+from peftkit.tasks.glue import GlueFinetuning  # noqa: E402
 from peftkit.errors import UserError  # noqa: E402
 from qhelpers import write_wikitext  # noqa: E402
 
@@ -36,7 +36,7 @@ def test_windows_are_non_overlapping_and_cover_the_text_in_order(tmp_path):
 
 def test_collate_stacks_windows_with_labels_equal_to_inputs():
     windows = torch.arange(24).reshape(3, 8)
-    batch = collate_windows(window_rows(windows)[1:])
+    batch = collate_windows([{"input_ids": w} for w in windows][1:])
     assert torch.equal(batch["input_ids"], windows[1:]) and torch.equal(batch["labels"], windows[1:])
     assert "attention_mask" not in batch
     batch["labels"][0, 0] = -100  # the loss may mask labels in place: inputs must not change with them
@@ -65,7 +65,7 @@ def _recipe(**changes):
 
 
 def test_task_problems_list_every_mismatch_at_once():
-    assert is_lm_task("wikitext2") and not is_lm_task("sst2")
+    task_problems = CausalLMText.recipe_problems
     assert task_problems(_recipe()) == [] and task_problems(_recipe(method_name="apiq")) == []
     problems = task_problems(_recipe(method_name="meft1", model=SimpleNamespace(task_head="seq_cls"),
                                      data=SimpleNamespace(task="wikitext2", train_split="validation", eval_split=None)))
@@ -74,8 +74,9 @@ def test_task_problems_list_every_mismatch_at_once():
     assert problems[1].startswith("method.name: 'meft1' is only wired for GLUE")
     assert problems[2].startswith("data.train_split")
     glue = SimpleNamespace(task="sst2", train_split="train", eval_split=None)
-    assert task_problems(_recipe(method_name="meft1", model=SimpleNamespace(task_head="seq_cls"), data=glue)) == []
-    assert "not the GLUE task 'sst2'" in task_problems(_recipe(data=glue))[0]
+    assert GlueFinetuning.recipe_problems(_recipe(method_name="meft1", model=SimpleNamespace(task_head="seq_cls"),
+                                                  data=glue)) == []
+    assert "not the GLUE task 'sst2'" in GlueFinetuning.recipe_problems(_recipe(data=glue))[0]
 
 
 def test_the_loader_reports_them_with_other_problems():

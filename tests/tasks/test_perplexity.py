@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
 
-from peftkit.eval.perplexity import evaluate_perplexity, run  # noqa: E402
+from peftkit.commands.evaluate import run  # noqa: E402
+from peftkit.tasks.causal_lm import evaluate_perplexity  # noqa: E402
 from qhelpers import structured_llama, write_model_dir, write_wikitext  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def test_run_cli_on_a_fine_tuned_adapter_dir_and_json(tmp_path, capsys):
     from qhelpers import options, windows
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.eval.perplexity import run_cli
+    from peftkit.commands.evaluate import run_cli
 
     model_dir = write_model_dir(tmp_path / "model")
     data = write_wikitext(tmp_path / "wt", words=400)

@@ -1,0 +1,20 @@
+"""`peftkit bench NAME`: settings from --set validated like a recipe section, the rows printed and saved."""
+
+from __future__ import annotations
+
+
+def run_bench(name: str, quick: bool, json_out: str | None, items: list[str]):
+    import typer
+
+    from peftkit.bench.common import write_bench
+    from peftkit.config.loader import load_settings
+    from peftkit.utils.registry import BENCHES
+
+    if name == "list":
+        for entry in BENCHES.entries():
+            typer.echo(f"{entry.name:10s} {entry.help}")
+        return None
+    bench = BENCHES.get(name)
+    settings = load_settings(bench.Settings, items, f"bench {name}")
+    rows = bench.run(quick, settings)
+    return write_bench(name, rows, json_out)

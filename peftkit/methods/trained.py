@@ -1,0 +1,96 @@
+"""Load what a run produced: <run>/final (or the directory itself) back into a model for evaluation.
+
+A directory written by peftkit holds peftkit.json (base model, task, method and its options); the
+base is loaded fresh and the method restores its own saved state onto it. Any other directory is
+treated as a plain transformers checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peftkit.errors import UserError
+
+INFO_FILE = "peftkit.json"
+
+
+def final_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if (p / "final" / INFO_FILE).is_file():
+        return p / "final"
+    return p
+
+
+def load_trained(path: str | Path, trust_remote_code: bool = False):
+    """(model in eval mode, tokenizer, info dict) for a run directory, its final/ or a checkpoint directory.
+
+    Whether model code may run is the caller's decision (a flag the user gave), never the run directory's:
+    its peftkit.json may say anything."""
+    from peftkit.config.schema import ModelArgs
+    from peftkit.methods import create_method
+    from peftkit.models.load import load_model, load_tokenizer
+
+    directory = final_dir(path)
+    info_path = directory / INFO_FILE
+    if not directory.exists():
+        raise UserError(f"model directory {path} does not exist. Give a run directory (runs/<name>) or a checkpoint directory.")
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        method = create_method(info["method"], dict(info.get("options", {})))
+        model_options = ModelArgs.model_validate({**info["model"], "trust_remote_code": trust_remote_code})
+        head = model_options.task_head
+        base = method.load_base(model_options, head, info.get("num_labels"), info.get("problem_type"))
+        if base is None:
+            base = load_model(model_options.name, head, info.get("num_labels"), info.get("problem_type"), "float32",
+                              model_options.trust_remote_code, model_options.attn_implementation)
+        model = method.load(base, directory)
+        tokenizer = load_tokenizer(str(directory))
+    elif (directory / "config.json").is_file():
+        info = {}
+        model = load_model(str(directory), "seq_cls")
+        tokenizer = load_tokenizer(str(directory))
+    else:
+        raise UserError(f"{path} is neither a peftkit run (no final/{INFO_FILE}) nor a transformers checkpoint (no config.json).")
+    return model.eval(), tokenizer, info
+
+
+def load_for_eval(model_path_or_dir: str):
+    """(model, tokenizer) from a quantize output dir (quantized base + LoRA), a peft adapter dir whose
+    base is one of these (e.g. a fine-tuned apiq run), a model dir or an alias. A `peftkit finetune` run
+    directory stands for its final/ (lora and apiq runs store a peft adapter there, full runs a model dir)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.models.aliases import resolve_model
+    from peftkit.quant.checkpoint import is_quantized_dir, load_quantized, load_quantized_base
+
+    path = final_dir(model_path_or_dir)
+    if (path / INFO_FILE).is_file():
+        head = json.loads((path / INFO_FILE).read_text()).get("model", {}).get("task_head")
+        if head != "causal_lm":
+            raise UserError(f"{model_path_or_dir} was fine-tuned with a {head} head; perplexity needs a causal LM "
+                            f"(a run with data.task wikitext2, a quantize output directory or a language model).")
+    adapter_config = path / "adapter_config.json"
+    if is_quantized_dir(path):
+        model, tokenizer_dir = load_quantized(path), path
+    elif adapter_config.is_file():
+        from peft import PeftModel
+
+        base_name = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
+        if is_quantized_dir(base_name):
+            base, tokenizer_dir = load_quantized_base(base_name), Path(base_name)
+        else:
+            tokenizer_dir = Path(resolve_model(base_name))
+            base = AutoModelForCausalLM.from_pretrained(tokenizer_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(path))
+        if (path / "tokenizer_config.json").is_file():
+            tokenizer_dir = path
+    else:
+        tokenizer_dir = Path(resolve_model(str(path) if (path / INFO_FILE).is_file() else str(model_path_or_dir)))
+        model = AutoModelForCausalLM.from_pretrained(tokenizer_dir, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model.eval(), AutoTokenizer.from_pretrained(tokenizer_dir)
+
+

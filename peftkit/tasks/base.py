@@ -1,0 +1,103 @@
+"""What a run trains on and how it is scored: the contract between a task and the one run pipeline.
+
+A task is created with its recipe. The pipeline (peftkit/train/pipeline.py) calls, in this order:
+
+* ``recipe_problems(recipe)``   (classmethod) what the task says of the recipe before anything loads;
+* ``load_tokenizer()``          the tokenizer (a model's, or one trained on the corpus);
+* ``load_data(tokenizer)``      rows, collator and evaluation, read and checked before the model loads;
+* ``build_model(method, tokenizer)``  the base model with the method applied;
+* ``train_args(model, run_dir, log)``  the training options (a task may derive max_steps, e.g. from FLOPs);
+* ``save_final(method, model, tokenizer, directory)``  the result a user takes away;
+* ``summary(...)``              the task's own figures in metrics.json.
+
+``best_metric`` and ``greater_is_better`` say which evaluation figure selects checkpoints and in which
+direction it improves, declared where the metric is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+from peftkit.methods.trained import INFO_FILE
+
+
+
+@dataclass
+class TaskData:
+    """What the trainer needs of the data, and what the task reports about it."""
+
+    train: Sequence[dict]
+    collate: Callable
+    eval_fn: Callable | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    name: ClassVar[str] = ""
+    recipe_kind: ClassVar[str] = "finetune"  # the kind of recipe that names this task
+    best_metric: ClassVar[str | None] = None
+    greater_is_better: ClassVar[bool] = True
+    evaluate_start: ClassVar[bool] = False  # also score the model before any step (reported as <metric>_start)
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+
+    @classmethod
+    def recipe_problems(cls, recipe) -> list[str]:
+        return []
+
+    # ---- the model ---------------------------------------------------------------------------
+    def load_tokenizer(self):
+        from peftkit.models.load import load_tokenizer
+
+        m = self.recipe.model
+        return load_tokenizer(m.name, m.trust_remote_code)
+
+    def head(self) -> tuple[int | None, str | None]:
+        """(num_labels, problem_type) of the task head; (None, None) for language models."""
+        return None, None
+
+    def build_model(self, method, tokenizer):
+        """The base model with its head (the method's own loader first), checked against data.max_length, with the
+        method applied. Called before the run directory exists: a model or option that does not fit fails without
+        leaving a half-written run behind."""
+        from peftkit.errors import UserError
+        from peftkit.models.load import load_model
+
+        r = self.recipe
+        num_labels, problem = self.head()
+        model = method.load_base(r.model, r.model.task_head, num_labels, problem)
+        if model is None:
+            model = load_model(r.model.name, r.model.task_head, num_labels, problem, r.model.dtype,
+                               r.model.trust_remote_code, r.model.attn_implementation)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and r.data.max_length > limit:
+            raise UserError(f"data.max_length {r.data.max_length} exceeds what {r.model.name} allows "
+                            f"({limit} positions). Set data.max_length to at most {limit}.")
+        return method.prepare(model)
+
+    def train_args(self, model, run_dir: Path, log):
+        return self.recipe.train
+
+    # ---- results -----------------------------------------------------------------------------
+    def save_final(self, method, model, tokenizer, directory: Path, task_info: dict) -> None:
+        """The method's own format, the tokenizer and peftkit.json (base model, method, options, task)."""
+        recipe = self.recipe
+        method.save(model, directory)
+        tokenizer.save_pretrained(directory)
+        info = {"method": recipe.method_name, "options": recipe.method.model_dump(mode="json"),
+                "model": recipe.model.model_dump(mode="json"), **task_info, "max_length": recipe.data.max_length}
+        (directory / INFO_FILE).write_text(json.dumps(info, indent=2))
+
+    def summary(self, data: TaskData, final: dict, start: dict | None, model, trained: dict) -> dict:
+        return dict(final)
+
+    def describe(self, data: TaskData) -> str:
+        """The log line that names what trains on what."""
+        return f"{self.recipe.model.name} / {self.name}"
+
+    def final_line(self, final: dict, data: TaskData) -> str:
+        return "  ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
