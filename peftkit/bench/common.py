@@ -1,6 +1,6 @@
 """What every bench shares: machine facts, timing, the JSON file and the printed table.
 
-Conventions (see ../shared/specs/benchmarks.md): contenders are measured side by side in one
+Conventions (see docs/benchmarks.md): contenders are measured side by side in one
 process with the same threads; times are medians of repeats after warm-up; ratios to the
 reference are the result, absolute seconds are context.
 """

@@ -3,7 +3,7 @@
 The claim under test (3ML paper): removing the [MASK]s from the early layers at a 50% masking rate costs
 0.78 (RoBERTa-base) / 0.68 (RoBERTa-large) of vanilla RoBERTa pretraining at 15%.
 
-Method (specs/benchmarks.md): random-init RoBERTa shapes built with attn_implementation="eager" (CPU sdpa
+Method (docs/benchmarks.md): random-init RoBERTa shapes built with attn_implementation="eager" (CPU sdpa
 kernels have no FLOP formula and would be silently dropped); one fixed batch of random token ids; each
 variant gets its own corruption of it (same seed). All variants wrap the SAME RobertaForMaskedLM weights,
 so they differ only in where the [MASK]s enter. FLOPs: torch.utils.flop_counter.FlopCounterMode around

@@ -1,6 +1,6 @@
 """Every method on GLUE with its costs: one row per (method, task).
 
-Per row (specs/benchmarks.md):
+Per row (docs/benchmarks.md):
   metric, value     the task's headline GLUE metric on the validation split after fine-tuning with the recipe
                     configs/<method>-minilm-<task>.yaml (methods without a recipe of their own, e.g. bitfit and
                     supertuning, take the LoRA recipe's data/train sections with their own default options);

@@ -5,7 +5,7 @@ model, so their latency ratio to the base is 1.00, while an unmerged LoRA adds w
 Every adapter gets non-zero values first, so merging writes real changes into the weights. A second copy of
 the unmodified base is timed as one more contender: its distance from 1.00 is the noise of the measurement.
 
-Method (specs/benchmarks.md): one process, one fixed batch of random token ids, model.eval() and
+Method (docs/benchmarks.md): one process, one fixed batch of random token ids, model.eval() and
 torch.inference_mode(); contenders are interleaved — each round times one forward of each, in a
 rotated order — so that machine drift hits all alike; median over >= 20 timed rounds after warm-up.
 

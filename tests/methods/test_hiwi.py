@@ -1,4 +1,4 @@
-"""HiWi invariants (specs/pafi-hiwi.md): at init == base, it trains (gradients reach W_down and W_up), the
+"""HiWi invariants (docs/methods/pafi-hiwi.md): at init == base, it trains (gradients reach W_down and W_up), the
 forward uses P + ReLU(P·W_down)·W_up, merged == unmerged with the base architecture, only FFN parameters
 change, and the bias variant saves only the new biases (and the head)."""
 

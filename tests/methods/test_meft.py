@@ -1,4 +1,4 @@
-"""MEFT (reversible), arXiv 2306.00477: the invariants of specs/meft.md on tiny BERT/RoBERTa models."""
+"""MEFT (reversible), arXiv 2306.00477: the invariants of docs/methods/meft.md on tiny BERT/RoBERTa models."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PaFi invariants (specs/pafi-hiwi.md): exact fraction, smallest |w| chosen, frozen entries bit-identical
+"""PaFi invariants (docs/methods/pafi-hiwi.md): exact fraction, smallest |w| chosen, frozen entries bit-identical
 after real AdamW steps with weight decay, save -> load -> same logits, merged == unmerged, base architecture."""
 
 import copy

@@ -22,7 +22,7 @@ def test_counted_flops_match_the_analytic_formula(variant, full_length):
 
 
 def test_analytic_vanilla_base_forward_matches_the_card():
-    """The card's estimate: vanilla RoBERTa-base at n = 512 with the head on 15% ≈ 103 GFLOP forward."""
+    """docs/methods/3ml.md: vanilla RoBERTa-base at n = 512 with the head on 15% ≈ 103 GFLOP forward."""
     config = roberta_config("base")
     targets = round(0.15 * 510)
     assert forward_flops(config, "mlm", 1, 512, 512, targets) == pytest.approx(103e9, rel=0.01)

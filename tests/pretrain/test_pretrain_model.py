@@ -1,4 +1,4 @@
-"""Invariants of the 3ML card: no masks = vanilla RoBERTa; early layers see exactly the unmasked tokens at
+"""Invariants of docs/methods/3ml.md: no masks = vanilla RoBERTa; early layers see exactly the unmasked tokens at
 their original positions; [MASK] slots come back in order; padding and uneven mask counts are handled."""
 
 import pytest
