@@ -9,7 +9,7 @@ saved_bytes: peftkit.bench.memory.saved_tensor_bytes (one training forward under
 storage once, parameters and buffers excluded). step_seconds: median of forward + backward + AdamW step; the
 contenders alternate, one step each per round, so load changes on a shared machine hit all of them alike.
 
-    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/sparse_linear_memory.py [--batch 32 --seq 128 --repeats 3]
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/sparse_linear_memory.py [--batch 32 --seq 128 --repeats 2]
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per contender (after one untimed pass)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed steps per contender after its saved-bytes pass (2 keeps one core under 3 minutes)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,9 +101,10 @@ def main() -> None:
     rows = []
     for key, (model, _, _) in runs.items():
         label, path = key.split("/")
-        rows.append({"method": label, "path": path, "saved_bytes": saved[key],
-                     "saved_mib": round(saved[key] / 2**20, 1), "saved_ratio_vs_full": round(saved[key] / full_bytes, 4),
-                     "step_seconds": round(statistics.median(times[key]), 3), "trainable_params": trainable_params(model)})
+        rows.append({"method": label, "path": path, "saved_bytes": saved[key], "saved_mib": round(saved[key] / 2**20, 1),
+                     "saved_ratio_vs_full": round(saved[key] / full_bytes, 4),
+                     "step_seconds": round(statistics.median(times[key]), 3),
+                     "trainable_params": trainable_params(model)})
     print(json.dumps({"model": args.model, "batch": args.batch, "seq": args.seq, "threads": args.threads,
                       "repeats": args.repeats, "cpu": cpu_name(), "amx_bf16": has_amx(),
                       "torch": torch.__version__, "rows": rows}, indent=1))
