@@ -6,6 +6,8 @@ the adapter:  P' = P + ReLU(P · W_down) · W_up,  row by row (a bias is a singl
 zero, so P' = P at initialisation. During training the forward recomputes P' each step (a
 parametrization of P); afterwards P' is computed once and the adapter is thrown away: the deployed
 model is the pretrained architecture with new FFN parameters, at full fine-tuning's speed.
+With target="weight" the training forward never assembles P' either: ``row_adapted_forward`` applies the
+adapter like LoRA (x·Pᵀ plus x through the two thin factors), so no weight-sized tensor is kept for backward.
 
 A zero parameter stays zero (f(0) = 0): HiWi needs the non-zero pretrained values it adapts.
 
@@ -27,6 +29,7 @@ from torch.nn.utils import parametrize
 from peftkit.config import MethodArgs, option
 from peftkit.errors import UserError
 from peftkit.methods.base import ADAPTER_FILE, Method, mark_only_head_trainable, parametrizations_of
+from peftkit.models.efficient_linear import install_forward, layout_of, row_adapted_linear, uninstall_forward
 from peftkit.utils.registry import METHODS
 
 
@@ -58,6 +61,21 @@ class WeightAdapter(nn.Module):
         return param + (torch.relu(rows @ self.down) @ self.up).reshape(param.shape)
 
 
+def row_adapted_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a Linear/Conv1D whose weight carries a WeightAdapter, without assembling P' for backward.
+
+    Only while gradients flow to the adapter: otherwise nothing is saved anyway, and the assembled P' gives
+    outputs bit-identical to the merged model's (the factored sum rounds differently).
+    """
+    weight = module.parametrizations["weight"] if parametrize.is_parametrized(module, "weight") else None
+    if weight is None or len(weight) != 1 or not isinstance(weight[0], WeightAdapter):
+        return type(module).forward(module, x)  # the chain changed since prepare: assemble it as usual
+    adapter = weight[0]
+    if not (torch.is_grad_enabled() and (adapter.down.requires_grad or adapter.up.requires_grad)):
+        return type(module).forward(module, x)
+    return row_adapted_linear(x, weight.original, adapter.down, adapter.up, module.bias, layout=layout_of(module))
+
+
 def adapted_tensors(model) -> dict[str, WeightAdapter]:
     """name of the adapted tensor (e.g. '...intermediate.dense.bias') -> its WeightAdapter."""
     return parametrizations_of(model, WeightAdapter)
@@ -82,6 +100,8 @@ class HiWi(Method):
         for _, module in targets:
             param = getattr(module, options.target)
             parametrize.register_parametrization(module, options.target, WeightAdapter(param, options.r))
+            if options.target == "weight" and layout_of(module) is not None:
+                install_forward(module, row_adapted_forward)
         return model
 
     def adapted_values(self, model) -> dict[str, torch.Tensor]:
@@ -124,4 +144,5 @@ class HiWi(Method):
                 for attr in list(module.parametrizations):
                     if all(isinstance(p, WeightAdapter) for p in module.parametrizations[attr]):
                         parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+                        uninstall_forward(module)
         return model

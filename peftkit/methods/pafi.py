@@ -10,7 +10,9 @@ How only k entries train, without a dense optimizer state: each pooled tensor st
 a parametrization holding its selected entries as a 1-D Parameter (``values``) at fixed flat
 positions (``indices``, a buffer). The forward reads ``base.scatter(indices, values)``. Entries
 outside the mask are read from the frozen tensor, so no gradient, weight decay or optimizer state
-can move them, and AdamW keeps state for k numbers instead of N.
+can move them, and AdamW keeps state for k numbers instead of N. A Linear (or Conv1D) whose weight is
+parametrized runs ``sparse_forward`` (peftkit.models.efficient_linear) rather than reading the assembled
+weight: the result is the same, but nothing weight-sized is kept for backward.
 
 Saved: indices + values per tensor and the head (safetensors), options (json). Merging replaces each
 parametrized tensor by its scattered value: a plain model of the base architecture.
@@ -30,6 +32,7 @@ from pydantic import StrictBool, field_validator
 from peftkit.config import MethodArgs, option
 from peftkit.errors import UserError
 from peftkit.methods.base import ADAPTER_FILE, NO_DECAY_MARKERS, Method, mark_only_head_trainable, parametrizations_of
+from peftkit.models.efficient_linear import install_forward, layout_of, sparse_linear, uninstall_forward
 from peftkit.utils.registry import METHODS
 
 INDEX_SUFFIX, VALUE_SUFFIX = ".indices", ".values"
@@ -65,6 +68,15 @@ class SparseEntries(nn.Module):
 
     def forward(self, base: torch.Tensor) -> torch.Tensor:
         return base.reshape(-1).scatter(0, self.indices, self.values).reshape(base.shape)
+
+
+def sparse_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a Linear/Conv1D whose weight carries SparseEntries, without assembling it under autograd."""
+    weight = module.parametrizations["weight"] if parametrize.is_parametrized(module, "weight") else None
+    if weight is None or len(weight) != 1 or not isinstance(weight[0], SparseEntries):
+        return type(module).forward(module, x)  # the chain changed since prepare: assemble it as usual
+    entries = weight[0]
+    return sparse_linear(x, weight.original, entries.indices, entries.values, module.bias, layout=layout_of(module))
 
 
 def smallest_entries(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -146,6 +158,10 @@ class PaFi(Method):
         mark_only_head_trainable(model)
         for (module, attr), indices in targets.values():
             parametrize.register_parametrization(module, attr, SparseEntries(getattr(module, attr), indices))
+        for (module, attr), _ in targets.values():
+            chain = module.parametrizations[attr]
+            if attr == "weight" and layout_of(module) is not None and len(chain) == 1:
+                install_forward(module, sparse_forward)
         return model
 
     def param_groups(self, model, weight_decay: float):
@@ -216,4 +232,5 @@ class PaFi(Method):
                 for attr in list(module.parametrizations):
                     if all(isinstance(p, SparseEntries) for p in module.parametrizations[attr]):
                         parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+                        uninstall_forward(module)
         return model
