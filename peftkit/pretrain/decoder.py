@@ -10,9 +10,9 @@ holding both, the way 3ML-self re-inserts the [MASK]s between the encoded tokens
 (and as masked autoencoders feed their decoders). A stream of [MASK]+position at every slot would carry
 no token at all: each slot could learn about the tokens only through cross-attention, whose queries are
 then nearly the same vector at every slot up to position, and the 10%-random / 10%-unchanged targets
-would not even see their own encoded token at their own slot. In a small-preset run that variant's MLM
-loss stayed above the unigram entropy of the corpus (it learned little beyond token frequencies); with
-the encoded tokens in the stream it matches 3ML-self. Cross-attention to the encoder states is kept as
+would not even see their own encoded token at their own slot. Trained that way on the small preset, its
+evaluation MLM loss stayed at the level of a context-free unigram predictor (it learned little beyond
+token frequencies); with the encoded tokens in the stream it drops below that level. Cross-attention to the encoder states is kept as
 the card describes it; it costs 4·n·d² + 4·m·d² + 4·n·m·d per layer (peftkit/pretrain/cost.py), the
 shapes being the same whatever the stream holds.
 """

@@ -14,6 +14,9 @@ to random, clearly non-zero values, so where each adapter reads from and where i
     MEFT2: y1 = x1 + ad_f(x2);           y2 = 0.1·x2 + L(y1, ad_ffn);       streams swapped
     MEFT3: y1 = 0.1·x1 + A(x2, ad_attn); y2 = 0.1·x2 + B(y1, ad_ffn);       not swapped
     (x1, x2) = (h0, h0) from the embeddings; the encoder's output is (x1 + x2) / 2.
+
+Also pinned here: the adapters' initialisation (N(0, 0.02²) weights, zero biases, r = 8) and reversible
+segments (``segment_layers``), which keep fp32 gradients at autograd's level in a 12-layer stack.
 """
 
 from __future__ import annotations
