@@ -1,6 +1,21 @@
-"""The small decoder of 3ML-cross: RoBERTa blocks with self-attention over the full-length query sequence
-and cross-attention to the encoder states of the unmasked tokens. Bidirectional (never causal).
-It exists only for pretraining; the exported checkpoint drops it."""
+"""The small decoder of 3ML-cross: RoBERTa blocks with self-attention over a full-length sequence and
+cross-attention to the encoder states of the unmasked tokens. Bidirectional (never causal).
+It exists only for pretraining; the exported checkpoint drops it.
+
+Its input sequence (built by MaskedLMPretrainer) is, slot by slot:
+    kept slot    -> the encoder's output state of that token
+    removed slot -> shared [MASK] vector + the slot's position embedding (embedding LayerNorm, dropout)
+The card reads "[MASK]-plus-position queries and encoder states": we read it as one full-length stream
+holding both, the way 3ML-self re-inserts the [MASK]s between the encoded tokens before its last layers
+(and as masked autoencoders feed their decoders). A stream of [MASK]+position at every slot would carry
+no token at all: each slot could learn about the tokens only through cross-attention, whose queries are
+then nearly the same vector at every slot up to position, and the 10%-random / 10%-unchanged targets
+would not even see their own encoded token at their own slot. Trained that way on the small preset, its
+evaluation MLM loss stayed at the level of a context-free unigram predictor (it learned little beyond
+token frequencies); with the encoded tokens in the stream it drops below that level. Cross-attention to the encoder states is kept as
+the card describes it; it costs 4·n·d² + 4·m·d² + 4·n·m·d per layer (peftkit/pretrain/cost.py), the
+shapes being the same whatever the stream holds.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +51,7 @@ class CrossDecoder(nn.Module):
                 module.bias.zero_()
 
     def forward(self, queries, query_mask, memory, memory_mask):
-        """queries (B, n, d) with padding mask (B, n); memory = encoder states (B, K, d) with mask (B, K)."""
+        """queries (B, n, d): the full-length stream, padding mask (B, n); memory = encoder states (B, K, d), mask (B, K)."""
         from transformers.masking_utils import create_bidirectional_mask
 
         self_mask = create_bidirectional_mask(config=self.config, inputs_embeds=queries, attention_mask=query_mask)

@@ -5,9 +5,11 @@ variant "3ml-self"   layers 1..Le see only the tokens that are not [MASK] (origi
                      layer Le+1 each removed slot comes back, in order, as a shared learned [MASK] vector plus
                      its position embedding (embedding LayerNorm + dropout); layers Le+1..L run at full length.
                      Le = L - full_length_layers.
-variant "3ml-cross"  all L layers see only the tokens that are not [MASK]; a small decoder (self-attention
-                     over a full-length sequence of [MASK]+position queries, cross-attention to the encoder)
-                     feeds the MLM head.
+variant "3ml-cross"  all L layers see only the tokens that are not [MASK]; a small decoder runs on the full-length
+                     sequence and feeds the MLM head. Its input has, at every kept slot, the encoder's output state
+                     of that token and, at every removed slot, the shared [MASK] vector plus the slot's position
+                     embedding (as 3ML-self re-inserts them); its layers self-attend over that sequence and
+                     cross-attend to the encoder states (see peftkit/pretrain/decoder.py for why both).
 In every variant the vocabulary head runs on the prediction targets only (labels != -100), as RoBERTa's
 original implementation does, so the vanilla baseline pays no head cost for unmasked positions.
 """
@@ -105,7 +107,9 @@ class MaskedLMPretrainer(nn.Module):
             hidden = self._run_layers(layers_of(self.mlm)[self.early_layers:], full, attention_mask)
         else:
             memory, short = self.encode_unmasked(input_ids, attention_mask, removed, positions, self.early_layers)
-            hidden = self.decoder(self.mask_slots(positions), attention_mask, memory, short.mask)
+            # the decoder's stream carries the encoded tokens at their slots, [MASK]+position elsewhere
+            stream = short.scatter_into(memory, self.mask_slots(positions))
+            hidden = self.decoder(stream, attention_mask, memory, short.mask)
 
         if labels is None:
             labels = torch.full_like(input_ids, IGNORE_INDEX)

@@ -206,3 +206,34 @@ def test_decoder_family_and_unchanged_forward_at_start():
     assert len(chosen_entries(model)) == round(0.01 * n)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_weight_decay_reaches_the_sparse_weight_entries_but_not_biases():
+    """AdamW with a zero gradient moves a parameter only by decoupled weight decay: p <- p·(1 - lr·wd).
+    The trained entries of weight matrices decay like full fine-tuning's weights; bias entries and the head's
+    biases do not (PaFi's values are 1-D tensors, so the usual 'ndim < 2 -> no decay' rule would miss them)."""
+    from peftkit.methods.pafi import sparse_entries
+
+    model = METHOD.prepare(tiny_bert(), PaFiOptions(rho=0.05, include_bias=True))
+    lr, wd = 0.1, 0.5
+    opt = torch.optim.AdamW(METHOD.param_groups(model, wd), lr=lr)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    for p in trainable.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    entries = sparse_entries(model)
+    weights = [n for n in entries if n.endswith(".weight")]
+    biases = [n for n in entries if n.endswith(".bias")]
+    assert weights and biases
+    for name in weights:
+        values = entries[name].values
+        name_of_values = next(n for n, p in trainable.items() if p is values)
+        torch.testing.assert_close(values.detach(), before[name_of_values] * (1 - lr * wd))
+    for name in biases:
+        values = entries[name].values
+        name_of_values = next(n for n, p in trainable.items() if p is values)
+        assert torch.equal(values.detach(), before[name_of_values])
+    torch.testing.assert_close(model.classifier.weight.detach(), before["classifier.weight"] * (1 - lr * wd))
+    assert torch.equal(model.classifier.bias.detach(), before["classifier.bias"])

@@ -152,3 +152,33 @@ def test_vanilla_head_runs_on_targets_only():
     model(**batch.as_batch())
     h.remove()
     assert calls == [torch.Size([int((batch.labels != -100).sum()), model.config.hidden_size])]
+
+
+def test_cross_decoder_stream_holds_encoded_tokens_and_mask_slots():
+    """3ML-cross: the decoder's input has the encoder's output at every kept slot (in order) and the
+    [MASK]+position state at every removed slot; the encoder states are also its cross-attention memory."""
+    config = tiny_config(layers=2)
+    model = MaskedLMPretrainer(config, "3ml-cross", decoder_layers=2).eval()
+    _, batch = corrupted(rows=3, length=24, mask_rate=0.5)
+    captured = {}
+
+    def decoder_hook(module, args, kwargs):
+        captured["stream"] = args[0]
+        captured["memory"] = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+
+    h1 = layers_of(model.mlm)[-1].register_forward_hook(lambda m, a, out: captured.__setitem__(
+        "encoded", out[0] if isinstance(out, tuple) else out))
+    h2 = model.decoder.layers[0].register_forward_pre_hook(decoder_hook, with_kwargs=True)
+    model(**batch.as_batch())
+    h1.remove(), h2.remove()
+
+    keep = batch.attention_mask.bool() & ~batch.removed
+    stream, encoded = captured["stream"], captured["encoded"]
+    torch.testing.assert_close(captured["memory"], encoded)
+    expected_slots = model.mask_slots(model.position_ids(batch.attention_mask))
+    for r in range(stream.shape[0]):
+        n = int(keep[r].sum())
+        torch.testing.assert_close(stream[r][keep[r]], encoded[r, :n])
+        torch.testing.assert_close(stream[r][batch.removed[r]], expected_slots[r][batch.removed[r]])
+    # the kept slots really differ from a [MASK] slot at the same position
+    assert not torch.allclose(stream[keep], expected_slots[keep])
