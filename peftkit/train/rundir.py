@@ -82,9 +82,9 @@ class RunDir:
         if not self.is_main:
             return self.path
         check_output_dir(self.path)
-        if self.path.is_dir():
-            self._refuse_foreign_content()  # before the lock file: nothing is written into a folder not ours
         try:
+            if self.path.is_dir():
+                self._refuse_foreign_content()  # before the lock file: nothing is written into a folder not ours
             self._created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self._take_lock()
