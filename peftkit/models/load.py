@@ -1,13 +1,150 @@
-"""Load a base model with its task head, and its tokenizer, failing fast when it cannot be found."""
+"""Load a base model with its task head, and its tokenizer, failing fast when it cannot be found.
+
+A local model directory is checked before transformers sees it (``check_model_dir``): config.json must be
+a JSON object naming a model_type peftkit supports, and the weights must be safetensors whose headers fit
+their files. Pickle weights (pytorch_model.bin) are refused rather than loaded: unpickling runs code
+chosen by whoever wrote the file.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import struct
 from pathlib import Path
 
 from peftkit.errors import UserError
 from peftkit.models.aliases import ALIASES, resolve_model
+from peftkit.models.families import FAMILIES
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+_MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit on the JSON header
+# bytes per element of each safetensors dtype (sub-byte float formats are left out: their sizes are not per element)
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _model_error(name: str, problem: str, expected: str) -> UserError:
+    return UserError(f'cannot load model "{name}": {problem}. {expected}')
+
+
+def read_model_config(directory: Path, name: str | None = None) -> dict:
+    """config.json of a model directory as a dict with a string model_type; a UserError naming the file otherwise."""
+    name = name or str(directory)
+    path = Path(directory) / "config.json"
+    expected = ("A model directory needs a transformers config.json: a JSON object with model_type "
+                "(as save_pretrained writes it).")
+    if not path.is_file():
+        raise _model_error(name, f"{path} does not exist", expected)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _model_error(name, f"{path} is not valid JSON ({e})", expected) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise _model_error(name, f"{path} has no model_type", expected)
+    return config
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Raise ValueError when ``path`` is not a well-formed safetensors file (header parse, offsets, exact size).
+
+    Catches truncated and overwritten files without reading the tensor data; a bit flip inside the data
+    itself is not detectable (the format carries no checksum).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    end_of_data = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            shape, dtype = info["shape"], info["dtype"]
+            ok = (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
+                  and all(isinstance(d, int) and d >= 0 for d in shape))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"tensor {key!r} has a malformed header entry")
+        if dtype in _DTYPE_BYTES:
+            count = 1
+            for d in shape:
+                count *= d
+            if count * _DTYPE_BYTES[dtype] != end - begin:
+                raise ValueError(f"tensor {key!r} ({dtype}, shape {shape}) does not match its {end - begin} bytes")
+        end_of_data = max(end_of_data, end)
+    if 8 + n + end_of_data != size:
+        raise ValueError(f"the header describes {8 + n + end_of_data} bytes, the file has {size} (truncated or padded)")
+
+
+def _weight_files(directory: Path, name: str) -> list[Path]:
+    index = directory / SAFE_INDEX
+    if (directory / SAFE_WEIGHTS).is_file():
+        return [directory / SAFE_WEIGHTS]
+    if not index.is_file():
+        return []
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        bad = [s for s in shards if not isinstance(s, str) or Path(s).name != s or s in ("", ".", "..")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _model_error(name, f"{index} is not a valid shard index ({e})",
+                           "Expected JSON with a weight_map of tensor name -> shard file name.") from None
+    if bad or not shards:
+        raise _model_error(name, f"{index} names shard files outside the directory or none at all ({bad})",
+                           "Each shard must be a plain file name inside the model directory.")
+    return [directory / s for s in sorted(shards)]
+
+
+def check_model_dir(directory: str | Path, name: str | None = None, need_weights: bool = True) -> dict:
+    """Check a local model directory before any loader touches it; return its config.json.
+
+    One UserError, naming the file and what is expected, for: a missing or malformed config.json, a
+    model_type outside peftkit.models.families, pickle-only weights, no weights, and safetensors files
+    that are truncated or whose header does not parse.
+    """
+    directory = Path(directory)
+    name = name or str(directory)
+    config = read_model_config(directory, name)
+    if config["model_type"] not in FAMILIES:
+        raise _model_error(name, f"{directory / 'config.json'} has model_type {config['model_type']!r}, which peftkit "
+                                 f"does not support", f"Supported model types: {', '.join(FAMILIES)}.")
+    if not need_weights:
+        return config
+    files = _weight_files(directory, name)
+    if not files:
+        pickled = [n for n in PICKLE_WEIGHTS if (directory / n).exists()]
+        if pickled:
+            raise _model_error(
+                name, f"its weights are only in {directory / pickled[0]}, a pickle file, which peftkit does not load "
+                      f"(unpickling can run arbitrary code)",
+                f"Convert it once, where you trust the file, with transformers: "
+                f"`AutoModel.from_pretrained('{directory}').save_pretrained('{directory}', safe_serialization=True)` "
+                f"writes {SAFE_WEIGHTS} beside it.")
+        raise _model_error(name, f"{directory} holds no weights",
+                           f"Expected {SAFE_WEIGHTS} (or a sharded {SAFE_INDEX} with its shards), as save_pretrained "
+                           f"writes them.")
+    for f in files:
+        if not f.is_file():
+            raise _model_error(name, f"the shard {f} named in {SAFE_INDEX} does not exist",
+                               "Copy the complete model directory again.")
+        try:
+            check_safetensors_file(f)
+        except (OSError, ValueError) as e:
+            raise _model_error(name, f"{f} is not a valid safetensors file ({e})",
+                               "The file is damaged or incomplete; copy or download it again.") from None
+    return config
 
 HEAD_CLASSES = {
     "seq_cls": "AutoModelForSequenceClassification",
@@ -52,6 +189,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
     path = resolve_model(name)
     _check_reachable(path)
+    if (Path(path) / "config.json").exists():  # a tokenizer directory may lack one; a broken one is still an error
+        read_model_config(Path(path), name)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -65,6 +204,11 @@ def load_model(name: str, task_head: str = "seq_cls", num_labels: int | None = N
 
     path = resolve_model(name)
     _check_reachable(path)
+    if Path(path).is_dir():
+        check_model_dir(path, name)
+    elif Path(path).exists():
+        raise _model_error(name, f"{path} is a file", "Set model.name to a model directory (holding config.json and "
+                                                      "model.safetensors), an alias or a hub name.")
     auto = getattr(transformers, HEAD_CLASSES[task_head])
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:

@@ -1,8 +1,13 @@
-"""The run directory: created once, locked while a run writes to it, never silently reused.
+"""The run directory: created once, marked as peftkit's, locked while a run writes to it, never silently reused.
 
 A directory that already holds a run with a different resolved config is refused unless the recipe
 asks to resume (train.resume) or to overwrite (output.overwrite). A lock file stops a second process
 from writing into a directory that a live run holds.
+
+A run writes only into a new or empty directory, or one carrying the marker file ``.peftkit-run``
+(JSON naming what peftkit wrote there). A non-empty directory without the marker is someone else's and is
+refused whatever the recipe asks, and ``output.overwrite`` removes only the entries peftkit wrote: a user
+who points ``output.dir`` at a folder of their own loses nothing.
 """
 
 from __future__ import annotations
@@ -10,13 +15,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import yaml
 
 from peftkit.errors import UserError
+from peftkit.utils.output_paths import check_output_dir
 
 LOCK = ".lock"
+MARKER = ".peftkit-run"
+# Every name a peftkit run may create at the top of its directory (finetune, finetune_lm, pretrain), and
+# the prefixes of the temporary directories it renames into place; the marker lists them from the start,
+# so even a run killed before it could record what it wrote is cleaned up by a later overwrite.
+RUN_LAYOUT = ("config.yaml", "checkpoints", "final", "metrics.jsonl", "metrics.json", "train.log", "env.json",
+              "plan.json")
+TEMP_PREFIXES = (".final-", ".tmp-")
 
 
 def _comparable(config: dict) -> dict:
@@ -28,23 +42,49 @@ def _comparable(config: dict) -> dict:
     return c
 
 
+def read_marker(path: Path) -> dict | None:
+    """The marker of run directory ``path``: {} when present but unreadable, None when absent."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        content = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _written_names(marker: dict) -> set[str]:
+    names = marker.get("written", [])
+    return {n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")} \
+        if isinstance(names, list) else set()
+
+
 class RunDir:
     """Context manager: prepare ``path`` for a run with ``config`` and hold its lock until exit.
 
     The lock is an flock on ``.lock`` (it holds the pid, for the message): the kernel drops it when the
     process dies, even by SIGKILL, so a stale lock never blocks a resume. A directory this attempt
     created is removed again when the attempt fails with a UserError (nothing half-written is left).
+    ``outputs`` names further top-level entries the caller will write (beyond RUN_LAYOUT), so that an
+    overwrite may remove them even if the process dies before the marker records them.
     """
 
-    def __init__(self, path: Path, config: dict, resume: bool, overwrite: bool, is_main: bool = True):
+    def __init__(self, path: Path, config: dict, resume: bool, overwrite: bool, is_main: bool = True,
+                 outputs: tuple[str, ...] = ()):
         self.path, self.config, self.resume, self.overwrite, self.is_main = Path(path), config, resume, overwrite, is_main
+        self.outputs = tuple(outputs)
         self._lock_fd: int | None = None
         self._created = False
+        self._kept: set[str] = set()  # entries of a marked directory that peftkit did not write
 
     def __enter__(self) -> Path:
         if not self.is_main:
             return self.path
+        check_output_dir(self.path)
         try:
+            if self.path.is_dir():
+                self._refuse_foreign_content()  # before the lock file: nothing is written into a folder not ours
             self._created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self._take_lock()
@@ -53,16 +93,68 @@ class RunDir:
             raise UserError(f"cannot write to output directory {self.path}: {e.strerror or e}. "
                             f"Choose a writable output.dir.") from None
         try:
+            marker = self._refuse_foreign_content()  # again under the lock: the folder may have changed meanwhile
             self._check_previous_run()
             if self.overwrite and not self.resume:
-                for child in self.path.iterdir():
-                    if child.name != LOCK:
-                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+                self._remove_previous_run(marker or {})
+                marker = {}
+            self._write_marker(marker or {}, self._entries())
             (self.path / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
         except BaseException:
             self._release(remove=self._created)
             raise
         return self.path
+
+    def _entries(self) -> set[str]:
+        return {child.name for child in self.path.iterdir()} - {LOCK}
+
+    def _ours(self, name: str, marker: dict) -> bool:
+        return (name in RUN_LAYOUT or name in self.outputs or name in _written_names(marker) or name.startswith(MARKER)
+                or name.startswith(TEMP_PREFIXES))
+
+    def _refuse_foreign_content(self) -> dict | None:
+        """The directory's marker (None for an empty one); a UserError when it holds files peftkit did not write."""
+        entries = self._entries()
+        marker = read_marker(self.path)
+        if marker is not None:
+            self._kept = {n for n in entries if not self._ours(n, marker)}
+            return marker
+        if not entries:
+            return None
+        if self._is_unmarked_run(entries):
+            return {}
+        shown = ", ".join(sorted(entries)[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+        raise UserError(
+            f"output directory {self.path} already exists and holds files peftkit did not write ({shown}). A run "
+            f"writes only into a new or empty directory or into one it created (marked by {MARKER}), and "
+            f"output.overwrite never deletes files of yours. Choose another output.dir, e.g. {self.path / 'run'}."
+        )
+
+    def _is_unmarked_run(self, entries: set[str]) -> bool:
+        """A run directory written before run directories were marked: only run files, config + env + log present."""
+        return ({"config.yaml", "env.json", "train.log"} <= entries
+                and all(self._ours(n, {}) for n in entries))
+
+    def _remove_previous_run(self, marker: dict) -> None:
+        """Delete what peftkit wrote (RUN_LAYOUT, ``outputs``, the names the marker lists); keep everything else."""
+        for child in self.path.iterdir():
+            if child.name in (LOCK, MARKER) or not self._ours(child.name, marker):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def _write_marker(self, marker: dict, present: set[str]) -> None:
+        """Record in the marker what peftkit wrote here: RUN_LAYOUT, ``outputs`` and whatever new is ``present``."""
+        written = _written_names(marker) | set(RUN_LAYOUT) | set(self.outputs) | (present - self._kept - {MARKER})
+        content = {"tool": "peftkit", "kind": "run directory",
+                   "created": marker.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "written": sorted(written),
+                   "note": "peftkit writes into and deletes from this directory only the entries listed in 'written'."}
+        tmp = self.path / f"{MARKER}.tmp"
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
+        os.replace(tmp, self.path / MARKER)
 
     def _check_previous_run(self) -> None:
         saved = self.path / "config.yaml"
@@ -118,5 +210,10 @@ class RunDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb):
+        if self._lock_fd is not None and self.path.is_dir():
+            try:  # record what the run wrote; the marker already names the usual layout if this fails
+                self._write_marker(read_marker(self.path) or {}, self._entries())
+            except OSError:
+                pass
         self._release(remove=self._created and exc_type is not None and issubclass(exc_type, UserError))
         return False

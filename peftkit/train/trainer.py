@@ -39,8 +39,10 @@ class Interrupted(Exception):
 class Trainer:
     def __init__(self, model, method, options, run_dir: Path, train_dataset: Sequence[dict], collate_fn: Callable,
                  eval_fn: Callable | None = None, best_metric: str | None = None, greater_is_better: bool = True,
-                 dist: DistInfo | None = None, log: Callable[[str], None] | None = None):
+                 dist: DistInfo | None = None, log: Callable[[str], None] | None = None,
+                 settings_hash: str | None = None):
         self.raw_model = model
+        self.settings_hash = settings_hash  # of the settings that change the result; stored in every checkpoint
         self.method = method
         self.opt = options
         self.run_dir = Path(run_dir)
@@ -141,7 +143,8 @@ class Trainer:
         py_state = random.getstate()
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "total_steps": self.total_steps, "best_value": self.best_value, "best_step": self.best_step,
-                "python_rng": [py_state[0], list(py_state[1]), py_state[2]], "world_size": self.dist.world_size}
+                "python_rng": [py_state[0], list(py_state[1]), py_state[2]], "world_size": self.dist.world_size,
+                "settings_hash": self.settings_hash}
 
     def save_checkpoint(self) -> Path | None:
         if self.dist.is_main:
@@ -152,10 +155,31 @@ class Trainer:
         barrier(self.dist)
         return self.last_checkpoint
 
-    def resume_from(self, path: Path) -> None:
+    RESUME_KEYS = ("step", "epoch", "batch_in_epoch", "best_value", "best_step", "python_rng")
+
+    def resume_from(self, path: Path, allow_foreign: bool = False, loaded: tuple | None = None) -> None:
+        """Continue from checkpoint ``path`` (``loaded``: its already verified contents). A checkpoint written
+        with other result-changing settings (settings_hash) is refused unless ``allow_foreign``."""
         import torch
 
-        tensors, torch_state, state = ckpt.read_checkpoint(path)
+        from peftkit.errors import UserError
+
+        if loaded is None:
+            try:
+                loaded = ckpt.read_checkpoint(path, self.RESUME_KEYS)
+            except ckpt.CheckpointDamaged as e:
+                raise UserError(f"cannot resume from {path}: {e}. Use train.resume=auto to continue from the newest "
+                                f"good checkpoint, or point train.resume at another one.") from None
+        tensors, torch_state, state = loaded
+        theirs = state.get("settings_hash")
+        if self.settings_hash and theirs and theirs != self.settings_hash:
+            if not allow_foreign:
+                raise UserError(f"cannot resume from {path}: it was written with different result-changing settings "
+                                f"(checkpoint settings {theirs}, this recipe {self.settings_hash}). Resume with the "
+                                f"recipe that wrote it, start a new output.dir, or set train.resume_any=true to "
+                                f"continue anyway.")
+            self.log(f"warning: resuming from {path}, written with other settings ({theirs}, now "
+                     f"{self.settings_hash}), because train.resume_any=true")
         if state.get("world_size", 1) != self.dist.world_size:
             raise RunFailed(f"checkpoint {path} was written by {state.get('world_size')} processes, this run has "
                             f"{self.dist.world_size}; resume with the same number of processes.")
@@ -173,18 +197,20 @@ class Trainer:
         self._truncate_metrics_log()
         self.log(f"resumed from {path} at step {self.step}/{self.total_steps}")
 
-    def resume(self, spec: str) -> None:
-        """Apply ``train.resume``: 'auto' = the latest complete checkpoint if any, 'false' = none, else a path."""
+    def resume(self, spec: str, allow_foreign: bool = False) -> None:
+        """Apply ``train.resume``: 'auto' = the latest good checkpoint if any (damaged newer ones are passed over
+        with a warning), 'false' = none, else a path. ``allow_foreign``: see resume_from."""
         if spec == "auto":
-            latest = self.latest_checkpoint()
-            if latest is not None:
-                self.resume_from(latest)
+            found = ckpt.read_latest_good(self.ckpt_dir, self.log, self.RESUME_KEYS)
+            if found is not None:
+                self.resume_from(found[0], allow_foreign, loaded=found[1:])
             else:
-                self.log("train.resume=auto: no checkpoint yet, starting fresh")
+                self.log("train.resume=auto: no usable checkpoint yet, starting fresh")
         elif spec != "false":
-            self.resume_from(Path(spec))
+            self.resume_from(Path(spec), allow_foreign)
 
     def latest_checkpoint(self) -> Path | None:
+        """The newest complete step checkpoint (sizes checked, checksums not: see ckpt.read_latest_good)."""
         found = ckpt.step_checkpoints(self.ckpt_dir)
         return found[-1] if found else None
 
@@ -310,9 +336,12 @@ class Trainer:
                                       f"checkpoint {self.last_checkpoint} (continue with train.resume=auto)")
         seconds = time.perf_counter() - start_time
         if self.opt.select_best and self.best_step is not None and self.best_step != self.step:
-            tensors, _, _ = ckpt.read_checkpoint(self.ckpt_dir / "best")
-            self.method.load_trainable_state(self.raw_model, {k: v.to(self.device) for k, v in tensors.items()})
-            self.log(f"final model = best evaluation ({self.best_metric} {self.best_value:.4f} at step {self.best_step})")
+            found = ckpt.read_best_or_latest(self.ckpt_dir, self.log)  # a damaged best gives way to the last good step
+            if found is not None:
+                source, tensors = found
+                self.method.load_trainable_state(self.raw_model, {k: v.to(self.device) for k, v in tensors.items()})
+                self.log(f"final model = best evaluation ({self.best_metric} {self.best_value:.4f} at step {self.best_step})"
+                         if source.name == "best" else f"final model = {source}")
         return {"steps": self.step, "epochs": self.step * self.opt.grad_accum / self.batches_per_epoch,
                 "train_seconds": seconds, "best_step": self.best_step, "best_value": self.best_value}
 

@@ -216,10 +216,11 @@ def test_output_dir_holding_a_different_run(setup, tmp_path):
     other["train"]["lr"] = 0.5
     (out / "config.yaml").write_text(yaml.safe_dump(other))
     (out / "metrics.json").write_text(json.dumps({"accuracy": 0.9}))
+    (out / ".peftkit-run").write_text(json.dumps({"written": ["config.yaml", "metrics.json"]}))  # a run dir peftkit made
     path = write_recipe(tmp_path / "r.yaml", recipe(setup, "other-run"))
     _refused(invoke("finetune", path), "already holds a run of a different recipe", "output.overwrite=true")
     _refused(invoke("finetune", path, "train.resume=auto"), "different recipe")
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.json"]  # untouched, lock released
+    assert sorted(p.name for p in out.iterdir()) == [".peftkit-run", "config.yaml", "metrics.json"]  # untouched, lock released
 
 
 def test_output_dir_under_a_regular_file(setup, tmp_path):
