@@ -87,10 +87,13 @@ def pretrain(recipe: str = typer.Argument(..., help="Pretraining recipe YAML (ml
 def evaluate(task: str = typer.Option(..., "--task", help="glue, glue:sst2,mrpc or wikitext2."),
              model: List[str] = typer.Option(..., "--model", help="Run directory or checkpoint (repeatable)."),
              data_root: Optional[str] = typer.Option(None, help="GLUE data root (default: env PEFTKIT_DATA_DIR)."),
-             limit: Optional[int] = typer.Option(None, help="Evaluate on the first N rows only."),
-             batch_size: int = typer.Option(128, help="Evaluation batch size."),
-             max_windows: Optional[int] = typer.Option(None, help="wikitext2: number of windows."),
-             seq_len: int = typer.Option(512, help="wikitext2: window length in tokens."),
+             limit: Optional[int] = typer.Option(None, min=1, help="Evaluate on the first N rows only."),
+             batch_size: int = typer.Option(128, min=1, max=65536, help="Evaluation batch size."),
+             max_windows: Optional[int] = typer.Option(None, min=1, help="wikitext2: number of windows."),
+             seq_len: int = typer.Option(512, min=2, max=1_048_576, help="wikitext2: window length in tokens."),
+             trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                    help="Let model code shipped with the checkpoint run (never "
+                                                         "decided by the run directory itself)."),
              json_out: Optional[str] = typer.Option(None, "--json", help="Also write the results to this file.")):
     """Evaluate fine-tuned models on GLUE (table + JSON) or a language model on WikiText-2 (perplexity)."""
 
@@ -100,7 +103,7 @@ def evaluate(task: str = typer.Option(..., "--task", help="glue, glue:sst2,mrpc 
 
         suite, tasks = parse_task_spec(task)
         if suite == "glue":
-            return evaluate_glue(model, tasks, data_root, batch_size, limit, json_out)
+            return evaluate_glue(model, tasks, data_root, batch_size, limit, json_out, trust_remote_code)
         if suite == "wikitext2":
             return run_cli(model, seq_len, max_windows, json_out)
         raise UserError(f'unknown task suite "{suite}" in --task {task}; use glue, glue:<task>[,<task>] or wikitext2.')

@@ -8,6 +8,7 @@ def run_bench(name: str, quick: bool, json_out: str | None, items: list[str]):
 
     from peftkit.bench.common import write_bench
     from peftkit.config.loader import load_settings
+    from peftkit.utils.output_paths import check_output_file
     from peftkit.utils.registry import BENCHES
 
     if name == "list":
@@ -16,5 +17,7 @@ def run_bench(name: str, quick: bool, json_out: str | None, items: list[str]):
         return None
     bench = BENCHES.get(name)
     settings = load_settings(bench.Settings, items, f"bench {name}")
+    if json_out:  # a path that cannot take the result is refused before the work, not after it
+        json_out = str(check_output_file(json_out, "--json"))
     rows = bench.run(quick, settings)
     return write_bench(name, rows, json_out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,15 +18,19 @@ def parse_task_spec(spec: str) -> tuple[str, list[str] | None]:
 
 
 def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str | None, batch_size: int = 128,
-                  limit: int | None = None, json_path: str | None = None) -> dict:
-    """Evaluate each model on its own GLUE task (or on ``tasks`` for a plain checkpoint); print and save a table."""
+                  limit: int | None = None, json_path: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Evaluate each model on its own GLUE task (or on ``tasks`` for a plain checkpoint); print and save a table.
+    Each run directory keeps its own results file (eval/results-<time>[-N].json: two evaluations never collide)."""
     from peftkit.methods.trained import load_trained
     from peftkit.tasks.glue import PadCollator, get_task, load_rows, make_eval_fn, tokenize_rows
+    from peftkit.utils.output_paths import check_output_file, unique_result_path
     from peftkit.utils.tables import format_table
 
+    if json_path:  # refused before any model loads
+        json_path = str(check_output_file(json_path, "--json"))
     rows_out = []
     for model_dir in model_dirs:
-        model, tokenizer, info = load_trained(model_dir)
+        model, tokenizer, info = load_trained(model_dir, trust_remote_code)
         own_task = info.get("task")
         wanted = tasks or ([own_task] if own_task else None)
         if not wanted:
@@ -59,10 +64,12 @@ def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str
     for model_dir in model_dirs:
         run = Path(model_dir)
         if (run / "final").is_dir():
-            targets.append(run / "eval" / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json")
+            targets.append(unique_result_path(run / "eval", f"results-{time.strftime('%Y%m%d-%H%M%S')}"))
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(payload, indent=2))
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, target)
     return payload
 
 
@@ -81,6 +88,10 @@ def run(model_path_or_dir: str, data_root: str | None = None, seq_len: int = 512
 
 def run_cli(models: list[str] | str, seq_len: int = 512, max_windows: int | None = None, json_out: str | None = None) -> list[dict]:
     """`peftkit eval --task wikitext2 --model DIR [--model DIR2] [--max-windows N] [--json FILE]`."""
+    from peftkit.utils.output_paths import check_output_file
+
+    if json_out:  # refused before any model loads
+        json_out = str(check_output_file(json_out, "--json"))
     rows = [run(m, seq_len=seq_len, max_windows=max_windows) for m in ([models] if isinstance(models, str) else models)]
     for row in rows:
         print(f"wikitext2 {row['model']}: ppl {row['ppl']:.3f} (nll {row['nll']:.4f}, {row['windows']} windows x {row['seq_len']} tokens)")

@@ -17,6 +17,7 @@ def quantize(recipe_spec: str, overrides: list[str] | tuple[str, ...] = ()) -> P
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.models.aliases import resolve_model
+    from peftkit.models.load import check_model_dir
     from peftkit.quant.checkpoint import save_quantized
     from peftkit.quant.pipeline import quantize_model
     from peftkit.train.pipeline import open_run
@@ -27,6 +28,8 @@ def quantize(recipe_spec: str, overrides: list[str] | tuple[str, ...] = ()) -> P
     with open_run(recipe) as run:
         start = time.perf_counter()
         path = resolve_model(recipe.model.name)
+        if Path(path).is_dir():
+            check_model_dir(path, recipe.model.name)
         run.log(f"quantize: {recipe.model.name} with {q.method}, {q.bits} bits, group {q.group_size}, "
                 f"LoRA r={q.lora_r} alpha={q.lora_alpha}")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -18,6 +18,7 @@ from peftkit.config.base import Section, describe_errors, suggest, validate_sect
 from peftkit.config.schema import KINDS, MethodArgs, Recipe, plain_name
 from peftkit.utils.registry import METHODS
 from peftkit.errors import UserError, did_you_mean
+from peftkit.utils.safe_yaml import load_yaml_bounded
 
 # YAML 1.1 (PyYAML) reads 1e-3 as a string: only numbers with a dot count as floats. Recipes follow YAML 1.2 here.
 _FLOAT = re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+)$"
@@ -43,55 +44,24 @@ def resolve_recipe_path(spec: str) -> Path:
 
 
 def _yaml_loader():
+    """SafeLoader with YAML 1.2 floats: 1e-3 is a number, as in every other tool users write configs for."""
     import yaml
 
     class RecipeLoader(yaml.SafeLoader):
-        """SafeLoader with YAML 1.2 floats (1e-3 is a number) and a bound on nodes (aliases counted each time)."""
-
-        def construct_document(self, node):
-            _count_nodes(node, MAX_YAML_NODES)
-            return super().construct_document(node)
+        pass
 
     RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     for first in "-+0123456789.":
-        RecipeLoader.yaml_implicit_resolvers.setdefault(first, [])
-        RecipeLoader.yaml_implicit_resolvers[first] = [
-            r for r in RecipeLoader.yaml_implicit_resolvers[first] if r[0] != "tag:yaml.org,2002:float"]
-        RecipeLoader.yaml_implicit_resolvers[first].insert(0, ("tag:yaml.org,2002:float", _FLOAT))
+        resolvers = [r for r in RecipeLoader.yaml_implicit_resolvers.get(first, []) if r[0] != "tag:yaml.org,2002:float"]
+        RecipeLoader.yaml_implicit_resolvers[first] = [("tag:yaml.org,2002:float", _FLOAT), *resolvers]
     return RecipeLoader
-
-
-def _count_nodes(root, limit: int) -> None:
-    """Count nodes with aliases expanded (a shared node counts every time it is referenced); stop past ``limit``."""
-    import yaml
-
-    sizes: dict[int, int] = {}
-
-    def size(node, depth: int) -> int:
-        if depth > 200:
-            raise UserError("the recipe nests deeper than 200 levels; a recipe is a few levels of sections and options.")
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        total = 1
-        if isinstance(node, yaml.SequenceNode):
-            total += sum(size(n, depth + 1) for n in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
-        if total > limit:
-            raise UserError(f"the recipe expands to more than {limit:,} YAML values (aliases count each time they are "
-                            f"used); a recipe needs a few hundred. Remove the repeated aliases.")
-        sizes[key] = total
-        return total
-
-    size(root, 0)
 
 
 def parse_yaml(text: str, where: str) -> Any:
     import yaml
 
     try:
-        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+        return load_yaml_bounded(text, MAX_YAML_NODES, source=where, loader_class=_yaml_loader())
     except ValueError as e:  # a scalar that resolves but cannot construct, e.g. the date 2024-02-30
         raise UserError(f"{where} is not valid YAML: {e}. Quote the value or fix it and run again.") from None
     except RecursionError:
@@ -196,6 +166,10 @@ def load_recipe(spec: str | Path | dict, overrides: Iterable[str] = (), kind: st
         sections[section] = validate_section(field.annotation, raw.get(section), section, errors)
 
     recipe = cls.model_construct(kind=recipe_kind, name=name, source=source, **sections)
+    try:
+        recipe.run_dir  # '~' and $VARS expanded; '.', home, '/' and the repository refused
+    except UserError as e:
+        errors.append(f"output.dir: {e}")
     if check_plugins and (recipe_kind != "finetune" or recipe.method_name in METHODS):
         errors.extend(plugin_problems(recipe))
     if errors:

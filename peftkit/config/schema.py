@@ -53,6 +53,8 @@ class TrainArgs(Section):
     keep_last: Count = option(2, "Checkpoints kept on disk (the best one is kept as well).", ge=1, le=1000)
     seed: Count = option(42, "Seed for initialisation, data order and dropout.", ge=0, le=MAX_SEED)
     resume: str = option("false", "'auto' continues from the latest checkpoint, a path resumes from it, 'false' starts fresh.")
+    resume_any: StrictBool = option(False, "Resume even from a checkpoint whose recipe had other result-changing "
+                                           "settings (by default such a resume is refused).")
     log_every: Count = option(10, "Log training loss every N optimizer steps.", ge=1, le=MAX_COUNT)
     eval_batch_size: Count = option(128, "Batch size for evaluation.", ge=1, le=65536)
     threads: Optional[Count] = option(None, "torch.set_num_threads (null = torch's default).", ge=1, le=1024)
@@ -241,6 +243,14 @@ class Recipe(Section):
         from peftkit.utils.output_paths import resolve_output_dir
 
         return resolve_output_dir(self.output.dir) if self.output.dir else Path("runs") / self.name
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change what a run computes: what a checkpoint must share with the run resuming it."""
+        settings = self.to_dict()
+        settings.pop("output", None)
+        for key in ("resume", "resume_any", "threads", "log_every", "eval_batch_size"):
+            settings.get("train", {}).pop(key, None)
+        return settings
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as config.yaml holds it."""

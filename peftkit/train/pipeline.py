@@ -95,6 +95,7 @@ def run_training(recipe) -> Path:
     import torch
 
     from peftkit.models.load import count_parameters
+    from peftkit.train.checkpoint import settings_digest
     from peftkit.train.distributed import init_distributed
     from peftkit.train.trainer import Trainer
     from peftkit.utils.seed import seed_everything
@@ -119,12 +120,13 @@ def run_training(recipe) -> Path:
         args = task.train_args(model, run.dir if dist.is_main else None, run.log)
         trainer = Trainer(model, method, args, run.dir, data.train, data.collate, data.eval_fn,
                           best_metric=task.best_metric if data.eval_fn else None,
-                          greater_is_better=task.greater_is_better, dist=dist, log=run.log)
+                          greater_is_better=task.greater_is_better, dist=dist, log=run.log,
+                          settings_hash=settings_digest(recipe.result_settings()))
         start = None
         if task.evaluate_start:  # before resume: the start point, whatever the checkpoints hold
             start = data.eval_fn(trainer.raw_model)
             run.log("start point: " + task.final_line(start, data))
-        trainer.resume(train.resume)
+        trainer.resume(train.resume, allow_foreign=train.resume_any)
         summary = trainer.train()
 
         final_metrics = data.eval_fn(trainer.raw_model) if data.eval_fn else {}

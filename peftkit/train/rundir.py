@@ -36,7 +36,7 @@ TEMP_PREFIXES = (".final-", ".tmp-")
 def _comparable(config: dict) -> dict:
     """The parts of a config that define the run (resume/overwrite/threads may change between attempts)."""
     c = json.loads(json.dumps(config))
-    for key in ("resume", "threads", "log_every"):
+    for key in ("resume", "resume_any", "threads", "log_every"):
         c.get("train", {}).pop(key, None)
     c.get("output", {}).pop("overwrite", None)
     return c

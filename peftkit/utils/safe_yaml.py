@@ -62,13 +62,13 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 
 def load_yaml_bounded(text: str, max_nodes: int = DEFAULT_MAX_NODES, max_depth: int = DEFAULT_MAX_DEPTH,
-                      source: str = "YAML document"):
-    """``yaml.safe_load(text)``, refusing a document that expands past ``max_nodes`` nodes or ``max_depth`` levels.
+                      source: str = "YAML document", loader_class: type = yaml.SafeLoader):
+    """``yaml.safe_load(text)`` (or ``loader_class``, a SafeLoader subclass), refusing a document that expands past ``max_nodes`` nodes or ``max_depth`` levels.
 
     Syntax errors propagate as yaml.YAMLError (with line and column) and unconstructible values as the
     constructor raises them, for the caller to word; a too-large document is a UserError naming ``source``.
     """
-    loader = yaml.SafeLoader(text)
+    loader = loader_class(text)
     try:
         try:
             root = loader.get_single_node()

@@ -37,7 +37,7 @@ def test_pafi_frozen_entries_bit_identical_after_adamw_on_cuda():
 
     method = create_method("pafi")
     base = tiny_bert().to(CUDA)
-    model = type(method)(PaFiOptions(rho=0.05)).prepare(copy.deepcopy(base))
+    model = create_method("pafi", rho=0.05).prepare(copy.deepcopy(base))
     optimizer = torch.optim.AdamW(method.param_groups(model, 0.1), lr=1e-2)
     ids = torch.randint(5, 64, (4, 10), device=CUDA)
     for _ in range(3):

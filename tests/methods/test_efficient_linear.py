@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import tiny_bert, tiny_llama
 
-from peftkit.methods import get_method
+from peftkit.methods import create_method
 from peftkit.methods.hiwi import HiWiOptions
 from peftkit.methods.lora import LoRAOptions
 from peftkit.methods.pafi import PaFiOptions
@@ -150,8 +150,8 @@ PARAMS = [pytest.param(m, o, k, id=f"{m}-{i}-{k}") for i, (m, o, ks) in enumerat
 
 
 def prepared(method_name, options, kind, seed=0):
-    method = get_method(method_name)
-    model = method.prepare(MODELS[kind](seed=seed), options)
+    method = create_method(method_name, options)
+    model = method.prepare(MODELS[kind](seed=seed))
     with torch.no_grad():  # move the trainable parameters off their identity start, so every path contributes
         gen = torch.Generator().manual_seed(seed + 1)
         for p in model.parameters():
@@ -262,9 +262,9 @@ def test_saved_for_backward_is_at_most_loras(method_name, options, kind):
     # wide layers and few tokens: a weight-sized saved tensor outweighs the activations
     model_kw = {"hidden": 64, "intermediate_size": 256} if kind == "bert" else {"hidden": 64}
     batch = batch_for(kind)
-    lora = get_method("lora").prepare(MODELS[kind](**model_kw), LoRAOptions(r=8))
+    lora = create_method("lora", LoRAOptions(r=8)).prepare(MODELS[kind](**model_kw))
     lora_bytes, _ = saved_bytes_and_shapes(lora, batch)
-    model = get_method(method_name).prepare(MODELS[kind](**model_kw), options)
+    model = create_method(method_name, options).prepare(MODELS[kind](**model_kw))
     new_bytes, new_shapes = saved_bytes_and_shapes(model, batch)
     with reference_forward(model):
         old_bytes, old_shapes = saved_bytes_and_shapes(model, batch)

@@ -154,5 +154,5 @@ def test_save_load_reproduces_logits(tmp_path, target):
 
 def test_options_validate():
     assert create_method("hiwi").options == HiWiOptions()
-    with pytest.raises(UserError, match="method.r: input should be greater than or equal to 1, got 0"):
+    with pytest.raises(UserError, match="method.r: must be >= 1 and <= 65536, got 0"):
         create_method("hiwi", r=0)

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftkit.methods import get_method
+from peftkit.methods import create_method
 from peftkit.methods.meft import MEFTOptions, meft_encoder_of
 from peftkit.models.families import backbone_of
 from tiny import tiny_bert
@@ -104,7 +104,7 @@ def reference_encoder(variant, layers, adapters, h0, cfg, mask):
 # ---- the comparison -----------------------------------------------------------------------------------
 def prepared_with_random_adapters(variant, model_type, seed=0):
     base = tiny_bert(model_type=model_type, layers=3, seed=seed, initializer_range=0.2).double()
-    model = get_method(variant).prepare(base, MEFTOptions()).eval()
+    model = create_method(variant, MEFTOptions()).prepare(base).eval()
     g = torch.Generator().manual_seed(seed + 10)
     with torch.no_grad():
         for p in meft_encoder_of(model).adapters.parameters():  # biases too: every term of ad() is exercised
@@ -147,7 +147,7 @@ def test_forward_equals_the_cards_equations_with_random_adapters(variant, model_
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_adapter_init_is_normal_with_std_0_02_and_zero_bias(variant):
     base = tiny_bert(layers=2, hidden=128).float()
-    model = get_method(variant).prepare(base, MEFTOptions())
+    model = create_method(variant, MEFTOptions()).prepare(base)
     weights, biases = [], []
     for ad in meft_encoder_of(model).adapters:
         for a in ad.values():
@@ -162,7 +162,7 @@ def test_adapter_init_is_normal_with_std_0_02_and_zero_bias(variant):
 
 # ---- reversible segments: fp32 gradients at depth -----------------------------------------------------
 def _twelve_layer_stack(variant):
-    model = get_method(variant).prepare(tiny_bert(layers=12, vocab_size=1000).float(), MEFTOptions()).eval()
+    model = create_method(variant, MEFTOptions()).prepare(tiny_bert(layers=12, vocab_size=1000).float()).eval()
     encoder = meft_encoder_of(model)
     ids = torch.randint(5, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -204,8 +204,8 @@ def test_segments_keep_their_boundaries_and_nothing_else():
     from peftkit.bench.memory import saved_tensor_bytes
 
     def saved(layers, segment_layers=None, method="meft1"):
-        m = get_method(method)
-        model = m.prepare(tiny_bert(layers=layers), m.Options()).train()
+        m = create_method(method)
+        model = m.prepare(tiny_bert(layers=layers)).train()
         if segment_layers:
             meft_encoder_of(model).segment_layers = segment_layers
         return saved_tensor_bytes(model, {"input_ids": torch.randint(5, 64, (3, 16)), "labels": torch.tensor([0, 1, 1])})
@@ -220,7 +220,7 @@ def test_segments_keep_their_boundaries_and_nothing_else():
 def test_segment_layers_must_be_positive():
     from peftkit.models.reversible import run_stack
 
-    model = get_method("meft1").prepare(tiny_bert(layers=2), MEFTOptions())
+    model = create_method("meft1", MEFTOptions()).prepare(tiny_bert(layers=2))
     x = torch.randn(1, 4, 32)
     with pytest.raises(ValueError, match="segment_layers"):
         run_stack(meft_encoder_of(model).blocks(), x, x, {"attention_mask": None}, segment_layers=0)

@@ -214,7 +214,7 @@ def test_weight_decay_reaches_the_sparse_weight_entries_but_not_biases():
     biases do not (PaFi's values are 1-D tensors, so the usual 'ndim < 2 -> no decay' rule would miss them)."""
     from peftkit.methods.pafi import sparse_entries
 
-    model = METHOD.prepare(tiny_bert(), PaFiOptions(rho=0.05, include_bias=True))
+    model = PaFi(PaFiOptions(rho=0.05, include_bias=True)).prepare(tiny_bert())
     lr, wd = 0.1, 0.5
     opt = torch.optim.AdamW(METHOD.param_groups(model, wd), lr=lr)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -93,5 +93,5 @@ def test_save_load_and_merge_reproduce_logits(tmp_path):
 
 def test_options_validate():
     assert create_method("supertuning").options == SuperTuningOptions()
-    with pytest.raises(UserError, match="method.rho: input should be less than 1, got 1.0"):
+    with pytest.raises(UserError, match="method.rho: must be > 0 and < 1, got 1.0"):
         create_method("supertuning", rho=1.0)

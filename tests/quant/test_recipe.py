@@ -32,7 +32,7 @@ def test_bad_bits_method_and_unknown_key_are_listed_together(setup):
 def test_group_size_must_divide_the_model_widths(setup):
     with pytest.raises(UserError, match=r"quant.group_size: 48 does not divide the model's hidden_size 64.*e\.g\. 64"):
         load_recipe(setup, kind="quantize", overrides= ["quant.group_size=48"])
-    with pytest.raises(UserError, match="quant.group_size: input should be greater than or equal to 1, got 0"):
+    with pytest.raises(UserError, match="quant.group_size: must be >= 1 and <= 65536, got 0"):
         load_recipe(setup, kind="quantize", overrides= ["quant.group_size=0"])
 
 

@@ -110,19 +110,19 @@ def test_a_damaged_best_gives_way_to_the_newest_good_step(tmp_path, damage):
 # ---- through the trainer ---------------------------------------------------------------------------
 
 def _trainer(root: Path, settings_hash: str | None = None, eval_fn=None, **opts):
-    from peftkit.config.schema import TrainOptions
-    from peftkit.data.glue import PadCollator, get_task, load_rows, tokenize_rows
-    from peftkit.methods import get_method
+    from peftkit.config.schema import TrainArgs
+    from peftkit.tasks.glue import PadCollator, get_task, load_rows, tokenize_rows
+    from peftkit.methods import create_method
     from peftkit.train.trainer import Trainer
     from tiny import tiny_bert, tiny_bert_tokenizer, write_glue_task
 
     torch.manual_seed(0)
-    method = get_method("bitfit")
-    model = method.prepare(tiny_bert(), method.Options())
+    method = create_method("bitfit")
+    model = method.prepare(tiny_bert())
     tok = tiny_bert_tokenizer(root / "tok")
     write_glue_task(root / "glue", "sst2", 32, 8)
     data = tokenize_rows(get_task("sst2"), load_rows("sst2", "train", str(root / "glue")), tok, 16)
-    options = TrainOptions(**{"max_steps": 4, "batch_size": 8, "lr": 1e-2, "save_every": 2, "log_every": 1,
+    options = TrainArgs(**{"max_steps": 4, "batch_size": 8, "lr": 1e-2, "save_every": 2, "log_every": 1,
                               "keep_last": 5, **opts})
     lines: list[str] = []
     trainer = Trainer(model, method, options, root / "run", data, PadCollator(0, False), eval_fn=eval_fn,
@@ -192,7 +192,7 @@ def setup(tmp_path_factory):
 
 def test_finetune_resume_auto_over_a_damaged_newest_checkpoint_is_bit_identical(setup):
     """The whole command: step-6 damaged after a finished run; resume=auto retrains from step 4 to the same weights."""
-    from peftkit.finetune import finetune
+    from peftkit.commands.train import finetune
 
     path = write_recipe(Path(setup["root"]) / "heal.yaml", recipe(setup, "heal", keep_last=3, select_best=False))
     run = Path(setup["root"]) / "heal"
