@@ -61,7 +61,7 @@ def type_name(annotation: Any) -> str:
 def range_text(field) -> str:
     """'>= 1', '(0, 1)', ... from the field's constraints, for the docs and error messages."""
     parts = []
-    for meta in field.metadata:
+    for meta in _constraints(field.metadata, field.annotation):
         for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "len >="),
                              ("max_length", "len <=")):
             value = getattr(meta, attr, None)
@@ -75,6 +75,15 @@ TYPE_WORDS = {"int_parsing": "expected an integer", "int_from_float": "expected 
               "float_parsing": "expected a number", "float_type": "expected a number", "bool_type": "expected true or false",
               "bool_parsing": "expected true or false", "string_type": "expected a string", "list_type": "expected a list",
               "dict_type": "expected a mapping of options", "model_type": "expected a mapping of options"}
+
+
+def _constraints(metadata, annotation) -> list:
+    """The field's own constraints plus those inside its type (Optional[Annotated[float, Gt(0)]])."""
+    found = list(metadata)
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found += list(getattr(arg, "__metadata__", ()))
+        found += _constraints([], arg) if getattr(arg, "__args__", None) else []
+    return found
 
 
 def suggest(key: str, names) -> str:

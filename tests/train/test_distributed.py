@@ -39,3 +39,29 @@ def test_finetune_command_under_torchrun(tiny_run_setup, tmp_path):
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 4
     assert result.stdout.count("final sst2") == 1  # rank 0 alone logs
+
+
+def test_pretrain_command_under_torchrun(tmp_path):
+    """The one pipeline gives pretraining the same distributed path: two gloo processes, rank 0 writes."""
+    import random
+
+    import yaml
+
+    rng = random.Random(0)
+    words = "the a good bad movie film plot actor was is not very fun boring story scene".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)) + "\n")
+    recipe = {"kind": "pretrain", "model": {"preset": "tiny", "vocab_size": 300},
+              "data": {"files": [str(corpus)], "block_size": 32, "eval_files": [str(corpus)], "eval_limit": 4},
+              "mlm": {"variant": "3ml-self", "full_length_layers": 1},
+              "train": {"batch_size": 4, "max_steps": 3, "log_every": 1}, "output": {"dir": str(tmp_path / "run")}}
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = _torchrun("-m", "peftkit", "pretrain", str(path), cwd=str(Path(__file__).parents[2]),
+                       env={"PEFTKIT_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3
+    for name in ("config.yaml", "env.json", "final"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert json.loads((tmp_path / "run" / "env.json").read_text())["world_size"] == 2

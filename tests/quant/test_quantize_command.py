@@ -1,0 +1,42 @@
+"""`peftkit quantize` writes a run directory like every other command: config.yaml, env.json, the marker, and the
+lock while it runs (a second process is refused)."""
+
+import json
+
+import pytest
+import yaml
+
+from peftkit.errors import UserError
+from qhelpers import write_model_dir, write_wikitext
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    model_dir = write_model_dir(tmp_path / "model")
+    data = write_wikitext(tmp_path / "wikitext")
+    raw = {"kind": "quantize", "model": {"name": str(model_dir)}, "calib": {"root": str(data), "n_windows": 2, "seq_len": 16},
+           "quant": {"method": "rtn", "bits": 2, "group_size": 16, "lora_r": 4}, "output": {"dir": str(tmp_path / "q")}}
+    path = tmp_path / "quant.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_quantize_output_is_a_run_directory(recipe, tmp_path):
+    from peftkit.commands.quantize import quantize
+    from peftkit.train.rundir import MARKER
+
+    out = quantize(str(recipe))
+    for name in ("config.yaml", "env.json", "train.log", MARKER, "quantization.json", "quantized_base.safetensors"):
+        assert (out / name).exists(), name
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["kind"] == "quantize" and config["quant"]["method"] == "rtn"
+    assert "torch" in json.loads((out / "env.json").read_text())
+
+
+def test_quantize_takes_the_lock(recipe, tmp_path):
+    from peftkit.commands.quantize import quantize
+    from peftkit.train.rundir import RunDir
+
+    with RunDir(tmp_path / "q", {"kind": "quantize"}, resume=False, overwrite=False):
+        with pytest.raises(UserError, match="in use by another run"):
+            quantize(str(recipe))
