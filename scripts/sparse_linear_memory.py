@@ -64,7 +64,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from peftkit.bench.memory import build_model, make_batch, saved_tensor_bytes, trainable_params
+    from peftkit.bench.memory import (
+        build_model,
+        make_batch,
+        saved_tensor_bytes,
+        trainable_params,
+    )
     from peftkit.methods import get_method
     from peftkit.models.efficient_linear import installed_modules, reference_forward
 

@@ -10,9 +10,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "quant"))
 
-from peftkit.errors import UserError  # noqa: E402
-from peftkit.commands.train import finetune  # noqa: E402
 from qhelpers import options, write_model_dir, write_wikitext  # noqa: E402
+
+from peftkit.commands.train import finetune  # noqa: E402
+from peftkit.errors import UserError  # noqa: E402
 
 
 @pytest.fixture
@@ -72,11 +73,12 @@ def test_apiq_fine_tune_lowers_perplexity_and_peftkit_eval_reproduces_it(lm_setu
 def test_only_lora_trains_on_the_quantized_base(lm_setup):
     from types import SimpleNamespace
 
-    from peftkit.config.schema import TrainArgs
-    from peftkit.tasks.causal_lm import collate_windows
-    from peftkit.methods import create_method
-    from peftkit.train.trainer import Trainer
     from qhelpers import windows
+
+    from peftkit.config.schema import TrainArgs
+    from peftkit.methods import create_method
+    from peftkit.tasks.causal_lm import collate_windows
+    from peftkit.train.trainer import Trainer
 
     method = create_method("apiq")
     model = method.prepare(method.load_base(SimpleNamespace(name=str(lm_setup["quant_dir"])), "causal_lm"))

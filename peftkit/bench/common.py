@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,17 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def training_step(method, model, lr: float = 1e-5):
+    """The trainer's own optimizer step (loss, backward, clipping, AdamW, schedule, the method's hook) on a batch it
+    is handed: what a run does per step, so a bench times exactly that."""
+    from peftkit.config.schema import TrainArgs
+    from peftkit.train.trainer import Trainer
+
+    options = TrainArgs(lr=lr, weight_decay=0.01, warmup_ratio=0.0, schedule="constant", max_steps=2**31 - 1)
+    trainer = Trainer.stepper(model, method, options)
+    return lambda batch: trainer.optimizer_step([batch])
 
 
 def time_interleaved(contenders: dict, repeats: int, warmup: int, sync) -> dict:

@@ -23,16 +23,14 @@ timing (true; false = count FLOPs only, for shapes too slow to time on a CPU).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Literal, Optional
 
-from pydantic import StrictBool, Field
+from pydantic import StrictBool
 
+from peftkit.bench.common import time_interleaved
 from peftkit.config.base import BenchSettings, option
 from peftkit.config.schema import like_train
 from peftkit.utils.registry import BENCHES
-
-from peftkit.bench.common import time_interleaved
-
 
 PAPER_BUDGET = {"base": 0.78, "large": 0.68}
 

@@ -37,14 +37,6 @@ report (bool: also write <work_dir>/report/ with the PNG plots and report.md, as
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
-
-from pydantic import StrictBool, Field
-
-from peftkit.config.base import BenchSettings, option
-from peftkit.config.schema import like_train
-from peftkit.utils.registry import BENCHES
-
 import copy
 import json
 import os
@@ -52,6 +44,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field, StrictBool
+
+from peftkit.config.base import BenchSettings, option
+from peftkit.config.schema import like_train
+from peftkit.utils.registry import BENCHES
 
 COLUMNS = ("method", "task", "metric", "value", "trainable_pct", "stored_bytes", "saved_bytes", "peak_rss_bytes",
            "step_seconds", "latency_ratio")  # the issue's columns: always present, None where not measured
@@ -246,8 +245,8 @@ def collect_results(plan: list) -> dict:
 
 def real_batch(s: dict, task: str, size: int) -> dict:
     """The first ``size`` training rows of ``task``, tokenized and padded as the trainer does."""
-    from peftkit.tasks.glue import PadCollator, get_task, load_rows, tokenize_rows
     from peftkit.models.load import load_tokenizer
+    from peftkit.tasks.glue import PadCollator, get_task, load_rows, tokenize_rows
 
     t = get_task(task)
     tokenizer = load_tokenizer(s["model"])
@@ -282,26 +281,21 @@ def torch_seed(seed: int) -> None:
 
 
 def saved_and_step_time(contenders: dict, batch: dict, repeats: int) -> tuple[dict, dict]:
-    import torch
+    from peftkit.bench.common import training_step
+    from peftkit.bench.memory import saved_tensor_bytes, synchronize
 
-    from peftkit.bench.memory import saved_tensor_bytes
-
-    from peftkit.bench.memory import synchronize
-
-    saved, times, optimizers = {}, {n: [] for n in contenders}, {}
+    saved, times, steps = {}, {n: [] for n in contenders}, {}
     for name, (method, model, _) in contenders.items():
         model.train()
         torch_seed(0)
         saved[name] = saved_tensor_bytes(model, batch)
-        optimizers[name] = torch.optim.AdamW(method.param_groups(model, 0.01), lr=1e-5)
+        steps[name] = training_step(method, model)
     for round_ in range(repeats + 1):  # round 0 is the warm-up; contenders alternate within each round
         for name, (method, model, _) in contenders.items():
             device = next(model.parameters()).device
             synchronize(device)
             start = time.perf_counter()
-            method.compute_loss(model, batch).backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
+            steps[name](batch)
             synchronize(device)
             if round_:
                 times[name].append(time.perf_counter() - start)
@@ -350,8 +344,8 @@ def peak_memory(rows: list[str], s: dict) -> dict:
 def run(quick: bool, options: dict) -> list[dict]:
     import torch
 
-    from peftkit.tasks.glue import get_task
     from peftkit.models.load import load_model
+    from peftkit.tasks.glue import get_task
 
     s = settings(quick, options)
     s["data_root"] = s["data_root"] or default_data_root()

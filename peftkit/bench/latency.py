@@ -15,17 +15,13 @@ repeats, warmup, rho (PaFi), r (HiWi), lora_r, threads, device, seed.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+import copy
+from typing import Literal, Optional
 
-from pydantic import Field
-
+from peftkit.bench.common import time_interleaved
 from peftkit.config.base import BenchSettings, option
 from peftkit.config.schema import like_train
 from peftkit.utils.registry import BENCHES
-
-import copy
-
-from peftkit.bench.common import time_interleaved
 
 
 def build_contenders(base, opts: dict) -> dict:

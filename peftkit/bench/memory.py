@@ -14,7 +14,8 @@ Per method, on the same model, batch and sequence length:
   peak_cuda_bytes   on a CUDA machine only (everything runs there, fp32): the same fresh-process measurement of the
                     GPU's peak allocated bytes (torch.cuda.max_memory_allocated after a reset) minus what was
                     allocated before the steps: activation memory as the MEFT paper measures it.
-  step_seconds      median time of forward + backward + optimizer step (contenders alternate in this process).
+  step_seconds      median time of the trainer's own optimizer step (forward, backward, clipping, AdamW, schedule;
+                    contenders alternate in this process).
   trainable_params  parameters that receive gradients.
 Depth sweep: saved_bytes for 2, 4, 8, 12 layers of a BERT-base-width model (hidden 768, random init, small
 vocabulary): flat in depth for MEFT, linear for full fine-tuning and LoRA; peak RSS as well at 12 layers.
@@ -23,14 +24,6 @@ The paper's claim: MEFT's activation memory is <= 16% of full fine-tuning's (84%
 """
 
 from __future__ import annotations
-
-from typing import Annotated, Literal, Optional, Union
-
-from pydantic import StrictBool, Field
-
-from peftkit.config.base import BenchSettings, option
-from peftkit.config.schema import like_train
-from peftkit.utils.registry import BENCHES
 
 import copy
 import json
@@ -42,8 +35,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
+from pydantic import StrictBool
+
+from peftkit.bench.common import training_step
+from peftkit.config.base import BenchSettings, option
+from peftkit.utils.registry import BENCHES
 
 METHODS = ("full", "lora", "meft1", "meft2", "meft3")
 DEPTHS = (2, 4, 8, 12)
@@ -85,9 +84,9 @@ def build_model(spec: dict):
     if spec["model"] == "config":
         config = AutoConfig.for_model("bert", **spec["config"], num_labels=2)
         return AutoModelForSequenceClassification.from_config(config)
-    from peftkit.models.aliases import resolve_model
-
     from transformers.utils import logging
+
+    from peftkit.models.aliases import resolve_model
 
     logging.set_verbosity_error()  # the "classifier newly initialised" report is expected
     return AutoModelForSequenceClassification.from_pretrained(resolve_model(spec["model"]), num_labels=2)
@@ -247,7 +246,7 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
     for name in METHODS:
         method, model = prepare(name, copy.deepcopy(base))
         model.train()
-        contenders[name] = (model, make_optimizer(method, model))
+        contenders[name] = (model, training_step(method, model))
     saved = {}
     for name, (model, _) in contenders.items():
         print(f"[memory] saved bytes: {name}", flush=True)
@@ -258,10 +257,10 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
     times = {name: [] for name in contenders}
     for round_ in range(settings["repeats"] + 1):
         print(f"[memory] step-time round {round_}", flush=True)
-        for name, (model, optimizer) in contenders.items():
+        for name, (model, step) in contenders.items():
             synchronize(device)
             start = time.perf_counter()
-            train_step(model, optimizer, batch)
+            step(batch)
             synchronize(device)
             if round_:
                 times[name].append(time.perf_counter() - start)

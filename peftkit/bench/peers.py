@@ -22,22 +22,18 @@ loftq_rank, loftq_iters, loftq_matrices, rho, skip (list of a/b/c), threads (tor
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
-
-from pydantic import Field
-
-from peftkit.config.base import BenchSettings, option
-from peftkit.config.schema import like_train
-from peftkit.utils.registry import BENCHES
-
 import contextlib
 import copy
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from peftkit.bench.glue import BenchRows, default_data_root
+from peftkit.config.base import BenchSettings, option
+from peftkit.config.schema import like_train
+from peftkit.utils.registry import BENCHES
 
 QUICK = dict(steps=10, repeats=5, loftq_matrices=12, loftq_iters=1, step_repeats=5)
 FULL = dict(steps=40, repeats=7, loftq_matrices=36, loftq_iters=5, step_repeats=10)
@@ -56,8 +52,8 @@ def settings(quick: bool, options: dict) -> dict:
 # ---- data: fixed-shape rows --------------------------------------------------------------------------
 def fixed_length_rows(s: dict, n: int) -> list[dict]:
     """The first ``n`` training rows, tokenized and padded to max_length (every batch has one shape)."""
-    from peftkit.tasks.glue import get_task, load_rows, tokenize_rows
     from peftkit.models.load import load_tokenizer
+    from peftkit.tasks.glue import get_task, load_rows, tokenize_rows
 
     task = get_task(s["task"])
     tokenizer = load_tokenizer(s["model"])
@@ -212,11 +208,11 @@ def loftq_rows(base, s: dict) -> list[dict]:
 
 # ---- (c) PaFi vs peft Super-Tuning ---------------------------------------------------------------------
 def sparse_rows(base, s: dict) -> list[dict]:
-    import torch
 
-    from peftkit.tasks.glue import PadCollator
+    from peftkit.bench.common import training_step
     from peftkit.methods import create_method
     from peftkit.models.load import count_parameters
+    from peftkit.tasks.glue import PadCollator
 
     batch = PadCollator(0, False)(fixed_length_rows(s, s["batch_size"]))
     contenders = {}
@@ -224,15 +220,12 @@ def sparse_rows(base, s: dict) -> list[dict]:
         method = create_method(name, rho=s["rho"])
         model = method.prepare(copy.deepcopy(base))
         model.train()
-        contenders[name] = (method, model, torch.optim.AdamW(method.param_groups(model, 0.01), lr=1e-4))
+        contenders[name] = (method, model, training_step(method, model, lr=1e-4))
     times = {name: [] for name in contenders}
     for round_ in range(s["step_repeats"] + 1):
-        for name, (method, model, optimizer) in contenders.items():
+        for name, (method, model, step) in contenders.items():
             start = time.perf_counter()
-            method.compute_loss(model, batch).backward()
-            optimizer.step()
-            method.after_optimizer_step(model)
-            optimizer.zero_grad(set_to_none=True)
+            step(batch)
             if round_:
                 times[name].append(time.perf_counter() - start)
     step = {n: statistics.median(t) for n, t in times.items()}

@@ -14,17 +14,13 @@ error_windows, loftq_iters, model.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
-
-from pydantic import Field
-
-from peftkit.config.base import BenchSettings, option
-from peftkit.config.schema import like_train
-from peftkit.utils.registry import BENCHES
-
 import copy
 import time
 from types import SimpleNamespace
+from typing import Literal, Optional
+
+from peftkit.config.base import BenchSettings, option
+from peftkit.utils.registry import BENCHES
 
 METHODS = ("rtn", "nf", "loftq", "apiq-lw", "apiq-bw")
 QUICK = dict(calib_windows=8, calib_seq_len=64, epochs=1, ppl_windows=4, ppl_seq_len=256, error_windows=2)
@@ -53,10 +49,17 @@ def run(quick: bool, options: dict) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.tasks.causal_lm import perplexity_of_windows
-    from peftkit.utils.text_windows import TEST_FILE, consecutive_windows, default_wikitext_root, random_windows, read_text, token_ids
     from peftkit.models.aliases import resolve_model
     from peftkit.quant.pipeline import build_quantized_model, quantize_model
+    from peftkit.tasks.causal_lm import perplexity_of_windows
+    from peftkit.utils.text_windows import (
+        TEST_FILE,
+        consecutive_windows,
+        default_wikitext_root,
+        random_windows,
+        read_text,
+        token_ids,
+    )
 
     s = _settings(quick, options)
     path = resolve_model(s["model"])

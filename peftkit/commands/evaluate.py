@@ -22,7 +22,13 @@ def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str
     """Evaluate each model on its own GLUE task (or on ``tasks`` for a plain checkpoint); print and save a table.
     Each run directory keeps its own results file (eval/results-<time>[-N].json: two evaluations never collide)."""
     from peftkit.methods.trained import load_trained
-    from peftkit.tasks.glue import PadCollator, get_task, load_rows, make_eval_fn, tokenize_rows
+    from peftkit.tasks.glue import (
+        PadCollator,
+        get_task,
+        load_rows,
+        make_eval_fn,
+        tokenize_rows,
+    )
     from peftkit.utils.output_paths import check_output_file, unique_result_path
     from peftkit.utils.tables import format_table
 

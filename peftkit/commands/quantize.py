@@ -21,7 +21,12 @@ def quantize(recipe_spec: str, overrides: list[str] | tuple[str, ...] = ()) -> P
     from peftkit.quant.checkpoint import save_quantized
     from peftkit.quant.pipeline import quantize_model
     from peftkit.train.pipeline import open_run
-    from peftkit.utils.text_windows import default_wikitext_root, random_windows, read_text, token_ids
+    from peftkit.utils.text_windows import (
+        default_wikitext_root,
+        random_windows,
+        read_text,
+        token_ids,
+    )
 
     q, c = recipe.quant, recipe.calib
     calib_path = Path(c.root or default_wikitext_root()).expanduser() / c.file

@@ -16,8 +16,8 @@ from typing import Any, Iterable
 
 from peftkit.config.base import Section, describe_errors, suggest, validate_section
 from peftkit.config.schema import KINDS, MethodArgs, Recipe, plain_name
-from peftkit.utils.registry import METHODS
 from peftkit.errors import UserError, did_you_mean
+from peftkit.utils.registry import METHODS
 from peftkit.utils.safe_yaml import load_yaml_bounded
 
 # YAML 1.1 (PyYAML) reads 1e-3 as a string: only numbers with a dot count as floats. Recipes follow YAML 1.2 here.

@@ -51,7 +51,11 @@ class QuantizedLoRA(PeftBackedMethod):
         return model
 
     def prepare(self, model):
-        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import (
+            get_peft_model,
+            get_peft_model_state_dict,
+            set_peft_model_state_dict,
+        )
         from safetensors.torch import load_file
 
         from peftkit.quant.checkpoint import read_info

@@ -28,8 +28,18 @@ from torch.nn.utils import parametrize
 
 from peftkit.config import MethodArgs, option
 from peftkit.errors import UserError
-from peftkit.methods.base import ADAPTER_FILE, Method, mark_only_head_trainable, parametrizations_of
-from peftkit.models.efficient_linear import install_forward, layout_of, row_adapted_linear, uninstall_forward
+from peftkit.methods.base import (
+    ADAPTER_FILE,
+    Method,
+    mark_only_head_trainable,
+    parametrizations_of,
+)
+from peftkit.models.efficient_linear import (
+    install_forward,
+    layout_of,
+    row_adapted_linear,
+    uninstall_forward,
+)
 from peftkit.utils.registry import METHODS
 
 

@@ -39,11 +39,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from peftkit.config import MethodArgs, option
 from peftkit.errors import UserError
 from peftkit.methods.base import Method, mark_only_head_trainable
 from peftkit.models.families import Family, backbone_of, family_of, get_path, split_path
 from peftkit.models.reversible import ReversibleBlock, run_stack
-from peftkit.config import MethodArgs, option
 from peftkit.utils.registry import METHODS
 
 
@@ -202,7 +202,9 @@ class MEFTEncoder(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 past_key_values=None, use_cache=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+        from transformers.modeling_outputs import (
+            BaseModelOutputWithPastAndCrossAttentions,
+        )
 
         if encoder_hidden_states is not None or past_key_values is not None:
             raise ValueError("MEFT supports encoder (bidirectional, uncached) models: no cross-attention, no KV cache")

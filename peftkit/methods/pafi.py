@@ -24,15 +24,25 @@ import re
 from typing import Optional
 
 import torch
+from pydantic import StrictBool, field_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pydantic import StrictBool, field_validator
-
 from peftkit.config import MethodArgs, option
 from peftkit.errors import UserError
-from peftkit.methods.base import ADAPTER_FILE, NO_DECAY_MARKERS, Method, mark_only_head_trainable, parametrizations_of
-from peftkit.models.efficient_linear import install_forward, layout_of, sparse_linear, uninstall_forward
+from peftkit.methods.base import (
+    ADAPTER_FILE,
+    NO_DECAY_MARKERS,
+    Method,
+    mark_only_head_trainable,
+    parametrizations_of,
+)
+from peftkit.models.efficient_linear import (
+    install_forward,
+    layout_of,
+    sparse_linear,
+    uninstall_forward,
+)
 from peftkit.utils.registry import METHODS
 
 INDEX_SUFFIX, VALUE_SUFFIX = ".indices", ".values"

@@ -63,7 +63,11 @@ def load_for_eval(model_path_or_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.models.aliases import resolve_model
-    from peftkit.quant.checkpoint import is_quantized_dir, load_quantized, load_quantized_base
+    from peftkit.quant.checkpoint import (
+        is_quantized_dir,
+        load_quantized,
+        load_quantized_base,
+    )
 
     path = final_dir(model_path_or_dir)
     if (path / INFO_FILE).is_file():

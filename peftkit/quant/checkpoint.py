@@ -20,7 +20,11 @@ from pathlib import Path
 import torch
 
 from peftkit.errors import UserError
-from peftkit.quant.pipeline import QuantResult, apply_quantized_weights, build_quantized_model
+from peftkit.quant.pipeline import (
+    QuantResult,
+    apply_quantized_weights,
+    build_quantized_model,
+)
 from peftkit.quant.quantized_weight import QuantizedWeight
 
 BASE_FILE = "quantized_base.safetensors"
@@ -96,7 +100,11 @@ def load_quantized_base(in_dir, task_head: str = "causal_lm", num_labels: int | 
                         problem_type: str | None = None, dtype=torch.float32):
     """The dequantized (fake-quant) transformers model, without LoRA, with the requested head."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     in_dir = Path(in_dir)
     info = read_info(in_dir)

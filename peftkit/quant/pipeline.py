@@ -16,9 +16,23 @@ from dataclasses import dataclass, field
 import torch
 
 from peftkit.models.families import layers_of
-from peftkit.quant.apiq import CalibReport, CalibSettings, calibrate_block, calibrate_linear
-from peftkit.quant.blocks import (block_linears, block_prefixes, capture_block_inputs, capture_linear_inputs, decoder_family,
-                                  forward_order, replace_module, run_block_batched, target_leaf_names)
+from peftkit.quant.apiq import (
+    CalibReport,
+    CalibSettings,
+    calibrate_block,
+    calibrate_linear,
+)
+from peftkit.quant.blocks import (
+    block_linears,
+    block_prefixes,
+    capture_block_inputs,
+    capture_linear_inputs,
+    decoder_family,
+    forward_order,
+    replace_module,
+    run_block_batched,
+    target_leaf_names,
+)
 from peftkit.quant.loftq import loftq_init
 from peftkit.quant.normal_float import nf_quantize
 from peftkit.quant.qlinear import QuantLinear

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.quant.quantized_weight import QuantizedWeight
-from peftkit.quant.uniform import LWC_INIT, fake_quantize, grouped, quantize_codes, scale_and_zero
+from peftkit.quant.uniform import (
+    LWC_INIT,
+    fake_quantize,
+    grouped,
+    quantize_codes,
+    scale_and_zero,
+)
 
 
 class QuantLinear(nn.Module):

@@ -24,7 +24,6 @@ from typing import Any, Callable, ClassVar, Sequence
 from peftkit.methods.trained import INFO_FILE
 
 
-
 @dataclass
 class TaskData:
     """What the trainer needs of the data, and what the task reports about it."""

@@ -20,7 +20,13 @@ from pathlib import Path
 from peftkit.errors import UserError
 from peftkit.tasks.base import Task, TaskData
 from peftkit.utils.registry import TASKS
-from peftkit.utils.text_windows import TEST_FILE, TRAIN_FILE, consecutive_windows, default_wikitext_root, token_ids
+from peftkit.utils.text_windows import (
+    TEST_FILE,
+    TRAIN_FILE,
+    consecutive_windows,
+    default_wikitext_root,
+    token_ids,
+)
 
 # Methods checked on a causal LM: LoRA and full on a plain decoder, apiq on a `peftkit quantize` output.
 # The others assume an encoder (MEFT's post-norm layers, HiWi's FFN biases) or a classifier head.

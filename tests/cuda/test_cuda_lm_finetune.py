@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-
 from test_finetune_lm import _write, lm_setup  # noqa: F401  (lm_setup is a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -31,9 +31,9 @@ def test_meft_reversible_gradients_and_dropout_replay_on_cuda():
 
 
 def test_pafi_frozen_entries_bit_identical_after_adamw_on_cuda():
-    from peftkit.methods import create_method
-    from peftkit.methods.pafi import PaFiOptions
     from tiny import tiny_bert
+
+    from peftkit.methods import create_method
 
     method = create_method("pafi")
     base = tiny_bert().to(CUDA)
@@ -57,8 +57,9 @@ def test_pafi_frozen_entries_bit_identical_after_adamw_on_cuda():
 
 @pytest.mark.parametrize("method", ["rtn", "nf", "loftq", "apiq-bw"])
 def test_quantize_on_cuda_matches_cpu(method):
-    from peftkit.quant.pipeline import build_quantized_model, quantize_model
     from quant.qhelpers import options, structured_llama, windows
+
+    from peftkit.quant.pipeline import build_quantized_model, quantize_model
 
     fp = structured_llama()
     calib = windows(n=4, length=16)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny import tiny_bert
 
 from peftkit.methods import create_method
-from tiny import tiny_bert
 
 
 def _batch():

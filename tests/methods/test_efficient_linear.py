@@ -13,7 +13,12 @@ from peftkit.methods.hiwi import HiWiOptions
 from peftkit.methods.lora import LoRAOptions
 from peftkit.methods.pafi import PaFiOptions
 from peftkit.methods.supertuning import SuperTuningOptions
-from peftkit.models.efficient_linear import installed_modules, reference_forward, row_adapted_linear, sparse_linear
+from peftkit.models.efficient_linear import (
+    installed_modules,
+    reference_forward,
+    row_adapted_linear,
+    sparse_linear,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 BERT_BATCH = {"input_ids": torch.tensor([[2, 7, 9, 11, 3, 0], [2, 5, 6, 8, 12, 3]]),

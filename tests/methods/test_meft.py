@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from peftkit.methods.base import is_head_parameter
+from tiny import tiny_bert, tiny_llama
 
 from peftkit.bench.memory import saved_tensor_bytes
 from peftkit.errors import UserError
 from peftkit.methods import create_method
+from peftkit.methods.base import is_head_parameter
 from peftkit.methods.meft import MEFTOptions, PostNormLayerParts, meft_encoder_of
 from peftkit.models.families import family_of, layers_of
-from tiny import tiny_bert, tiny_llama
 
 VARIANTS = ("meft1", "meft2", "meft3")
 

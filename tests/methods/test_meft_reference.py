@@ -26,12 +26,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from tiny import tiny_bert
 
 from peftkit.methods import create_method
 from peftkit.methods.meft import MEFTOptions, meft_encoder_of
 from peftkit.models.families import backbone_of
-from tiny import tiny_bert
 
 VARIANTS = ("meft1", "meft2", "meft3")
 

@@ -5,12 +5,11 @@ import copy
 
 import pytest
 import torch
-
-from peftkit.methods.base import is_head_parameter
 from tiny import assert_base_architecture, tiny_bert, tiny_llama
 
 from peftkit.errors import UserError
 from peftkit.methods import create_method
+from peftkit.methods.base import is_head_parameter
 from peftkit.methods.pafi import PaFi, PaFiOptions
 
 METHOD = create_method("pafi")

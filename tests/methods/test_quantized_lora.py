@@ -9,11 +9,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
 
+from qhelpers import options, structured_llama, windows  # noqa: E402
+
 from peftkit.errors import UserError  # noqa: E402
 from peftkit.methods import create_method  # noqa: E402
 from peftkit.quant.checkpoint import load_quantized, save_quantized  # noqa: E402
 from peftkit.quant.pipeline import quantize_model  # noqa: E402
-from qhelpers import options, structured_llama, windows  # noqa: E402
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from peftkit.errors import UserError
 from peftkit.config.loader import load_recipe as load_any_recipe
+from peftkit.errors import UserError
 
 
 def load_recipe(spec, overrides=()):

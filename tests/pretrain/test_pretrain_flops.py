@@ -1,7 +1,6 @@
 """FLOPs: torch's FlopCounterMode on a tiny model matches the analytic count of cost.py; the bench runs."""
 
 import pytest
-import torch
 from helpers_pretrain import corrupted, tiny_config
 
 from peftkit.bench.flops import analytic_step_flops, count_step_flops, run

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from qhelpers import options, structured_llama, windows
 
 from peftkit.quant import apiq
 from peftkit.quant.pipeline import build_quantized_model, quantize_model
-from qhelpers import options, structured_llama, windows
 
 
 def _last_block_output(model, ids):

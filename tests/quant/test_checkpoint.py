@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-
-from peftkit.quant.checkpoint import load_quantized, load_quantized_base, save_quantized
-from peftkit.commands.quantize import quantize
-from peftkit.quant.pipeline import quantize_model
 from qhelpers import options, structured_llama, windows, write_model_dir, write_wikitext
+
+from peftkit.commands.quantize import quantize
+from peftkit.quant.checkpoint import load_quantized, load_quantized_base, save_quantized
+from peftkit.quant.pipeline import quantize_model
 
 
 @pytest.mark.parametrize("method,bits", [("apiq-bw", 2), ("loftq", 3), ("nf", 4), ("rtn", 16)])

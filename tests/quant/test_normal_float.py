@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from peftkit.quant.normal_float import bnb_nf4_fake_quantize, nf_dequantize, nf_levels, nf_quantize
+from peftkit.quant.normal_float import (
+    bnb_nf4_fake_quantize,
+    nf_dequantize,
+    nf_levels,
+    nf_quantize,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

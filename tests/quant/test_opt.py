@@ -1,10 +1,10 @@
 """OPT decoders (learned positions, biased projections) go through the same pipeline and checkpoint."""
 
 import torch
+from qhelpers import options, windows
 
 from peftkit.quant.checkpoint import load_quantized, save_quantized
 from peftkit.quant.pipeline import quantize_model
-from qhelpers import options, windows
 
 
 def tiny_opt(seed=0):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import yaml
+from qhelpers import write_model_dir, write_wikitext
 
 from peftkit.errors import UserError
-from qhelpers import write_model_dir, write_wikitext
 
 
 @pytest.fixture

@@ -4,7 +4,13 @@ import torch
 from torch import nn
 
 from peftkit.quant.qlinear import QuantLinear
-from peftkit.quant.uniform import dequantize_codes, fake_quantize, grouped, rtn_quantize, scale_and_zero
+from peftkit.quant.uniform import (
+    dequantize_codes,
+    fake_quantize,
+    grouped,
+    rtn_quantize,
+    scale_and_zero,
+)
 
 
 def _linear(out=24, inp=64, seed=0):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers_reliability import invoke, make_setup, recipe, run_cli, write_recipe
 
 

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_reliability import (
+    assert_identical,
+    final_state,
+    make_setup,
+    recipe,
+    write_recipe,
+)
 
-from helpers_reliability import assert_identical, final_state, make_setup, recipe, write_recipe
 from peftkit.errors import UserError
 from peftkit.train import checkpoint as ckpt
 
@@ -110,11 +116,12 @@ def test_a_damaged_best_gives_way_to_the_newest_good_step(tmp_path, damage):
 # ---- through the trainer ---------------------------------------------------------------------------
 
 def _trainer(root: Path, settings_hash: str | None = None, eval_fn=None, **opts):
-    from peftkit.config.schema import TrainArgs
-    from peftkit.tasks.glue import PadCollator, get_task, load_rows, tokenize_rows
-    from peftkit.methods import create_method
-    from peftkit.train.trainer import Trainer
     from tiny import tiny_bert, tiny_bert_tokenizer, write_glue_task
+
+    from peftkit.config.schema import TrainArgs
+    from peftkit.methods import create_method
+    from peftkit.tasks.glue import PadCollator, get_task, load_rows, tokenize_rows
+    from peftkit.train.trainer import Trainer
 
     torch.manual_seed(0)
     method = create_method("bitfit")

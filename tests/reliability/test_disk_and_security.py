@@ -7,8 +7,14 @@ import re
 from pathlib import Path
 
 import pytest
-
-from helpers_reliability import assert_identical, final_state, invoke, make_setup, recipe, write_recipe
+from helpers_reliability import (
+    assert_identical,
+    final_state,
+    invoke,
+    make_setup,
+    recipe,
+    write_recipe,
+)
 
 PEFTKIT = Path(__file__).resolve().parents[2] / "peftkit"
 

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peftkit.config.loader import load_recipe
-from peftkit.tasks.glue import load_rows
 from peftkit.errors import UserError
+from peftkit.tasks.glue import load_rows
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -15,8 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-
-from helpers_reliability import assert_identical, final_state, make_setup, recipe, start_cli, write_recipe
+from helpers_reliability import (
+    assert_identical,
+    final_state,
+    make_setup,
+    recipe,
+    start_cli,
+    write_recipe,
+)
 
 STEPS = 40
 TRAIN = {"max_steps": STEPS, "save_every": 1, "eval_every": 5, "keep_last": 2, "log_every": 10}

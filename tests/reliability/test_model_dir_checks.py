@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers_reliability import invoke, make_setup, recipe, write_recipe
+
 from peftkit.errors import UserError
 from peftkit.models.families import FAMILIES
 from peftkit.models.load import check_model_dir, load_model

@@ -9,11 +9,15 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from helpers_reliability import make_setup, recipe, run_cli, write_recipe
+
 from peftkit.errors import UserError
 from peftkit.train.rundir import MARKER, RunDir
-from peftkit.utils.output_paths import check_output_file, resolve_output_dir, unique_result_path
+from peftkit.utils.output_paths import (
+    check_output_file,
+    resolve_output_dir,
+    unique_result_path,
+)
 
 CONFIG = {"model": {"name": "m"}, "train": {"lr": 0.1}, "output": {"overwrite": False}}
 

@@ -7,9 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from helpers_reliability import (assert_identical, final_state, invoke, make_setup, recipe, run_cli, start_cli,
-                                 write_recipe)
+from helpers_reliability import (
+    assert_identical,
+    final_state,
+    invoke,
+    make_setup,
+    recipe,
+    run_cli,
+    start_cli,
+    write_recipe,
+)
 
 STEPS = 60
 TRAIN = {"max_steps": STEPS, "save_every": 10, "eval_every": 10, "keep_last": 2, "log_every": 10}

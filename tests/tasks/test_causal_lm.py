@@ -9,10 +9,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
 
+from qhelpers import write_wikitext  # noqa: E402
+
+from peftkit.errors import UserError  # noqa: E402
 from peftkit.tasks.causal_lm import CausalLMText, LMText, collate_windows, text_windows  # noqa: E402
 from peftkit.tasks.glue import GlueFinetuning  # noqa: E402
-from peftkit.errors import UserError  # noqa: E402
-from qhelpers import write_wikitext  # noqa: E402
 
 
 def _tokenizer(tmp_path):

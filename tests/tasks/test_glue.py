@@ -1,10 +1,11 @@
 import json
 
 import pytest
-
-from peftkit.tasks.glue import TASKS_BY_NAME as TASKS, PadCollator, get_task, load_rows, tokenize_rows
-from peftkit.errors import UserError
 from tiny import write_glue_task
+
+from peftkit.errors import UserError
+from peftkit.tasks.glue import TASKS_BY_NAME as TASKS
+from peftkit.tasks.glue import PadCollator, get_task, load_rows, tokenize_rows
 
 
 def test_registry_knows_all_nine_tasks():

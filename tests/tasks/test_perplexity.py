@@ -9,9 +9,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
 
+from qhelpers import structured_llama, write_model_dir, write_wikitext  # noqa: E402
+
 from peftkit.commands.evaluate import run  # noqa: E402
 from peftkit.tasks.causal_lm import evaluate_perplexity  # noqa: E402
-from qhelpers import structured_llama, write_model_dir, write_wikitext  # noqa: E402
 
 
 def _tokenizer(tmp_path):
@@ -49,9 +50,10 @@ def test_window_count_is_capped_by_the_text(tmp_path):
 
 
 def test_run_on_a_model_dir_and_on_a_quantize_output_dir(tmp_path):
+    from qhelpers import options
+
     from peftkit.quant.checkpoint import save_quantized
     from peftkit.quant.pipeline import quantize_model
-    from qhelpers import options
 
     model_dir = write_model_dir(tmp_path / "model")
     data = write_wikitext(tmp_path / "wt", words=400)
@@ -70,12 +72,12 @@ def test_run_cli_on_a_fine_tuned_adapter_dir_and_json(tmp_path, capsys):
     """A peft adapter saved on a quantized base (what a fine-tuned apiq run stores) finds its base again."""
     import json
 
-    from peftkit.quant.checkpoint import load_quantized, save_quantized
-    from peftkit.quant.pipeline import quantize_model
     from qhelpers import options, windows
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.commands.evaluate import run_cli
+    from peftkit.quant.checkpoint import load_quantized, save_quantized
+    from peftkit.quant.pipeline import quantize_model
 
     model_dir = write_model_dir(tmp_path / "model")
     data = write_wikitext(tmp_path / "wt", words=400)

@@ -8,12 +8,13 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tiny import tiny_bert, tiny_bert_tokenizer, write_glue_task  # noqa: E402
+
 from peftkit.config.schema import TrainArgs  # noqa: E402
-from peftkit.tasks.glue import PadCollator, get_task, load_rows, tokenize_rows  # noqa: E402
 from peftkit.methods import create_method  # noqa: E402
+from peftkit.tasks.glue import PadCollator, get_task, load_rows, tokenize_rows  # noqa: E402
 from peftkit.train.distributed import init_distributed  # noqa: E402
 from peftkit.train.trainer import Trainer  # noqa: E402
-from tiny import tiny_bert, tiny_bert_tokenizer, write_glue_task  # noqa: E402
 
 
 def main(out: Path) -> None:

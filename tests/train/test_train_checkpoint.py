@@ -1,5 +1,5 @@
-import torch
 import pytest
+import torch
 
 from peftkit.train import checkpoint as ckpt
 

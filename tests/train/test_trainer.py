@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftkit.errors import RunFailed
 from peftkit.commands.train import finetune
+from peftkit.errors import RunFailed
 from peftkit.train.trainer import Trainer
 
 
