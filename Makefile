@@ -33,6 +33,10 @@ test: install
 	# pytest exits 5 when it collects no test: that is not a failure of the suite
 	$(PY) -m pytest -q -p no:randomly; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
+# the suite without the slow end-to-end and subprocess tests: under a minute, for the edit-test loop
+test-fast: install
+	$(PY) -m pytest -q -p no:randomly -m "not slow and not subprocess"; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
 results:
 	$(PY) scripts/make_results.py
 

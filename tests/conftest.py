@@ -21,7 +21,7 @@ def _one_thread_and_seed():
 
 @pytest.fixture
 def tiny_tokenizer_dir(tmp_path):
-    from tiny import tiny_bert_tokenizer
+    from helpers.tiny import tiny_bert_tokenizer
 
     tiny_bert_tokenizer(tmp_path / "tok")
     return tmp_path / "tok"
@@ -30,7 +30,7 @@ def tiny_tokenizer_dir(tmp_path):
 @pytest.fixture
 def tiny_run_setup(tmp_path, monkeypatch):
     """A tiny BERT checkpoint + a tiny learnable sst2/mrpc/stsb data root; returns a recipe dict factory."""
-    from tiny import save_tiny_classifier, write_glue_task
+    from helpers.tiny import save_tiny_classifier, write_glue_task
 
     model_dir = save_tiny_classifier(tmp_path / "tiny-bert")
     for task in ("sst2", "mrpc", "stsb"):

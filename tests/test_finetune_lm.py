@@ -2,15 +2,11 @@
 tiny LLaMA, perplexity before/after, only LoRA training on a quantized base, and `peftkit eval` on the run."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent / "quant"))
-
-from qhelpers import options, write_model_dir, write_wikitext  # noqa: E402
+from helpers.quant import options, write_model_dir, write_wikitext  # noqa: E402
 
 from peftkit.commands.train import finetune  # noqa: E402
 from peftkit.errors import UserError  # noqa: E402
@@ -73,7 +69,7 @@ def test_apiq_fine_tune_lowers_perplexity_and_peftkit_eval_reproduces_it(lm_setu
 def test_only_lora_trains_on_the_quantized_base(lm_setup):
     from types import SimpleNamespace
 
-    from qhelpers import windows
+    from helpers.quant import windows
 
     from peftkit.config.schema import TrainArgs
     from peftkit.methods import create_method

@@ -1,4 +1,4 @@
-"""FLOPs and step time of one pretraining step: vanilla MLM vs 3ML-self and 3ML-cross (issue 6).
+"""FLOPs and step time of one pretraining step: vanilla MLM vs 3ML-self and 3ML-cross.
 
 The claim under test (3ML paper): removing the [MASK]s from the early layers at a 50% masking rate costs
 0.78 (RoBERTa-base) / 0.68 (RoBERTa-large) of vanilla RoBERTa pretraining at 15%.

@@ -19,5 +19,5 @@ def run_bench(name: str, quick: bool, json_out: str | None, items: list[str]):
     settings = load_settings(bench.Settings, items, f"bench {name}")
     if json_out:  # a path that cannot take the result is refused before the work, not after it
         json_out = str(check_output_file(json_out, "--json"))
-    rows = bench.run(quick, settings)
+    rows = bench.run(quick, settings.given())
     return write_bench(name, rows, json_out)

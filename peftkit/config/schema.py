@@ -73,12 +73,12 @@ class TrainArgs(Section):
     def _resume(cls, value: str) -> str:
         if value in ("auto", "false"):
             return value
-        try:
-            exists = Path(value).expanduser().exists()
+        try:  # a checkpoint directory holds a manifest (train/checkpoint.py); any other path cannot be one
+            is_checkpoint = (Path(value).expanduser() / "manifest.json").is_file()
         except (OSError, ValueError):  # a NUL byte or a name too long for the file system
-            exists = False
-        if not exists:
-            raise ValueError("is neither 'auto', 'false' nor an existing checkpoint path")
+            is_checkpoint = False
+        if not is_checkpoint:
+            raise ValueError("is neither 'auto', 'false' nor a checkpoint directory (runs/<name>/checkpoints/step-N)")
         return value
 
 

@@ -36,12 +36,25 @@ class PeftBackedMethod(Method):
     def prepare(self, model):
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(model))
+        from peftkit.errors import UserError
+
+        try:
+            return get_peft_model(model, self.peft_config(model))
+        except (ValueError, TypeError) as e:  # peft's words for targets that match no module, or one it cannot adapt
+            raise UserError(f"method {self.name}: peft cannot apply it to this {model.config.model_type} model: {e} "
+                            f"Set method.targets to module names of this model (or leave it null for the defaults).") from None
 
     def trainable_state(self, model):
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+        state, seen = {}, set()
+        for key, value in get_peft_model_state_dict(model).items():
+            # With bias="all", peft lists a head bias under its own name and under modules_to_save, one storage:
+            # safetensors refuses shared storage, so the second name gets its own copy.
+            pointer = value.untyped_storage().data_ptr()
+            state[key] = value.detach().clone() if pointer in seen else value.detach()
+            seen.add(pointer)
+        return state
 
     def load_trainable_state(self, model, state):
         from peft import set_peft_model_state_dict

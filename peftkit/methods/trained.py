@@ -22,6 +22,33 @@ def final_dir(path: str | Path) -> Path:
     return p
 
 
+def read_run_info(path: Path) -> dict:
+    """peftkit.json of a finished run, checked: a method name, its options and the model section, or one clear error."""
+    from pydantic import ValidationError
+
+    from peftkit.config.schema import ModelArgs
+    from peftkit.utils.registry import METHODS
+
+    expected = ('a JSON object with "method" (a method name), "options" (an object) and "model" (an object with '
+                '"name" and "task_head"), as peftkit finetune writes it')
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as JSON ({e}); expected {expected}.") from None
+    if not (isinstance(info, dict) and isinstance(info.get("method"), str) and isinstance(info.get("options", {}), dict)
+            and isinstance(info.get("model"), dict)):
+        raise UserError(f"{path} is not peftkit run metadata; expected {expected}.")
+    if info["method"] not in METHODS:
+        raise UserError(f"{path} names the method {info['method']!r}, which this peftkit does not have "
+                        f"(known: {', '.join(METHODS.names())}).")
+    try:
+        ModelArgs.model_validate(info["model"])
+    except ValidationError as e:
+        raise UserError(f"{path}: its model section is not valid ({e.error_count()} problem(s)); expected {expected}.") from None
+    info.setdefault("options", {})
+    return info
+
+
 def load_trained(path: str | Path, trust_remote_code: bool = False):
     """(model in eval mode, tokenizer, info dict) for a run directory, its final/ or a checkpoint directory.
 
@@ -36,15 +63,19 @@ def load_trained(path: str | Path, trust_remote_code: bool = False):
     if not directory.exists():
         raise UserError(f"model directory {path} does not exist. Give a run directory (runs/<name>) or a checkpoint directory.")
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        method = create_method(info["method"], dict(info.get("options", {})))
+        info = read_run_info(info_path)
+        method = create_method(info["method"], info["options"])
         model_options = ModelArgs.model_validate({**info["model"], "trust_remote_code": trust_remote_code})
         head = model_options.task_head
         base = method.load_base(model_options, head, info.get("num_labels"), info.get("problem_type"))
         if base is None:
             base = load_model(model_options.name, head, info.get("num_labels"), info.get("problem_type"), "float32",
                               model_options.trust_remote_code, model_options.attn_implementation)
-        model = method.load(base, directory)
+        try:
+            model = method.load(base, directory)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # a missing, truncated or foreign state file
+            raise UserError(f"{directory} holds a {info['method']} run whose saved state cannot be loaded ({e}). "
+                            f"Re-create it with peftkit finetune, or point --model at another run.") from None
         tokenizer = load_tokenizer(str(directory))
     elif (directory / "config.json").is_file():
         info = {}

@@ -3,7 +3,7 @@
 import math
 
 import torch
-from tiny import save_tiny_classifier
+from helpers.tiny import save_tiny_classifier
 
 from peftkit.bench import latency
 
@@ -20,7 +20,7 @@ def test_latency_rows_on_a_tiny_model(tmp_path):
 
 
 def test_contenders_are_real_merges():
-    from tiny import tiny_bert
+    from helpers.tiny import tiny_bert
 
     base = tiny_bert()
     with torch.no_grad():  # pretrained biases are non-zero; from_config zero-initialises them

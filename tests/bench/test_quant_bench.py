@@ -1,11 +1,8 @@
 """The quant bench end to end on a tiny LLaMA: one row per method and bit width plus the fp row."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
 
-from qhelpers import write_model_dir, write_wikitext  # noqa: E402
+from helpers.quant import write_model_dir, write_wikitext  # noqa: E402
 
 
 def test_rows_have_the_promised_fields(tmp_path, monkeypatch):

@@ -61,3 +61,17 @@ def test_a_bench_value_is_typed_before_the_bench_sees_it():
 
     settings = load_settings(PeersSettings, ["lr=1e-3", "skip=loftq,sparse"], "bench peers")
     assert settings.given() == {"lr": 1e-3, "skip": ["loftq", "sparse"]}
+
+
+def test_a_bench_runs_from_the_command_line_with_typed_settings(tmp_path):
+    """The whole path: --set items validated, handed to the bench as plain values, the JSON written."""
+    import json
+
+    out = tmp_path / "flops.json"
+    result = subprocess.run([sys.executable, "-m", "peftkit", "bench", "flops", "--quick", "--set", "shapes=tiny",
+                             "--set", "timing=false", "--set", "seq_len=32", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert payload["bench"] == "flops" and {r["shape"] for r in payload["rows"]} == {"tiny"}
+    assert all(r["seq_len"] == 32 for r in payload["rows"])

@@ -31,7 +31,7 @@ def test_meft_reversible_gradients_and_dropout_replay_on_cuda():
 
 
 def test_pafi_frozen_entries_bit_identical_after_adamw_on_cuda():
-    from tiny import tiny_bert
+    from helpers.tiny import tiny_bert
 
     from peftkit.methods import create_method
 
@@ -57,7 +57,7 @@ def test_pafi_frozen_entries_bit_identical_after_adamw_on_cuda():
 
 @pytest.mark.parametrize("method", ["rtn", "nf", "loftq", "apiq-bw"])
 def test_quantize_on_cuda_matches_cpu(method):
-    from quant.qhelpers import options, structured_llama, windows
+    from helpers.quant import options, structured_llama, windows
 
     from peftkit.quant.pipeline import build_quantized_model, quantize_model
 

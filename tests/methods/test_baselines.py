@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import tiny_bert
+from helpers.tiny import tiny_bert
 
 from peftkit.methods import create_method
 

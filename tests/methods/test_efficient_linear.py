@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tiny import tiny_bert, tiny_llama
+from helpers.tiny import tiny_bert, tiny_llama
 
 from peftkit.methods import create_method
 from peftkit.methods.hiwi import HiWiOptions

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_bert, tiny_llama
+from helpers.tiny import tiny_bert, tiny_llama
 
 from peftkit.bench.memory import saved_tensor_bytes
 from peftkit.errors import UserError

@@ -26,7 +26,7 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_bert
+from helpers.tiny import tiny_bert
 
 from peftkit.methods import create_method
 from peftkit.methods.meft import MEFTOptions, meft_encoder_of

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from tiny import assert_base_architecture, tiny_bert, tiny_llama
+from helpers.tiny import assert_base_architecture, tiny_bert, tiny_llama
 
 from peftkit.errors import UserError
 from peftkit.methods import create_method

@@ -1,15 +1,10 @@
 """QuantizedLoRA ("apiq"): loads the quantized base, trains only LoRA, saves/loads in peft format."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
-
-from qhelpers import options, structured_llama, windows  # noqa: E402
+from helpers.quant import options, structured_llama, windows  # noqa: E402
 
 from peftkit.errors import UserError  # noqa: E402
 from peftkit.methods import create_method  # noqa: E402

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from tiny import assert_base_architecture, tiny_bert
+from helpers.tiny import assert_base_architecture, tiny_bert
 
 from peftkit.errors import UserError
 from peftkit.methods import create_method

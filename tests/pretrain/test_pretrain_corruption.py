@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers_pretrain import MASK_ID, SPECIAL_IDS, token_batch
+from helpers.pretrain import MASK_ID, SPECIAL_IDS, token_batch
 
 from peftkit.pretrain.corruption import MaskingCollator, corrupt
 

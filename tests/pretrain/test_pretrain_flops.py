@@ -1,7 +1,7 @@
 """FLOPs: torch's FlopCounterMode on a tiny model matches the analytic count of cost.py; the bench runs."""
 
 import pytest
-from helpers_pretrain import corrupted, tiny_config
+from helpers.pretrain import corrupted, tiny_config
 
 from peftkit.bench.flops import analytic_step_flops, count_step_flops, run
 from peftkit.pretrain.cost import expected_step_flops, forward_flops

@@ -3,7 +3,7 @@ their original positions; [MASK] slots come back in order; padding and uneven ma
 
 import pytest
 import torch
-from helpers_pretrain import MASK_ID, corrupted, tiny_config
+from helpers.pretrain import MASK_ID, corrupted, tiny_config
 from transformers import RobertaForMaskedLM
 
 from peftkit.models.families import layers_of

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from qhelpers import options, structured_llama, windows
+from helpers.quant import options, structured_llama, windows
 
 from peftkit.quant import apiq
 from peftkit.quant.pipeline import build_quantized_model, quantize_model

@@ -4,7 +4,13 @@ import json
 
 import pytest
 import torch
-from qhelpers import options, structured_llama, windows, write_model_dir, write_wikitext
+from helpers.quant import (
+    options,
+    structured_llama,
+    windows,
+    write_model_dir,
+    write_wikitext,
+)
 
 from peftkit.commands.quantize import quantize
 from peftkit.quant.checkpoint import load_quantized, load_quantized_base, save_quantized

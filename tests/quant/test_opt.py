@@ -1,7 +1,7 @@
 """OPT decoders (learned positions, biased projections) go through the same pipeline and checkpoint."""
 
 import torch
-from qhelpers import options, windows
+from helpers.quant import options, windows
 
 from peftkit.quant.checkpoint import load_quantized, save_quantized
 from peftkit.quant.pipeline import quantize_model

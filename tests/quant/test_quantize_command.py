@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from qhelpers import write_model_dir, write_wikitext
+from helpers.quant import write_model_dir, write_wikitext
 
 from peftkit.errors import UserError
 

@@ -1,7 +1,7 @@
 """The quantize recipe: every problem reported at once by key path; group size checked against the model."""
 
 import pytest
-from qhelpers import write_model_dir, write_wikitext
+from helpers.quant import write_model_dir, write_wikitext
 
 from peftkit.config.loader import load_recipe
 from peftkit.errors import UserError

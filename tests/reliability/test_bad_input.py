@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers_reliability import invoke, make_setup, recipe, run_cli, write_recipe
+from helpers.reliability import invoke, make_setup, recipe, run_cli, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_unknown_model_alias(setup, tmp_path):
 
 
 def test_model_directory_without_weights(setup, tmp_path):
-    from tiny import tiny_bert_tokenizer
+    from helpers.tiny import tiny_bert_tokenizer
 
     tiny_bert_tokenizer(tmp_path / "tokenizer-only")  # a tokenizer but no config.json / weights
     r = recipe(setup, "out")
@@ -249,7 +249,7 @@ def test_output_dir_read_only_chmod(setup, tmp_path):
 
 @pytest.fixture(scope="module")
 def quant_setup(tmp_path_factory):
-    from tiny import tiny_llama
+    from helpers.tiny import tiny_llama
 
     root = tmp_path_factory.mktemp("quant")
     tiny_llama(hidden=64).save_pretrained(root / "llama")  # hidden 64, intermediate 128

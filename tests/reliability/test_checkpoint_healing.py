@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_reliability import (
+from helpers.reliability import (
     assert_identical,
     final_state,
     make_setup,
@@ -116,7 +116,7 @@ def test_a_damaged_best_gives_way_to_the_newest_good_step(tmp_path, damage):
 # ---- through the trainer ---------------------------------------------------------------------------
 
 def _trainer(root: Path, settings_hash: str | None = None, eval_fn=None, **opts):
-    from tiny import tiny_bert, tiny_bert_tokenizer, write_glue_task
+    from helpers.tiny import tiny_bert, tiny_bert_tokenizer, write_glue_task
 
     from peftkit.config.schema import TrainArgs
     from peftkit.methods import create_method

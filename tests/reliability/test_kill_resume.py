@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_reliability import (
+from helpers.reliability import (
     assert_identical,
     final_state,
     make_setup,

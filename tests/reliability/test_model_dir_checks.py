@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers_reliability import invoke, make_setup, recipe, write_recipe
+from helpers.reliability import invoke, make_setup, recipe, write_recipe
 
 from peftkit.errors import UserError
 from peftkit.models.families import FAMILIES
@@ -16,7 +16,7 @@ from peftkit.models.load import check_model_dir, load_model
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> Path:
-    from tiny import save_tiny_classifier
+    from helpers.tiny import save_tiny_classifier
 
     return save_tiny_classifier(tmp_path_factory.mktemp("models") / "tiny-bert")
 

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers_reliability import make_setup, recipe, run_cli, write_recipe
+from helpers.reliability import make_setup, recipe, run_cli, write_recipe
 
 from peftkit.errors import UserError
 from peftkit.train.rundir import MARKER, RunDir

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_reliability import (
+from helpers.reliability import (
     assert_identical,
     final_state,
     invoke,

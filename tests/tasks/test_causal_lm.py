@@ -1,15 +1,10 @@
 """tasks/causal_lm.py: WikiText-2 as training windows, the collator and the recipe checks of an LM task."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
-
-from qhelpers import write_wikitext  # noqa: E402
+from helpers.quant import write_wikitext  # noqa: E402
 
 from peftkit.errors import UserError  # noqa: E402
 from peftkit.tasks.causal_lm import CausalLMText, LMText, collate_windows, text_windows  # noqa: E402
@@ -17,7 +12,7 @@ from peftkit.tasks.glue import GlueFinetuning  # noqa: E402
 
 
 def _tokenizer(tmp_path):
-    from tiny import tiny_bert_tokenizer
+    from helpers.tiny import tiny_bert_tokenizer
 
     return tiny_bert_tokenizer(tmp_path / "tok")
 

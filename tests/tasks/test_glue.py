@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from tiny import write_glue_task
+from helpers.tiny import write_glue_task
 
 from peftkit.errors import UserError
 from peftkit.tasks.glue import TASKS_BY_NAME as TASKS

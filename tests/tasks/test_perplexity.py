@@ -1,22 +1,17 @@
 """WikiText-2 perplexity: non-overlapping windows, no BOS inserted, nll averaged over every predicted token."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "quant"))
-
-from qhelpers import structured_llama, write_model_dir, write_wikitext  # noqa: E402
+from helpers.quant import structured_llama, write_model_dir, write_wikitext  # noqa: E402
 
 from peftkit.commands.evaluate import run  # noqa: E402
 from peftkit.tasks.causal_lm import evaluate_perplexity  # noqa: E402
 
 
 def _tokenizer(tmp_path):
-    from tiny import tiny_bert_tokenizer
+    from helpers.tiny import tiny_bert_tokenizer
 
     return tiny_bert_tokenizer(tmp_path / "tok")
 
@@ -50,7 +45,7 @@ def test_window_count_is_capped_by_the_text(tmp_path):
 
 
 def test_run_on_a_model_dir_and_on_a_quantize_output_dir(tmp_path):
-    from qhelpers import options
+    from helpers.quant import options
 
     from peftkit.quant.checkpoint import save_quantized
     from peftkit.quant.pipeline import quantize_model
@@ -72,7 +67,7 @@ def test_run_cli_on_a_fine_tuned_adapter_dir_and_json(tmp_path, capsys):
     """A peft adapter saved on a quantized base (what a fine-tuned apiq run stores) finds its base again."""
     import json
 
-    from qhelpers import options, windows
+    from helpers.quant import options, windows
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.commands.evaluate import run_cli

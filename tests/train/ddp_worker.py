@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny import tiny_bert, tiny_bert_tokenizer, write_glue_task  # noqa: E402
+from helpers.tiny import tiny_bert, tiny_bert_tokenizer, write_glue_task  # noqa: E402
 
 from peftkit.config.schema import TrainArgs  # noqa: E402
 from peftkit.methods import create_method  # noqa: E402

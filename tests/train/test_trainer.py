@@ -103,7 +103,7 @@ def test_existing_run_dir_is_refused_unless_resume_or_overwrite(tiny_run_setup, 
 
 def test_grad_accum_equals_the_larger_batch(tiny_run_setup, tmp_path):
     """Two micro-batches of 4 accumulated = one batch of 8 (same examples per step; dropout off)."""
-    from tiny import save_tiny_classifier
+    from helpers.tiny import save_tiny_classifier
 
     no_dropout = save_tiny_classifier(tmp_path / "nodrop", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     runs = []

@@ -8,7 +8,7 @@ import torch
 def structured_llama(seed=0, layers=2, hidden=64):
     """A tiny LLaMA whose projections are low rank + noise with a few large input columns (outliers),
     like pretrained weights, so that quantizers can be told apart."""
-    from tiny import tiny_llama
+    from helpers.tiny import tiny_llama
 
     model = tiny_llama(seed=seed, layers=layers, hidden=hidden).eval()
     g = torch.Generator().manual_seed(seed)
@@ -37,7 +37,7 @@ def windows(n=8, length=32, seed=1, vocab=128):
 
 def write_model_dir(directory, **kw):
     """A tiny structured LLaMA + a tiny tokenizer saved as a transformers checkpoint directory."""
-    from tiny import tiny_bert_tokenizer
+    from helpers.tiny import tiny_bert_tokenizer
 
     structured_llama(**kw).save_pretrained(directory)
     tiny_bert_tokenizer(directory)
@@ -49,7 +49,7 @@ def write_wikitext(root, words=4000, seed=0):
     import random
     from pathlib import Path
 
-    from tiny import WORDS
+    from helpers.tiny import WORDS
 
     rng = random.Random(seed)
     root = Path(root)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def make_setup(root: Path) -> dict:
     """A tiny BERT classifier checkpoint and a tiny learnable sst2/stsb data root under ``root``."""
-    from tiny import save_tiny_classifier, write_glue_task
+    from helpers.tiny import save_tiny_classifier, write_glue_task
 
     model = save_tiny_classifier(root / "tiny-bert")
     for task in ("sst2", "stsb"):
