@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,3 +83,9 @@ def test_finetune_then_eval_table(tiny_run_setup, tmp_path):
     metrics = json.loads((tmp_path / "cli-run" / "metrics.json").read_text())
     assert payload["rows"][0]["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-4)
     assert list((tmp_path / "cli-run" / "eval").glob("results-*.json"))
+
+
+@pytest.mark.parametrize("args", [["--limit", "-5"], ["--batch-size", "0"], ["--seq-len", "1"]])
+def test_eval_refuses_impossible_counts(args):
+    result = peftkit("eval", "--task", "glue:sst2", "--model", "runs/none", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr

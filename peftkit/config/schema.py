@@ -290,10 +290,6 @@ class QuantizeRecipe(Recipe):
     calib: CalibArgs = option(factory=CalibArgs)
     SECTIONS: ClassVar[tuple[str, ...]] = ("model", "quant", "calib", "output")
 
-    @property
-    def out_dir(self) -> Path:
-        return self.run_dir
-
 
 KINDS: dict[str, type[Recipe]] = {"finetune": FinetuneRecipe, "pretrain": PretrainRecipe, "quantize": QuantizeRecipe}
 

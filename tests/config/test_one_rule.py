@@ -48,6 +48,7 @@ def test_numbers_in_exponent_form_are_numbers():
     assert recipe.train.lr == pytest.approx(3e-4) and recipe.train.weight_decay == pytest.approx(1e-2)
 
 
+@pytest.mark.subprocess
 def test_a_misspelled_bench_setting_exits_2_with_a_suggestion():
     result = subprocess.run([sys.executable, "-m", "peftkit", "bench", "peers", "--set", "lrr=1e-3"],
                             capture_output=True, text=True, timeout=120)
@@ -63,6 +64,7 @@ def test_a_bench_value_is_typed_before_the_bench_sees_it():
     assert settings.given() == {"lr": 1e-3, "skip": ["loftq", "sparse"]}
 
 
+@pytest.mark.subprocess
 def test_a_bench_runs_from_the_command_line_with_typed_settings(tmp_path):
     """The whole path: --set items validated, handed to the bench as plain values, the JSON written."""
     import json

@@ -40,3 +40,19 @@ def test_quantize_takes_the_lock(recipe, tmp_path):
     with RunDir(tmp_path / "q", {"kind": "quantize"}, resume=False, overwrite=False):
         with pytest.raises(UserError, match="in use by another run"):
             quantize(str(recipe))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_quantize_into_a_users_folder_leaves_it_byte_identical(recipe, tmp_path, overwrite):
+    from peftkit.commands.quantize import quantize
+
+    folder = tmp_path / "q"
+    folder.mkdir()
+    (folder / "metrics.json").write_text('{"mine": 1}')
+    (folder / "notes").mkdir()
+    (folder / "notes" / "a.txt").write_bytes(b"\x00\x01 keep me")
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="did not write"):
+        quantize(str(recipe), [f"output.overwrite={str(overwrite).lower()}"])
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in folder.iterdir()) == ["metrics.json", "notes"]

@@ -16,7 +16,7 @@ def setup(tmp_path):
 
 def test_valid_recipe_with_overrides(setup, tmp_path):
     recipe = load_recipe(setup, kind="quantize", overrides= ["quant.bits=3", "quant.method=loftq", "output.dir=" + str(tmp_path / "out")])
-    assert recipe.quant.bits == 3 and recipe.quant.method == "loftq" and recipe.out_dir == tmp_path / "out"
+    assert recipe.quant.bits == 3 and recipe.quant.method == "loftq" and recipe.run_dir == tmp_path / "out"
     assert recipe.calib.file == "wiki.valid.tokens"
 
 

@@ -42,11 +42,13 @@ def _finetune(setup, tmp_path, content, *overrides):
 
 # ---- recipes ---------------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_malformed_yaml_subprocess(tmp_path):
     path = write_recipe(tmp_path / "bad.yaml", "train:\n  lr: [1e-3\n  epochs: 2\n")
     _refused(run_cli("finetune", path), "not valid YAML", "line")
 
 
+@pytest.mark.subprocess
 def test_unknown_key_subprocess(setup, tmp_path):
     r = recipe(setup, "out")
     r["train"]["learning_rate"] = 1e-3

@@ -16,6 +16,8 @@ from helpers.reliability import (
     write_recipe,
 )
 
+from peftkit.errors import UserError
+
 PEFTKIT = Path(__file__).resolve().parents[2] / "peftkit"
 
 
@@ -154,3 +156,45 @@ def test_data_split_name_cannot_escape_the_data_root(setup, tmp_path):
     r["data"]["eval_split"] = "/etc/passwd"
     result = invoke("finetune", write_recipe(tmp_path / "r.yaml", r))
     assert result.exit_code == 2 and "data.train_split" in result.output and "data.eval_split" in result.output, result.output
+
+
+def test_a_run_dir_cannot_switch_on_remote_code(setup, tmp_path, monkeypatch):
+    """A run directory whose peftkit.json says trust_remote_code: true loads with False unless the caller says so."""
+    import json
+
+    import transformers
+
+    from peftkit.methods.trained import load_trained
+
+    result = invoke("finetune", write_recipe(tmp_path / "r.yaml", recipe(setup, "handed", max_steps=1)))
+    assert result.exit_code == 0, result.output
+    info_path = Path(setup["root"]) / "handed" / "final" / "peftkit.json"
+    info = json.loads(info_path.read_text())
+    info["model"]["trust_remote_code"] = True  # what a hostile run directory would carry
+    info_path.write_text(json.dumps(info))
+    seen = []
+    original = transformers.AutoModelForSequenceClassification.from_pretrained.__func__
+
+    def spy(klass, *args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return original(klass, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", classmethod(spy))
+    load_trained(Path(setup["root"]) / "handed")
+    assert seen == [False]
+    load_trained(Path(setup["root"]) / "handed", trust_remote_code=True)
+    assert seen == [False, True]
+
+
+def test_malformed_run_metadata_is_one_clear_error(setup, tmp_path):
+    from peftkit.methods.trained import load_trained
+
+    result = invoke("finetune", write_recipe(tmp_path / "r.yaml", recipe(setup, "meta", max_steps=1)))
+    assert result.exit_code == 0, result.output
+    info_path = Path(setup["root"]) / "meta" / "final" / "peftkit.json"
+    for text, needle in (("{not json", "cannot be read as JSON"), ("[1, 2]", "is not peftkit run metadata"),
+                         ('{"method": "nope", "options": {}, "model": {}}', "names the method 'nope'"),
+                         ('{"method": "lora", "options": {}, "model": {"task_head": "x"}}', "model section is not valid")):
+        info_path.write_text(text)
+        with pytest.raises(UserError, match=needle):
+            load_trained(Path(setup["root"]) / "meta")

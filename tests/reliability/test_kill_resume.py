@@ -24,6 +24,8 @@ from helpers.reliability import (
     write_recipe,
 )
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
+
 STEPS = 40
 TRAIN = {"max_steps": STEPS, "save_every": 1, "eval_every": 5, "keep_last": 2, "log_every": 10}
 

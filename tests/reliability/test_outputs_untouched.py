@@ -169,6 +169,7 @@ def setup(tmp_path_factory):
     return make_setup(tmp_path_factory.mktemp("untouched"))
 
 
+@pytest.mark.subprocess
 def test_finetune_on_a_users_folder_with_overwrite_leaves_it_byte_identical(setup):
     """The real CLI in a fresh process: refused with exit 2 before any training, the folder as it was."""
     folder = _user_folder(Path(setup["root"]) / "my-project")

@@ -18,6 +18,8 @@ from helpers.reliability import (
     write_recipe,
 )
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
+
 STEPS = 60
 TRAIN = {"max_steps": STEPS, "save_every": 10, "eval_every": 10, "keep_last": 2, "log_every": 10}
 

@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 HERE = Path(__file__).parent
 
