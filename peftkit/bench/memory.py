@@ -1,4 +1,5 @@
-"""Training memory of full fine-tuning, LoRA and MEFT1-3 (MEFT = "MEFT (reversible)", arXiv 2306.00477).
+"""Training memory and step cost of full fine-tuning, LoRA, PaFi, HiWi and MEFT1-3 (MEFT = "MEFT (reversible)",
+arXiv 2306.00477), with gradient checkpointing ("+gc" rows) as the memory saver to beat.
 
 Per method, on the same model, batch and sequence length:
   saved_bytes       bytes of the tensors autograd keeps between forward and backward: one training forward
@@ -17,6 +18,10 @@ Per method, on the same model, batch and sequence length:
   step_seconds      median time of the trainer's own optimizer step (forward, backward, clipping, AdamW, schedule;
                     contenders alternate in this process).
   trainable_params  parameters that receive gradients.
+  step_flops        FLOPs of one forward + backward, counted by torch.utils.flop_counter (a "+gc" row includes the
+                    recomputed forward); flops_per_second = step_flops / step_seconds.
+  mfu               the method's FLOPs without recomputation per second of its step, over matmul_peak_flops: the best
+                    of five 1024^2 fp32 matmuls on this machine with the same threads (machine limit, not a peer).
 Depth sweep: saved_bytes for 2, 4, 8, 12 layers of a BERT-base-width model (hidden 768, random init, small
 vocabulary): flat in depth for MEFT, linear for full fine-tuning and LoRA; peak RSS as well at 12 layers.
 MEFT's peak includes recomputing one layer in the backward pass, so its peak ratio is about 1/layers at best.
@@ -42,9 +47,12 @@ from pydantic import StrictBool
 
 from peftkit.bench.common import training_step
 from peftkit.config.base import BenchSettings, option
+from peftkit.utils.env import matmul_peak_flops
 from peftkit.utils.registry import BENCHES
 
-METHODS = ("full", "lora", "meft1", "meft2", "meft3")
+# "+gc": the same method with gradient checkpointing (train.gradient_checkpointing), the memory saver users already have
+METHODS = ("full", "full+gc", "lora", "lora+gc", "pafi", "hiwi", "meft1", "meft2", "meft3")
+DEPTH_METHODS = ("full", "full+gc", "lora", "meft1", "meft2", "meft3")
 DEPTHS = (2, 4, 8, 12)
 SETTINGS = {  # quick: a few minutes on 2 shared cores
     True: {"batch": 8, "seq": 64, "repeats": 5, "rss_steps": 1, "sweep_batch": 2, "sweep_seq": 64},
@@ -93,13 +101,29 @@ def build_model(spec: dict):
 
 
 def prepare(method_name: str, model, options: dict | None = None):
-    """(method plugin, prepared model); ``options`` are the recipe's method section (name excluded)."""
+    """(method plugin, prepared model); ``options`` are the recipe's method section (name excluded). A name ending
+    in "+gc" turns on gradient checkpointing, as ``train.gradient_checkpointing`` does in a run."""
     from peftkit.methods import create_method
 
-    method = create_method(method_name, {k: v for k, v in (options or {}).items() if k != "name"})
+    name, _, flag = method_name.partition("+")
+    method = create_method(name, {k: v for k, v in (options or {}).items() if k != "name"})
     with warnings.catch_warnings():  # meft3's "rounding may be amplified" warning: here memory is measured, not grads
         warnings.simplefilter("ignore", UserWarning)
-        return method, method.prepare(model)
+        model = method.prepare(model)
+    if flag == "gc":
+        method.enable_gradient_checkpointing(model)
+    return method, model
+
+
+def step_flops(method, model, batch: dict) -> int:
+    """FLOPs of one training step's forward and backward, counted by torch (recomputation included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        method.compute_loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def bench_device() -> torch.device:
@@ -225,10 +249,10 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fresh_peaks(spec: dict, settings: dict, label: str) -> dict:
+def fresh_peaks(spec: dict, settings: dict, label: str, methods=METHODS) -> dict:
     """method -> peak_memory_in_fresh_process(...) for every method of the bench, one fresh interpreter each."""
     peaks = {}
-    for name in METHODS:
+    for name in methods:
         print(f"{label} peak memory (fresh process): {name}", flush=True)
         peaks[name] = peak_memory_in_fresh_process({**spec, "method": name, "steps": settings["rss_steps"],
                                                     "threads": torch.get_num_threads()})
@@ -242,11 +266,13 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
     peak_rss = {name: p["peak_rss_bytes"] for name, p in peaks.items()}
     base = build_model(spec).to(device)
     batch = to_device(make_batch(base.config.vocab_size, settings["batch"], settings["seq"]), device)
-    contenders = {}
+    contenders, flops = {}, {}
     for name in METHODS:
         method, model = prepare(name, copy.deepcopy(base))
         model.train()
+        flops[name] = step_flops(method, model, batch)
         contenders[name] = (model, training_step(method, model))
+    peak = matmul_peak_flops("fp32")  # the machine limit in the dtype these steps run in (fp32)
     saved = {}
     for name, (model, _) in contenders.items():
         print(f"[memory] saved bytes: {name}", flush=True)
@@ -273,7 +299,9 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
                      "saved_ratio_vs_full": saved[name] / saved["full"],
                      "peak_rss_ratio_vs_full": peak_rss[name] / peak_rss["full"] if peak_rss["full"] > 0 else None,
                      "step_ratio_vs_full": statistics.median(times[name]) / statistics.median(times["full"]),
-                     **_cuda_columns(peaks, name), "device": device.type})
+                     "step_flops": flops[name], "flops_per_second": flops[name] / statistics.median(times[name]),
+                     "mfu": flops[name.split("+")[0]] / statistics.median(times[name]) / peak,
+                     "matmul_peak_flops": peak, **_cuda_columns(peaks, name), "device": device.type})
     return rows
 
 
@@ -295,12 +323,12 @@ def depth_rows(settings: dict) -> list[dict]:
         spec = {"model": "config", "config": config, "batch": settings["sweep_batch"], "seq": settings["sweep_seq"],
                 "device": str(device)}
         # peak memory too at full BERT-base depth, where one layer is 1/12 of the stack
-        peaks = fresh_peaks(spec, settings, f"[memory] depth {layers}:") if layers == max(DEPTHS) else {}
+        peaks = fresh_peaks(spec, settings, f"[memory] depth {layers}:", DEPTH_METHODS) if layers == max(DEPTHS) else {}
         peak_rss = {name: p["peak_rss_bytes"] for name, p in peaks.items()}
         base = build_model(spec).to(device)
         batch = to_device(make_batch(base.config.vocab_size, settings["sweep_batch"], settings["sweep_seq"]), device)
         full_bytes = None
-        for name in METHODS:
+        for name in DEPTH_METHODS:
             print(f"[memory] depth {layers}: {name}", flush=True)
             _, model = prepare(name, copy.deepcopy(base))
             model.train()

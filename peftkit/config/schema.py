@@ -58,6 +58,16 @@ class TrainArgs(Section):
     log_every: Count = option(10, "Log training loss every N optimizer steps.", ge=1, le=MAX_COUNT)
     eval_batch_size: Count = option(128, "Batch size for evaluation.", ge=1, le=65536)
     threads: Optional[Count] = option(None, "torch.set_num_threads (null = torch's default).", ge=1, le=1024)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "fp32", "Mixed precision of the forward and backward (autocast; fp16 adds a gradient scaler). 'auto' picks bf16 "
+                "on CUDA devices with bf16 and on CPUs with AMX, else fp32; the run logs what it picked.")
+    gradient_checkpointing: StrictBool = option(
+        False, "Recompute each layer's activations in backward instead of keeping them (less memory, ~1/3 more compute).")
+    optimizer: Literal["adamw", "adamw8bit"] = option(
+        "adamw", "adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: optimizer state in 8 bits).")
+    strategy: Literal["ddp", "fsdp"] = option(
+        "ddp", "Under torchrun: ddp (a full replica per process) or fsdp (FSDP2: parameters, gradients and optimizer "
+               "state sharded across processes, for models that do not fit one device; full, bitfit).")
     group_by_length: StrictBool = option(True, "Batch rows of similar length together (less padding; order stays seeded).")
     select_best: StrictBool = option(True, "Final model = best evaluated checkpoint (false: the last one).")
 

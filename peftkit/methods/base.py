@@ -37,6 +37,9 @@ class Method:
     name: ClassVar[str] = ""
     Options: ClassVar[type[MethodArgs]] = MethodArgs
     can_merge: ClassVar[bool] = False
+    # FSDP shards parameters into DTensors: methods whose state is plain named parameters work as they are;
+    # parametrizations, peft wrappers and custom autograd functions have not been checked under it.
+    supports_fsdp: ClassVar[bool] = False
 
     def __init__(self, options: MethodArgs | None = None):
         if options is not None and not isinstance(options, self.Options):
@@ -100,6 +103,16 @@ class Method:
     def merge(self, model):
         """Return a plain transformers model with the method folded in (only if ``can_merge``)."""
         raise TypeError(f"method {self.name!r} cannot be merged into the base architecture")
+
+    def enable_gradient_checkpointing(self, model) -> None:
+        """Recompute each layer in backward (transformers' own checkpointing, non-reentrant so frozen inputs work)."""
+        from peftkit.errors import UserError
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not getattr(inner, "supports_gradient_checkpointing", False):
+            raise UserError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it; "
+                            f"set train.gradient_checkpointing=false.")
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def load_base(self, model_args, task_head: str, num_labels: int | None, problem_type: str | None):
         """Return a base model when this method needs a special one (e.g. a quantized base); None = the usual loader."""

@@ -10,6 +10,7 @@ from peftkit.utils.registry import METHODS
 class BitFit(Method):
     name = "bitfit"
     can_merge = True
+    supports_fsdp = True
 
     def prepare(self, model):
         mark_only_head_trainable(model)

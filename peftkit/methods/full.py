@@ -10,6 +10,7 @@ from peftkit.utils.registry import METHODS
 class FullFineTuning(Method):
     name = "full"
     can_merge = True
+    supports_fsdp = True
 
     def prepare(self, model):
         for param in model.parameters():

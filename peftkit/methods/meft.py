@@ -257,6 +257,10 @@ class _MEFT(Method):
         setattr(get_path(backbone, grand_path) if grand_path else backbone, container_attr, encoder)
         return model
 
+    def enable_gradient_checkpointing(self, model) -> None:
+        raise UserError(f"train.gradient_checkpointing: {self.name} already keeps no per-layer activations (its "
+                        f"reversible layers are reconstructed in backward); set train.gradient_checkpointing=false.")
+
     def _warn_if_reconstruction_is_fragile(self, encoder: MEFTEncoder, dtype: torch.dtype) -> None:
         """Each reversible layer divides by lambda (and beta), amplifying rounding by up to 1/(lambda·beta) over the
         layers reconstructed in one go (a segment); warn when that bound times the dtype's epsilon exceeds 1.

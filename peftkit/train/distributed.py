@@ -59,3 +59,22 @@ def default_device(info: DistInfo):
     if torch.cuda.is_available() and info.use_cuda:
         return torch.device(f"cuda:{info.local_rank}")
     return torch.device("cpu")
+
+
+def shard_model(model) -> None:
+    """FSDP2: shard every transformer block, then the rest of the model, across the process group (gloo on CPU,
+    NCCL on GPUs). Parameters become DTensors; each process holds 1/world of them between uses."""
+    from torch.distributed.fsdp import fully_shard
+
+    from peftkit.models.families import layers_of
+
+    for layer in layers_of(model):
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full_tensors(state: dict) -> dict:
+    """A state dict with every sharded tensor gathered whole (a collective: every process calls it, same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}

@@ -111,6 +111,8 @@ def run_training(recipe) -> Path:
 
     seed_everything(train.seed)
     model = task.build_model(method, tokenizer)
+    if train.gradient_checkpointing:
+        method.enable_gradient_checkpointing(model)
 
     with open_run(recipe, dist, resume=train.resume != "false") as run:
         trainable, total = count_parameters(model)
@@ -130,12 +132,18 @@ def run_training(recipe) -> Path:
         summary = trainer.train()
 
         final_metrics = data.eval_fn(trainer.raw_model) if data.eval_fn else {}
+        final_model = trainer.raw_model
+        if trainer.sharded:  # gather the shards (every process takes part), then save a plain model from the main one
+            state = trainer.full_model_state()
+            if dist.is_main:
+                final_model = task.build_model(method, tokenizer)
+                final_model.load_state_dict(state)
         if dist.is_main:
-            final = write_final(lambda d: task.save_final(method, trainer.raw_model, tokenizer, d), run.dir)
+            final = write_final(lambda d: task.save_final(method, final_model, tokenizer, d), run.dir)
             trained = {"steps": summary["steps"], "world_size": dist.world_size}
             model_name = getattr(recipe.model, "name", None) or getattr(recipe.model, "preset", None)
             metrics = {"task": task.name, "method": method_name, "model": model_name,
-                       **task.summary(data, final_metrics, start, trainer.raw_model, trained),
+                       **task.summary(data, final_metrics, start, final_model, trained),
                        "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
                        "train_seconds": summary["train_seconds"], "steps": summary["steps"], "epochs": summary["epochs"],
                        "seed": train.seed, "best_step": summary["best_step"], "world_size": dist.world_size}

@@ -171,10 +171,11 @@ class RunDir:
                 f"output directory {self.path} already holds {what}. Continue it with train.resume=auto, "
                 f"replace it with output.overwrite=true, or choose another output.dir."
             )
-        if not same:
+        if not same and not (self.config.get("train") or {}).get("resume_any"):
             raise UserError(
                 f"cannot resume in {self.path}: its run used a different recipe (compare {saved}). "
-                f"Resume with the same recipe and overrides, or start a new output.dir."
+                f"Resume with the same recipe and overrides, start a new output.dir, or set train.resume_any=true "
+                f"to continue with the new settings."
             )
 
     def _take_lock(self) -> None:

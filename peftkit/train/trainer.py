@@ -26,8 +26,26 @@ from typing import Callable, Sequence
 
 from peftkit.errors import RunFailed
 from peftkit.train import checkpoint as ckpt
-from peftkit.train.distributed import DistInfo, barrier, default_device
+from peftkit.train.distributed import DistInfo, barrier, default_device, full_tensors, shard_model
 from peftkit.train.schedule import make_scheduler
+from peftkit.utils.env import resolve_precision
+
+
+def make_optimizer(options, groups):
+    """AdamW over the method's parameter groups: torch's, or bitsandbytes' 8-bit one (``train.optimizer``)."""
+    import torch
+
+    kwargs = {"lr": options.lr, "betas": tuple(options.adam_betas), "eps": options.adam_eps}
+    if options.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            from peftkit.errors import UserError
+
+            raise UserError(f"train.optimizer: adamw8bit needs bitsandbytes, which cannot be imported ({e}). "
+                            f"Install it (pip install bitsandbytes) or use train.optimizer=adamw.") from None
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 class Interrupted(Exception):
@@ -60,7 +78,15 @@ class Trainer:
         self.device = default_device(self.dist)
         self.raw_model.to(self.device)
         self.model = self.raw_model
-        if self.dist.enabled:
+        self.sharded = self.dist.enabled and options.strategy == "fsdp"
+        if self.sharded:
+            if not method.supports_fsdp:
+                from peftkit.errors import UserError
+
+                raise UserError(f"train.strategy: fsdp is not available for method {method.name!r} (it is for full "
+                                f"and bitfit); use train.strategy=ddp.")
+            shard_model(self.raw_model)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -71,7 +97,13 @@ class Trainer:
         groups = method.param_groups(self.raw_model, options.weight_decay)
         if not groups:
             raise RunFailed(f"method {method.name!r} left no parameter trainable; nothing to train.")
-        self.optimizer = torch.optim.AdamW(groups, lr=options.lr, betas=tuple(options.adam_betas), eps=options.adam_eps)
+        self.optimizer = make_optimizer(options, groups)
+        self.precision, why = resolve_precision(options.precision)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        # fp16's narrow range needs the loss scaled (and the gradients unscaled before clipping); bf16 does not
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        if options.precision != "fp32":
+            self.log(f"precision {self.precision} ({why})")
         shard = len(train_dataset) // self.dist.world_size
         if shard == 0:
             raise RunFailed(f"the training set has {len(train_dataset)} rows, fewer than the {self.dist.world_size} processes.")
@@ -133,8 +165,10 @@ class Trainer:
     def _torch_state(self) -> dict:
         import torch
 
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        state = {"optimizer": self._optimizer_state(), "scheduler": self.scheduler.state_dict(),
                  "rng_cpu": torch.get_rng_state()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -146,10 +180,31 @@ class Trainer:
                 "python_rng": [py_state[0], list(py_state[1]), py_state[2]], "world_size": self.dist.world_size,
                 "settings_hash": self.settings_hash}
 
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state dict; under FSDP with every sharded moment gathered whole (a collective)."""
+        state = self.optimizer.state_dict()
+        if self.sharded:
+            state["state"] = {i: full_tensors(moments) for i, moments in state["state"].items()}
+        return state
+
+    def _trainable_state(self) -> dict:
+        """The method's state; under FSDP gathered whole (every process takes part), so checkpoints stay one file
+        set that any number of processes can resume."""
+        state = self.method.trainable_state(self.raw_model)
+        return full_tensors(state) if self.sharded else state
+
+    def full_model_state(self) -> dict:
+        """Every parameter and buffer gathered whole on the CPU (a collective under FSDP; the main process gets it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def save_checkpoint(self) -> Path | None:
+        tensors = self._trainable_state()
+        torch_state = self._torch_state()  # collectives under FSDP: before the main-process-only write
         if self.dist.is_main:
             target = self.ckpt_dir / f"step-{self.step:06d}"
-            ckpt.write_checkpoint(target, self.method.trainable_state(self.raw_model), self._torch_state(), self._state())
+            ckpt.write_checkpoint(target, tensors, torch_state, self._state())
             ckpt.prune(self.ckpt_dir, self.opt.keep_last)
             self.last_checkpoint = target
         barrier(self.dist)
@@ -183,9 +238,10 @@ class Trainer:
         if state.get("world_size", 1) != self.dist.world_size:
             raise RunFailed(f"checkpoint {path} was written by {state.get('world_size')} processes, this run has "
                             f"{self.dist.world_size}; resume with the same number of processes.")
-        self.method.load_trainable_state(self.raw_model, {k: v.to(self.device) for k, v in tensors.items()})
-        self.optimizer.load_state_dict(torch_state["optimizer"])
+        self._load_state(tensors, torch_state["optimizer"])
         self.scheduler.load_state_dict(torch_state["scheduler"])
+        if self.scaler and "scaler" in torch_state:
+            self.scaler.load_state_dict(torch_state["scaler"])
         torch.set_rng_state(torch_state["rng_cpu"])
         if "rng_cuda" in torch_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(torch_state["rng_cuda"])
@@ -196,6 +252,29 @@ class Trainer:
         self.last_checkpoint = Path(path)
         self._truncate_metrics_log()
         self.log(f"resumed from {path} at step {self.step}/{self.total_steps}")
+
+    def _load_state(self, tensors: dict, optimizer_state: dict | None) -> None:
+        """Put a checkpoint's method state (and optimizer state) back; under FSDP each process keeps its shard."""
+        import torch
+
+        if not self.sharded:
+            self.method.load_trainable_state(self.raw_model, {k: v.to(self.device) for k, v in tensors.items()})
+            if optimizer_state is not None:
+                self.optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        set_model_state_dict(self.raw_model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+        if optimizer_state is not None:  # re-shard each whole moment like the parameter it belongs to
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            for index, moments in optimizer_state["state"].items():
+                param = params[int(index)]
+                optimizer_state["state"][index] = {
+                    k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements)
+                    if isinstance(param, DTensor) and torch.is_tensor(v) and v.shape == param.shape else v
+                    for k, v in moments.items()}
+            self.optimizer.load_state_dict(optimizer_state)
 
     def resume(self, spec: str, allow_foreign: bool = False) -> None:
         """Apply ``train.resume``: 'auto' = the latest good checkpoint if any (damaged newer ones are passed over
@@ -251,9 +330,9 @@ class Trainer:
         if value is not None and (self.best_value is None or
                                   (value > self.best_value if self.greater_is_better else value < self.best_value)):
             self.best_value, self.best_step = value, self.step
+            tensors = self._trainable_state()
             if self.dist.is_main:
-                ckpt.write_checkpoint(self.ckpt_dir / "best", self.method.trainable_state(self.raw_model), {},
-                                      {"step": self.step, self.best_metric: value})
+                ckpt.write_checkpoint(self.ckpt_dir / "best", tensors, {}, {"step": self.step, self.best_metric: value})
         return metrics
 
     # ---- signals -------------------------------------------------------------------------------
@@ -285,18 +364,30 @@ class Trainer:
         loss_total, rows = 0.0, 0
         for micro, batch in enumerate(batches):
             sync = (not self.dist.enabled) or micro == self.opt.grad_accum - 1
-            with (contextlib.nullcontext() if sync else self.model.no_sync()):
-                loss = self.method.compute_loss(self.model, batch)
+            if self.sharded:  # FSDP2: reduce-scatter gradients only on the last micro-batch
+                self.model.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or self.sharded else self.model.no_sync()):
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    loss = self.method.compute_loss(self.model, batch)
                 if not torch.isfinite(loss):
                     raise RunFailed(self._nan_message(float(loss)))
-                (loss / self.opt.grad_accum).backward()
+                scaled = loss / self.opt.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_total += loss.item() / self.opt.grad_accum
             rows += len(batch["labels"]) if "labels" in batch else self.opt.batch_size
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        self.last_grad_norm = None
         if self.opt.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.opt.max_grad_norm)
-            if not torch.isfinite(norm):
+            if not torch.isfinite(norm) and not self.scaler:  # with a scaler, an overflow only skips this step
                 raise RunFailed(self._nan_message(float(norm), what="gradient norm"))
-        self.optimizer.step()
+            self.last_grad_norm = float(norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.method.after_optimizer_step(self.raw_model)
         return loss_total, rows
@@ -352,7 +443,7 @@ class Trainer:
             found = ckpt.read_best_or_latest(self.ckpt_dir, self.log)  # a damaged best gives way to the last good step
             if found is not None:
                 source, tensors = found
-                self.method.load_trainable_state(self.raw_model, {k: v.to(self.device) for k, v in tensors.items()})
+                self._load_state(tensors, None)
                 self.log(f"final model = best evaluation ({self.best_metric} {self.best_value:.4f} at step {self.best_step})"
                          if source.name == "best" else f"final model = {source}")
         return {"steps": self.step, "epochs": self.step * self.opt.grad_accum / self.batches_per_epoch,

@@ -68,3 +68,43 @@ def test_pretrain_command_under_torchrun(tmp_path):
     for name in ("config.yaml", "env.json", "final"):
         assert (tmp_path / "run" / name).exists(), name
     assert json.loads((tmp_path / "run" / "env.json").read_text())["world_size"] == 2
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_fsdp_trains_the_same_steps_as_ddp_and_resumes(tiny_run_setup, tmp_path):
+    """FSDP2 (gloo, 2 CPU processes) against DDP on the same recipe: the same losses within fp tolerance, the same
+    final weights; a checkpoint written under FSDP resumes to the uninterrupted run's weights."""
+    import yaml
+    from safetensors.torch import load_file
+
+    root = str(Path(__file__).parents[2])
+    runs = {}
+    for strategy, steps, out in (("ddp", 4, "ddp"), ("fsdp", 4, "fsdp"), ("fsdp", 2, "fsdp-resumed")):
+        recipe = tiny_run_setup("full", out=out, max_steps=steps, save_every=2, eval_every=2, strategy=strategy)
+        recipe["train"].update(warmup_ratio=0.0, schedule="constant", select_best=False)
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        result = _torchrun("-m", "peftkit", "finetune", str(path), cwd=root)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[out] = tmp_path / out
+    # continue the 2-step FSDP run to 4 steps from its checkpoint: the schedule is constant, so only the step count
+    # differs from the uninterrupted run (max_steps is part of the settings hash, hence resume_any)
+    resumed_recipe = yaml.safe_load((tmp_path / "fsdp-resumed.yaml").read_text())
+    resumed_recipe["train"].update(max_steps=4, resume="auto", resume_any=True)
+    (tmp_path / "fsdp-resumed.yaml").write_text(yaml.safe_dump(resumed_recipe))
+    result = _torchrun("-m", "peftkit", "finetune", str(tmp_path / "fsdp-resumed.yaml"), "output.overwrite=false", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ddp, fsdp = _losses(runs["ddp"]), _losses(runs["fsdp"])
+    assert len(ddp) == len(fsdp) == 4
+    assert fsdp == pytest.approx(ddp, rel=1e-4, abs=1e-5)
+    weights = {name: load_file(str(runs[name] / "final" / "model.safetensors")) for name in runs}
+    for key, tensor in weights["ddp"].items():
+        torch.testing.assert_close(weights["fsdp"][key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(weights["fsdp-resumed"][key], weights["fsdp"][key], rtol=1e-5, atol=1e-6, msg=key)
+    metrics = json.loads((runs["fsdp"] / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4

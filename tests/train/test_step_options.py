@@ -1,0 +1,95 @@
+"""Training-step options: mixed precision (autocast, fp16 scaler), gradient checkpointing, 8-bit AdamW, and how
+'auto' precision reads the machine."""
+
+import copy
+
+import pytest
+import torch
+
+from peftkit.config.schema import TrainArgs
+from peftkit.errors import UserError
+from peftkit.methods import create_method
+from peftkit.train.trainer import Trainer
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(5, 64, (4, 12), generator=g), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+            "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def _steps(model, method, n=3, **options):
+    trainer = Trainer.stepper(model, method, TrainArgs(lr=1e-3, warmup_ratio=0.0, schedule="constant", **options))
+    return [trainer.optimizer_step([_batch(i)])[0] for i in range(n)], trainer
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_stays_close_to_fp32(precision):
+    from helpers.tiny import tiny_bert
+
+    base = tiny_bert()
+    method = create_method("full")
+    fp32, _ = _steps(method.prepare(copy.deepcopy(base)), method)
+    mixed, trainer = _steps(method.prepare(copy.deepcopy(base)), method, precision=precision)
+    assert trainer.precision == precision and trainer.autocast_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    assert all(torch.isfinite(torch.tensor(mixed)))
+    assert mixed[0] == pytest.approx(fp32[0], abs=0.05)  # the same start, rounded differently
+    assert mixed != fp32  # autocast really ran in the low precision
+    assert next(trainer.raw_model.parameters()).dtype == torch.float32  # weights stay fp32 (mixed precision)
+
+
+def test_auto_precision_follows_the_machine(monkeypatch):
+    from peftkit.utils import env
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(env, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert env.resolve_precision("auto")[0] == "fp32"
+    monkeypatch.setattr(env, "cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert env.resolve_precision("auto") == ("bf16", "auto: cpu-amx-bf16 runs bf16 matmuls fast")
+    assert env.resolve_precision("fp16")[0] == "fp16"
+
+
+@pytest.mark.parametrize("method_name", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_step_with_fewer_saved_bytes(method_name):
+    from helpers.tiny import tiny_bert
+
+    from peftkit.bench.memory import saved_tensor_bytes
+
+    base = tiny_bert(layers=4)
+    method = create_method(method_name)
+    plain, checkpointed = method.prepare(copy.deepcopy(base)), method.prepare(copy.deepcopy(base))
+    method.enable_gradient_checkpointing(checkpointed)
+    for model in (plain, checkpointed):
+        model.train()
+    torch.manual_seed(0)
+    saved_plain = saved_tensor_bytes(plain, _batch())
+    torch.manual_seed(0)
+    saved_checkpointed = saved_tensor_bytes(checkpointed, _batch())
+    assert saved_checkpointed < 0.7 * saved_plain
+    torch.manual_seed(1)
+    losses_plain, _ = _steps(plain, method)
+    torch.manual_seed(1)
+    losses_checkpointed, _ = _steps(checkpointed, method)
+    assert losses_checkpointed == pytest.approx(losses_plain, rel=1e-5)  # dropout replayed, same arithmetic
+
+
+def test_meft_refuses_gradient_checkpointing():
+    from helpers.tiny import tiny_bert
+
+    method = create_method("meft1")
+    with pytest.raises(UserError, match="gradient_checkpointing"):
+        method.enable_gradient_checkpointing(method.prepare(tiny_bert()))
+
+
+def test_adamw8bit_keeps_8_bit_state():
+    from helpers.tiny import tiny_bert
+
+    method = create_method("full")
+    try:
+        losses, trainer = _steps(method.prepare(tiny_bert(vocab_size=1000)), method, optimizer="adamw8bit")
+    except (RuntimeError, NotImplementedError) as e:  # a bitsandbytes build without CPU 8-bit optimizers
+        pytest.skip(f"bitsandbytes 8-bit AdamW is not available on this device: {e}")
+    assert type(trainer.optimizer).__name__ == "AdamW8bit" and all(torch.isfinite(torch.tensor(losses)))
+    states = [s for s in trainer.optimizer.state.values() if "state1" in s]
+    assert states and any(s["state1"].dtype == torch.uint8 for s in states)  # tensors of >= 4096 entries
