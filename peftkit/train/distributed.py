@@ -46,6 +46,17 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, use_cuda=use_cuda)
 
 
+def shutdown(info: DistInfo) -> None:
+    """Leave the process group cleanly (every process, after its last collective): without it gloo's threads can
+    abort the interpreter at exit."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         import torch.distributed as dist

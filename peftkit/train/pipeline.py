@@ -96,7 +96,7 @@ def run_training(recipe) -> Path:
 
     from peftkit.models.load import count_parameters
     from peftkit.train.checkpoint import settings_digest
-    from peftkit.train.distributed import init_distributed
+    from peftkit.train.distributed import init_distributed, shutdown
     from peftkit.train.trainer import Trainer
     from peftkit.utils.seed import seed_everything
 
@@ -149,4 +149,5 @@ def run_training(recipe) -> Path:
                        "seed": train.seed, "best_step": summary["best_step"], "world_size": dist.world_size}
             (run.dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             run.log(f"final {task.name}: {task.final_line(final_metrics, data)}  saved {final}")
+    shutdown(dist)
     return run.dir

@@ -38,7 +38,7 @@ def _comparable(config: dict) -> dict:
     c = json.loads(json.dumps(config))
     for key in ("resume", "resume_any", "threads", "log_every"):
         c.get("train", {}).pop(key, None)
-    c.get("output", {}).pop("overwrite", None)
+    c.pop("output", None)  # where the run lives and whether it may replace itself do not change what it computes
     return c
 
 

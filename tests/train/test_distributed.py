@@ -77,27 +77,34 @@ def _losses(run_dir):
 
 def test_fsdp_trains_the_same_steps_as_ddp_and_resumes(tiny_run_setup, tmp_path):
     """FSDP2 (gloo, 2 CPU processes) against DDP on the same recipe: the same losses within fp tolerance, the same
-    final weights; a checkpoint written under FSDP resumes to the uninterrupted run's weights."""
+    final weights; the FSDP run's step-2 checkpoint resumes to the uninterrupted run's final weights."""
+    import shutil
+
     import yaml
     from safetensors.torch import load_file
 
     root = str(Path(__file__).parents[2])
     runs = {}
-    for strategy, steps, out in (("ddp", 4, "ddp"), ("fsdp", 4, "fsdp"), ("fsdp", 2, "fsdp-resumed")):
-        recipe = tiny_run_setup("full", out=out, max_steps=steps, save_every=2, eval_every=2, strategy=strategy)
-        recipe["train"].update(warmup_ratio=0.0, schedule="constant", select_best=False)
-        path = tmp_path / f"{out}.yaml"
+    for strategy in ("ddp", "fsdp"):
+        recipe = tiny_run_setup("full", out=strategy, max_steps=4, save_every=2, eval_every=2, strategy=strategy)
+        recipe["train"].update(select_best=False)
+        path = tmp_path / f"{strategy}.yaml"
         path.write_text(yaml.safe_dump(recipe))
         result = _torchrun("-m", "peftkit", "finetune", str(path), cwd=root)
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[out] = tmp_path / out
-    # continue the 2-step FSDP run to 4 steps from its checkpoint: the schedule is constant, so only the step count
-    # differs from the uninterrupted run (max_steps is part of the settings hash, hence resume_any)
-    resumed_recipe = yaml.safe_load((tmp_path / "fsdp-resumed.yaml").read_text())
-    resumed_recipe["train"].update(max_steps=4, resume="auto", resume_any=True)
-    (tmp_path / "fsdp-resumed.yaml").write_text(yaml.safe_dump(resumed_recipe))
-    result = _torchrun("-m", "peftkit", "finetune", str(tmp_path / "fsdp-resumed.yaml"), "output.overwrite=false", cwd=root)
+        runs[strategy] = tmp_path / strategy
+    # an FSDP run stopped after its step-2 checkpoint: resume=auto must land on the same final weights
+    stopped = tmp_path / "fsdp-resumed"
+    shutil.copytree(runs["fsdp"], stopped)
+    for name in ("final", "metrics.json", "checkpoints/step-000004"):
+        shutil.rmtree(stopped / name) if (stopped / name).is_dir() else (stopped / name).unlink()
+    recipe = yaml.safe_load((tmp_path / "fsdp.yaml").read_text())
+    recipe["output"]["dir"] = str(stopped)
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump(recipe))
+    result = _torchrun("-m", "peftkit", "finetune", str(tmp_path / "resume.yaml"), "train.resume=auto", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step-000002" in result.stdout
+    runs["fsdp-resumed"] = stopped
 
     ddp, fsdp = _losses(runs["ddp"]), _losses(runs["fsdp"])
     assert len(ddp) == len(fsdp) == 4
