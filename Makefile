@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	touch $@
 
 demo: install
-	$(PEFTKIT) finetune configs/demo-lora-minilm-sst2.yaml output.overwrite=true
+	$(PEFTKIT) finetune peftkit/recipes/demo-lora-minilm-sst2.yaml output.overwrite=true
 	$(PEFTKIT) eval --task glue:sst2 --model runs/demo-lora-minilm-sst2
 
 test: install

@@ -55,3 +55,52 @@ def _yaml_scalar(value) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(value)
+
+
+def copy_recipe(name: str, dest: str) -> str:
+    """Copy the shipped recipe ``name`` (comments and all) to ``dest``, a new file or an existing directory.
+
+    An existing file is never replaced, and the copy appears whole or not at all (written beside the target,
+    then linked into place, which fails rather than overwrite a file that appeared meanwhile)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from peftkit.config.loader import configs_dir
+    from peftkit.errors import UserError, did_you_mean
+    from peftkit.utils.output_paths import expand_path
+
+    shipped = {p.stem: p for p in configs_dir().glob("*.yaml")}
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if stem not in shipped:
+        raise UserError(f'"{name}" is not a shipped recipe{did_you_mean(stem, shipped)}. '
+                        f"`peftkit recipes list` prints the names.")
+    source = shipped[stem]
+    target = expand_path(dest, "the destination")
+    if target.is_dir():
+        target = target / source.name
+    if target.exists() or target.is_symlink():
+        raise UserError(f"{target} already exists; peftkit does not overwrite it. Choose another destination or "
+                        f"remove that file first.")
+    if not target.parent.is_dir():
+        raise UserError(f"the folder {target.parent} does not exist; create it or choose another destination.")
+    data = source.read_bytes()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions of a file the user created (mkstemp makes it private)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise UserError(f"{target} appeared while copying; peftkit does not overwrite it.") from None
+    finally:
+        os.unlink(tmp)
+    kind = "finetune"
+    for line in data.decode("utf-8").splitlines():
+        if line.startswith("kind:"):
+            kind = line.split(":", 1)[1].split("#")[0].strip() or kind
+            break
+    return f"copied {stem} to {target}; edit it, then run `peftkit {kind} {target}`"
