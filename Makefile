@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast results clean
+.PHONY: install demo test test-fast results docs clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ test-fast: install
 
 results:
 	$(PY) scripts/make_results.py
+
+# docs/configuration.md from the typed option sections (a test fails when it is stale)
+docs:
+	$(PY) scripts/make_config_doc.py
 
 clean:
 	rm -rf runs .pytest_cache

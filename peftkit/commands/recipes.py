@@ -104,3 +104,61 @@ def copy_recipe(name: str, dest: str) -> str:
             kind = line.split(":", 1)[1].split("#")[0].strip() or kind
             break
     return f"copied {stem} to {target}; edit it, then run `peftkit {kind} {target}`"
+
+
+SECTION_DOCS = {
+    "model": "The model the recipe starts from.",
+    "data": "What the recipe trains and evaluates on.",
+    "method": "The method (`name`) and its options, which sit beside the name; see Methods below.",
+    "train": "The training loop, the same for fine-tuning and pretraining.",
+    "output": "Where the run directory goes.",
+    "mlm": "The masked-LM objective: vanilla MLM or 3ML.",
+    "quant": "The quantizer and the LoRA it initialises.",
+    "calib": "The calibration text the quantizer sees.",
+}
+
+
+def configuration_reference() -> str:
+    """docs/configuration.md: every option of every recipe kind and of every method, from the typed sections."""
+    from peftkit.config.schema import KINDS
+    from peftkit.utils.registry import METHODS
+
+    out = ["# Configuration reference\n",
+           "Generated from the typed sections in `peftkit/config/schema.py` and the methods' options classes by "
+           "`python scripts/make_config_doc.py` (`make docs`); `tests/config/test_configuration_doc.py` fails when "
+           "this file is stale. Do not edit it by hand: change the option's declaration.\n",
+           "A recipe is YAML with a `kind` and the sections of that kind. Any option can be overridden on the "
+           "command line as `section.option=value` (`train.lr=3e-4 method.r=16`); `peftkit recipes show NAME` prints "
+           "a recipe with every option resolved. Ranges are checked when the recipe loads, and every problem is "
+           "reported at once (exit 2). `null` means the option is unset; the description says what that does.\n"]
+    out.append("Contents: " + ", ".join(f"[`kind: {k}`](#kind-{k})" for k in KINDS) + ", [methods](#methods).\n")
+    for kind, cls in KINDS.items():
+        out.append(f"## kind: {kind}\n")
+        out.append(f"Sections: {', '.join(f'`{s}`' for s in cls.SECTIONS)}; also `name` (the default run directory "
+                   f"`runs/<name>`, else the file's stem).\n")
+        for section in cls.SECTIONS:
+            out.append(f"### {kind}: `{section}`\n")
+            out.append(SECTION_DOCS.get(section, "") + "\n")
+            if section == "method":
+                continue
+            out.append(_options_table(cls.model_fields[section].annotation))
+    out.append("## Methods\n")
+    out.append("`method.name` picks one; its options sit beside the name (`method: {name: lora, r: 8}`). "
+               "`peftkit methods` lists them.\n")
+    by_options: dict[type, list] = {}
+    for entry in METHODS.entries():
+        by_options.setdefault(entry.target.Options, []).append(entry)
+    for options, entries in by_options.items():
+        names = ", ".join(f"`{e.name}`" for e in entries)
+        out.append(f"### {names}\n")
+        out.append("".join(f"- `{e.name}`: {e.help}\n" for e in entries) + "\n")
+        out.append(_options_table(options) if options.options() else "No options of its own.\n")
+    return "\n".join(out)
+
+
+def _options_table(section) -> str:
+    rows = ["| option | type | default | range | description |", "|---|---|---|---|---|"]
+    for name, type_name, default, allowed, help_text in section.options():
+        cells = [f"`{name}`", f"`{type_name}`", f"`{_yaml_scalar(default)}`", allowed, help_text]
+        rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
