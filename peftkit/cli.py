@@ -14,14 +14,30 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
+recipes_app = typer.Typer(help="List, show, validate and copy recipes.", no_args_is_help=True,
+                          context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(recipes_app, name="recipes")
 
 OVERRIDES_HELP = "Dotted overrides, e.g. train.lr=3e-4 method.r=16 data.root=../shared/data/glue"
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # the disk, not the input: exit 1 with a message
+
+
+def _version(value: bool) -> None:
+    if value:
+        from peftkit import __version__
+
+        typer.echo(f"peftkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Parameter- and memory-efficient fine-tuning from YAML recipes (ApiQ, MEFT, PaFi/HiWi, 3ML, LoRA, BitFit, full)."""
 
 
 def _run(fn, *args, **kwargs):
@@ -57,7 +73,7 @@ def _run(fn, *args, **kwargs):
 
 
 @app.command()
-def finetune(recipe: str = typer.Argument(..., help="Recipe YAML file or name in configs/."),
+def finetune(recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe (peftkit recipes list)."),
              overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP)):
     """Fine-tune a model on a GLUE task with any method (full, lora, bitfit, pafi, hiwi, meft1-3, apiq)."""
     from peftkit.commands.train import finetune as run
@@ -194,6 +210,19 @@ def recipes_validate(files: List[str] = typer.Argument(..., help="Recipe files o
                 typer.echo(f"invalid  {f}: {e}", err=True)
         if bad:
             raise typer.Exit(2)
+
+    _run(body)
+
+
+@recipes_app.command("copy")
+def recipes_copy(name: str = typer.Argument(..., help="Name of a shipped recipe (peftkit recipes list)."),
+                 dest: str = typer.Argument(..., help="New file, or an existing folder to put NAME.yaml in.")):
+    """Copy a shipped recipe to start your own (never overwrites a file)."""
+
+    def body():
+        from peftkit.commands.recipes import copy_recipe
+
+        typer.echo(copy_recipe(name, dest))
 
     _run(body)
 

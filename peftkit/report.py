@@ -12,6 +12,8 @@ when its data is there) and report.md, which shows the pictures with the figures
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,10 +122,10 @@ def _pyplot():
     return plt
 
 
-def _panels(count: int):
-    """A figure with ``count`` panels, at most 3 per row; returns (fig, flat list of the used axes)."""
+def _panels(count: int, cols: int | None = None):
+    """A figure with ``count`` panels, at most 3 per row (or ``cols``); returns (fig, flat list of the used axes)."""
     plt = _pyplot()
-    cols = min(3, count)
+    cols = min(cols or 3, count)
     rows = -(-count // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
     flat = list(axes.flat)
@@ -146,30 +148,228 @@ def _by_task(items, task_of) -> dict[str, list]:
     return groups
 
 
-def plot_loss_curves(runs: list[Run], out: Path) -> Path | None:
-    runs = [r for r in runs if any("loss" in row for row in r.log)]
-    if not runs:
+# ---- curves over optimizer steps: one legend entry per series, one axis per comparable quantity -----------------
+def series_label(run: Run) -> str:
+    """What a run is one repeat of: its name without a trailing -seedN and -<task> (a grid's run names are
+    <row>-<task>[-seed<N>]); runs that differ only in their seed form one series."""
+    name = re.sub(r"-seed\d+$", "", run.name)
+    if run.task and name.endswith(f"-{run.task}") and len(name) > len(run.task) + 1:
+        name = name[: -len(run.task) - 1]
+    return name
+
+
+def objective(run: Run) -> tuple[str, str]:
+    """(panel title, y label) of a run's training loss. Runs share a panel only when their losses measure the same
+    thing: the same fine-tuning task, or the same pretraining objective (variant and mask rate)."""
+    mlm = run.config.get("mlm") if isinstance(run.config.get("mlm"), dict) else None
+    if run.config.get("kind") == "pretrain" or mlm:
+        variant = (mlm or {}).get("variant", "mlm")
+        rate = (mlm or {}).get("mask_rate") or (0.15 if variant == "mlm" else 0.5)
+        return (f"pretraining {variant}: training loss at mask rate {rate:g}",
+                "MLM cross-entropy (nats per masked token)")
+    task = run.task or "runs"
+    if task == "wikitext2":
+        return f"{task}: training loss", "cross-entropy (nats per token)"
+    if task == "stsb":
+        return f"{task}: training loss", "mean squared error (score units²)"
+    return f"{task}: training loss", "cross-entropy (nats per example)"
+
+
+def eval_metric(run: Run) -> tuple[str, str] | None:
+    """(task or objective group, metric) of the evaluations that compare across a panel's runs."""
+    rows = [row["eval"] for row in run.log if isinstance(row.get("eval"), dict)]
+    if not rows:
         return None
-    groups = _by_task(runs, lambda r: r.task)
-    fig, axes = _panels(len(groups))
-    names = [r.method for r in runs]
-    for ax, (task, members) in zip(axes, groups.items()):
-        for run in members:
-            steps, losses = zip(*[(row["step"], row["loss"]) for row in run.log if "loss" in row])
-            colour = _colour(run.method, names)
-            if len(losses) >= 8:  # single-batch losses are noisy: faint raw points, a moving average on top
-                ax.plot(steps, losses, color=colour, alpha=0.25, linewidth=0.8)
-                ax.plot(steps, _moving_average(losses, 5), color=colour, label=f"{run.method} (mean of 5 logs)")
-            else:
-                ax.plot(steps, losses, color=colour, marker="o", markersize=3, label=run.method)
-        ax.set(title=f"training loss: {task}", xlabel="optimizer step", ylabel="loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-    return _save(fig, out / "loss_curves.png")
+    numeric = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    from peftkit.tasks.glue import TASKS_BY_NAME as TASKS
+
+    preferred = [TASKS[run.task].main_metric] if run.task in TASKS else []
+    for key in (*preferred, "eval_loss", "ppl"):
+        if key in numeric:
+            group = "pretraining: held-out MLM loss\n(the same masking for every variant)" if key == "eval_loss" \
+                else run.task or "runs"
+            return group, key
+    return (run.task or "runs", numeric[0]) if numeric else None
+
+
+class _Series:
+    """Runs of one series (seeds of one configuration): their curves of one field, aligned on the step."""
+
+    def __init__(self, label: str, runs: list[Run]):
+        self.label, self.runs = label, runs
+
+    def curve(self, value_of) -> tuple[list[int], list[float], list[float], list[float]]:
+        """steps, mean, min, max over the runs that logged the field at that step."""
+        at: dict[int, list[float]] = {}
+        for run in self.runs:
+            for row in run.log:
+                value = value_of(row)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    at.setdefault(int(row["step"]), []).append(float(value))
+        steps = sorted(at)
+        return (steps, [sum(at[s]) / len(at[s]) for s in steps], [min(at[s]) for s in steps],
+                [max(at[s]) for s in steps])
+
+
+def _series(runs: list[Run]) -> list[_Series]:
+    grouped: dict[str, list[Run]] = {}
+    for run in runs:
+        grouped.setdefault(series_label(run), []).append(run)
+    return [_Series(label, members) for label, members in sorted(grouped.items())]
+
+
+def _styles(labels: list[str]) -> dict[str, dict]:
+    """A colour and line style per series label, the same in every panel of every figure (20 colours, then dashes)."""
+    plt = _pyplot()
+    palette = plt.get_cmap("tab20").colors if len(labels) > 10 else plt.get_cmap("tab10").colors
+    ordered = sorted(set(labels))
+    return {label: {"color": palette[i % len(palette)], "linestyle": ("-", "--", ":")[(i // len(palette)) % 3]}
+            for i, label in enumerate(ordered)}
+
+
+CROWDED = 6  # series in one panel above which seed bands and raw values are left out (the means stay readable)
 
 
 def _moving_average(values, window: int) -> list[float]:
     return [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def _draw(ax, series: _Series, style: dict, value_of, smooth: bool, crowded: bool):
+    """The series' mean over its seeds; a min..max band over the seeds and (``smooth``) the faint raw values under
+    a mean of 5 logs, unless the panel is ``crowded``. Returns the line (None when the series has no values)."""
+    steps, mean, low, high = series.curve(value_of)
+    if not steps:
+        return None
+    if len(series.runs) > 1 and not crowded:
+        ax.fill_between(steps, low, high, color=style["color"], alpha=0.15, linewidth=0)
+    if smooth and len(steps) >= 8:
+        if not crowded:
+            ax.plot(steps, mean, color=style["color"], alpha=0.25, linewidth=0.7)
+        mean = _moving_average(mean, 5)
+    (line,) = ax.plot(steps, mean, marker="o" if len(steps) < 8 else None, markersize=3, linewidth=1.4, **style)
+    return line
+
+
+class _Legend:
+    """One entry per series for the whole figure (a series has the same colour in every panel), titled with what
+    the lines show."""
+
+    def __init__(self):
+        self.handles: dict[str, object] = {}
+        self.seeds: set[int] = set()
+        self.smoothed = self.crowded = self.banded = False
+
+    def add(self, series: _Series, line, smoothed: bool, crowded: bool) -> None:
+        if line is None:
+            return
+        self.handles.setdefault(series.label, line)
+        self.seeds.add(len(series.runs))
+        self.crowded |= crowded
+        self.banded |= len(series.runs) > 1 and not crowded
+        self.smoothed |= smoothed
+
+    def draw(self, fig) -> None:
+        if not self.handles:
+            return
+        notes = []
+        if max(self.seeds) > 1:
+            counts = " or ".join(str(n) for n in sorted(self.seeds))
+            notes.append(f"mean over {counts} seeds" + ("; band: min..max" if self.banded else ""))
+        if self.smoothed:
+            notes.append("mean of 5 logs" + ("" if self.crowded else "; faint: the logged values"))
+        labels = sorted(self.handles)
+        fig.legend([self.handles[k] for k in labels], labels, loc="upper left", bbox_to_anchor=(1.0, 0.98),
+                   fontsize=8, title="\n".join(notes) or None, title_fontsize=8, frameon=False, alignment="left")
+
+
+def _curve_figure(groups: dict, value_of, smooth: bool, out: Path, axis_of, cols: int | None = None) -> Path:
+    """A panel per group, in key order (``axis_of(key)`` -> title, y label, log scale), a line per series, one legend."""
+    styles = _styles([series_label(r) for members in groups.values() for r in members])
+    fig, axes = _panels(len(groups), cols)
+    legend = _Legend()
+    for ax, (key, members) in zip(axes, sorted(groups.items())):
+        panel = _series(members)
+        crowded = len(panel) > CROWDED
+        for series in panel:
+            line = _draw(ax, series, styles[series.label], lambda row, k=key: value_of(row, k), smooth, crowded)
+            smoothed = smooth and len(series.curve(lambda row, k=key: value_of(row, k))[0]) >= 8
+            legend.add(series, line, smoothed, crowded)
+        title, ylabel, log = axis_of(key)
+        if log:
+            ax.set_yscale("log")
+        ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
+        ax.grid(alpha=0.3, which="both" if log else "major")
+    legend.draw(fig)
+    return _save(fig, out)
+
+
+def plot_loss_curves(runs: list[Run], out: Path) -> Path | None:
+    """Training loss over optimizer steps: a panel per task or pretraining objective (losses of different objectives
+    never share an axis), a line per series (seeds averaged), smoothed over 5 logs."""
+    runs = [r for r in runs if any("loss" in row for row in r.log)]
+    if not runs:
+        return None
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault(objective(run), []).append(run)
+    return _curve_figure(groups, lambda row, key: row.get("loss"), True, out / "loss_curves.png",
+                         lambda key: (key[0], key[1], False))
+
+
+def plot_eval_curves(runs: list[Run], out: Path) -> Path | None:
+    """The evaluations made while training: a panel per (task, metric), a line per series."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        found = eval_metric(run)
+        if found is not None and sum(isinstance(row.get("eval"), dict) for row in run.log) >= 2:
+            groups.setdefault(found, []).append(run)
+    if not groups:
+        return None
+
+    def axis(key):
+        group, metric = key
+        if metric == "eval_loss":
+            return group, "cross-entropy (nats per masked token)", False
+        return f"{group}: {metric} during training", metric, False
+
+    return _curve_figure(groups, lambda row, key: (row.get("eval") or {}).get(key[1]), False,
+                         out / "eval_curves.png", axis)
+
+
+DYNAMICS = {"lr": ("learning rate", "learning rate", False),
+            "grad_norm": ("gradient norm before clipping", "global L2 norm (log scale)", True),
+            "examples_per_second": ("throughput since the start", "examples / second", False),
+            "peak_rss_bytes": ("peak memory: process RSS", "MiB", False),
+            "peak_cuda_allocated_bytes": ("peak memory: torch.cuda.max_memory_allocated", "MiB", False)}
+
+
+def plot_training_dynamics(runs: list[Run], out: Path) -> Path | None:
+    """Learning rate, gradient norm, throughput and peak memory over the steps: each its own axis and unit, and
+    a panel per task (series of different tasks are different runs and are never averaged together)."""
+    order = list(DYNAMICS)
+    groups: dict[tuple[str, int, str], list[Run]] = {}  # a row of panels per task, a column per quantity
+    for run in runs:
+        for name in DYNAMICS:
+            if any(isinstance(row.get(name), (int, float)) for row in run.log):
+                groups.setdefault((run.task or "", order.index(name), name), []).append(run)
+    if not groups:
+        return None
+    several_tasks = len({task for task, _, _ in groups}) > 1
+    quantities = len({name for _, _, name in groups})
+
+    def value(row, key):
+        v = row.get(key[2])
+        if not isinstance(v, (int, float)):
+            return None
+        return v / 2**20 if key[2].endswith("_bytes") else v
+
+    def axis(key):
+        title, ylabel, log = DYNAMICS[key[2]]
+        return (f"{key[0]}: {title}" if several_tasks and key[0] else title), ylabel, log
+
+    # every task shows the same quantities in practice (one trainer wrote them), so the columns line up
+    return _curve_figure(groups, value, False, out / "training_dynamics.png", axis,
+                         cols=quantities if several_tasks else None)
 
 
 def memory_rows(sources: Sources) -> list[dict]:
@@ -277,7 +477,7 @@ def plot_quant_errors(quantized: dict[str, list[dict]], out: Path) -> Path | Non
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": a figure legend beside the panels is kept
     _pyplot().close(fig)
     return path
 
@@ -384,7 +584,10 @@ def quant_section(quantized: dict[str, list[dict]]) -> str:
 def write_summary(sources: Sources, figures: dict[str, Path | None], out: Path, inputs: list[str]) -> Path:
     parts = ["# peftkit report\n\n", "Made by `peftkit report " + " ".join(inputs) + "`.\n\n"]
     captions = {"accuracy_vs_trainable": "Quality against the share of parameters trained (further up and left is better).",
-                "memory": "Training memory per method.", "loss_curves": "Training loss per run.",
+                "memory": "Training memory per method.",
+                "loss_curves": "Training loss (a panel per task or pretraining objective; seeds averaged).",
+                "eval_curves": "Evaluations during training.",
+                "training_dynamics": "Learning rate, gradient norm, throughput and peak memory over the steps.",
                 "quant_error_per_block": "Quantization error per block (lower is better)."}
     for key, caption in captions.items():
         if figures.get(key):
@@ -415,7 +618,9 @@ def make_report(paths: list[str], out_dir: str = "report", extra_benches: dict[s
     figures = {"loss_curves": plot_loss_curves(sources.runs, out),
                "memory": plot_memory(memory_rows(sources), out),
                "accuracy_vs_trainable": plot_accuracy_vs_trainable(accuracy_rows(sources), out, baselines(sources)),
-               "quant_error_per_block": plot_quant_errors(sources.quantized, out)}
+               "quant_error_per_block": plot_quant_errors(sources.quantized, out),
+               "eval_curves": plot_eval_curves(sources.runs, out),
+               "training_dynamics": plot_training_dynamics(sources.runs, out)}
     summary = write_summary(sources, figures, out, paths)
     made = [p.name for p in figures.values() if p]
     print(f"wrote {summary}" + (f" and {', '.join(made)}" if made else " (no plottable data)"))

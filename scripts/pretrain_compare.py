@@ -61,17 +61,19 @@ def main() -> None:
 
     plots = ROOT / args.plots
     peftkit("report", *pretrain_dirs, "--out", str(plots))
-    for extra in plots.iterdir():  # keep the loss curves and the summary; the other plots have no data here
-        if extra.name not in ("loss_curves.png", "report.md"):
+    keep = ("loss_curves.png", "eval_curves.png", "training_dynamics.png", "report.md")
+    for extra in plots.iterdir():  # the curves and the summary; the other plots have no data here
+        if extra.name not in keep:
             extra.unlink() if extra.is_file() else shutil.rmtree(extra)
     budget = rows[0]["train_flops"]
-    notes = [f"equal compute: configs/pretrain-<variant>-{args.size}.yaml share mlm.flop_budget; train_flops are the "
+    notes = [f"equal compute: peftkit/recipes/pretrain-<variant>-{args.size}.yaml share mlm.flop_budget; train_flops are the "
              f"analytic forward+backward FLOPs of the steps run (vanilla: {budget:.3g}).",
              "mlm_val_loss: the final model's MLM loss at 15% masking (80/10/10) on WikiText-2 test blocks, the same "
              "corruption for every variant, each through its own pretraining forward (3ML: the [MASK]s skip the early "
              "layers and are re-inserted, or decoded by the cross-attention decoder, which the exported checkpoint drops).",
-             f"sst2_accuracy: full fine-tuning with configs/{args.finetune}.yaml from each checkpoint, SST-2 validation.",
-             f"loss curves: {args.plots}/loss_curves.png (pretraining loss per step of each variant)."]
+             f"sst2_accuracy: full fine-tuning with peftkit/recipes/{args.finetune}.yaml from each checkpoint, SST-2 validation.",
+             f"loss curves: {args.plots}/loss_curves.png (training loss per step, a panel per variant: their objectives "
+             f"differ), {args.plots}/eval_curves.png (the held-out MLM loss, comparable across variants)."]
     command = " ".join(["python scripts/pretrain_compare.py", *sys.argv[1:]])
     write_bench("pretrain-compare", rows, ROOT / args.json, {"notes": notes, "command": command})
 

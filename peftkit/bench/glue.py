@@ -2,7 +2,7 @@
 
 Per row (docs/benchmarks.md):
   metric, value     the task's headline GLUE metric on the validation split after fine-tuning with the recipe
-                    configs/<method>-minilm-<task>.yaml (methods without a recipe of their own, e.g. bitfit and
+                    peftkit/recipes/<method>-minilm-<task>.yaml (methods without a recipe of their own, e.g. bitfit and
                     supertuning, take the LoRA recipe's data/train sections with their own default options);
   trainable_pct     parameters that train / all parameters (from the run's metrics.json);
   stored_bytes      bytes of the saved model in <run>/final/ without tokenizer files and peftkit.json: what a
@@ -17,7 +17,7 @@ Per row (docs/benchmarks.md):
   latency_ratio     median inference forward of the method's model (merged where the method can merge) over the
                     unmodified base model in the same run (interleaved rounds, bench.common.time_interleaved).
 The costs are per row (measured on the first task's batch) and repeated on each of its task rows.
-A row is a recipe stem: ``pafi-r0.001`` runs configs/pafi-r0.001-minilm-<task>.yaml (its method section says which
+A row is a recipe stem: ``pafi-r0.001`` runs peftkit/recipes/pafi-r0.001-minilm-<task>.yaml (its method section says which
 method and options), so one method can appear at several settings.
 Several seeds (option ``seeds``) run the tasks in ``seed_tasks`` (the small ones: mrpc, stsb, rte) once per seed;
 ``value`` is then the mean, ``value_std`` the sample standard deviation, ``values`` the single runs.
@@ -96,7 +96,7 @@ def default_data_root() -> str | None:
 
 # ---- recipes -----------------------------------------------------------------------------------------
 def recipe_for(row: str, task: str, s: dict, run_dir: Path, seed: int | None = None) -> dict:
-    """The recipe dict of (row, task): configs/<row>-minilm-<task>.yaml, else the LoRA recipe with method ``row``'s
+    """The recipe dict of (row, task): peftkit/recipes/<row>-minilm-<task>.yaml, else the LoRA recipe with method ``row``'s
     defaults; ``seed`` (when given) replaces the recipe's train.seed."""
     from peftkit.config.loader import configs_dir, read_yaml
 
@@ -396,7 +396,7 @@ def run(quick: bool, options: dict) -> list[dict]:
         f"{s['threads'] or _threads()} torch thread(s) per run, on {device.type}; "
         + (f"seeds {s['seeds']} on {s['seed_tasks']} (value = mean, value_std = sample std), the recipe's seed elsewhere."
            if s["seeds"] else "one seed per (method, task)."),
-        "recipes: configs/<method>-minilm-<task>.yaml; methods without one (bitfit, supertuning) use the LoRA recipe's "
+        "recipes: peftkit/recipes/<method>-minilm-<task>.yaml; methods without one (bitfit, supertuning) use the LoRA recipe's "
         "data/train sections with their own default options.",
         f"costs per method on the first {s['batch_size']} {first} training rows (padded to the longest, max_length "
         f"{s['max_length'] or 128}): saved_bytes (autograd saved tensors), step_seconds (median of "

@@ -27,8 +27,8 @@ MAX_YAML_NODES = 100_000  # a recipe has a few hundred; alias bombs expand to bi
 
 
 def configs_dir() -> Path:
-    """The recipes shipped with peftkit."""
-    return Path(__file__).resolve().parents[2] / "configs"
+    """The recipes shipped with peftkit: package data (peftkit/recipes/), in a source tree and in an installed wheel."""
+    return Path(__file__).resolve().parents[1] / "recipes"
 
 
 def resolve_recipe_path(spec: str) -> Path:

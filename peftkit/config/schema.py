@@ -19,6 +19,9 @@ ATTENTION = Optional[Literal["eager", "sdpa", "flash_attention_2", "flex_attenti
 WIKITEXT_VALID = "../shared/data/wikitext-2/wiki.valid.tokens"
 WIKITEXT_TEST = "../shared/data/wikitext-2/wiki.test.raw"
 SST2_TRAIN = "../shared/data/glue/sst2/train.jsonl"
+# train.report_to backend -> (the module it needs, the pip extra that installs it)
+REPORT_BACKENDS = {"tensorboard": ("tensorboard", "peftkit[tensorboard]"), "wandb": ("wandb", "peftkit[wandb]"),
+                   "mlflow": ("mlflow", "peftkit[mlflow]")}
 
 
 def plain_name(value: Optional[str]) -> Optional[str]:
@@ -70,6 +73,11 @@ class TrainArgs(Section):
                "state sharded across processes, for models that do not fit one device; full, bitfit).")
     group_by_length: StrictBool = option(True, "Batch rows of similar length together (less padding; order stays seeded).")
     select_best: StrictBool = option(True, "Final model = best evaluated checkpoint (false: the last one).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = option(
+        factory=list, help="Also send what metrics.jsonl logs (loss, lr, grad norm, throughput, peak memory, evaluations) "
+                           "to these trackers: tensorboard (event files in <run>/tensorboard), wandb (honours WANDB_MODE="
+                           "offline, WANDB_PROJECT), mlflow (MLFLOW_TRACKING_URI, else a file store in <run>/mlruns). "
+                           "Each needs its package (pip install 'peftkit[NAME]').", max_length=3)
 
     @field_validator("adam_betas")
     @classmethod
@@ -77,6 +85,25 @@ class TrainArgs(Section):
         if any(not 0 <= b < 1 for b in betas):
             raise ValueError("each beta must be in [0, 1)")
         return betas
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # report_to=tensorboard means [tensorboard]
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, names: list[str]) -> list[str]:
+        import importlib.util
+
+        if len(set(names)) != len(names):
+            raise ValueError("names a tracker twice")
+        for name in names:
+            module, extra = REPORT_BACKENDS[name]
+            if importlib.util.find_spec(module) is None:
+                raise ValueError(f"{name} needs the package {module}, which is not installed in this environment; "
+                                 f"pip install '{extra}' or leave {name} out of train.report_to")
+        return names
 
     @field_validator("resume")
     @classmethod
@@ -258,7 +285,7 @@ class Recipe(Section):
         """The settings that change what a run computes: what a checkpoint must share with the run resuming it."""
         settings = self.to_dict()
         settings.pop("output", None)
-        for key in ("resume", "resume_any", "threads", "log_every", "eval_batch_size"):
+        for key in ("resume", "resume_any", "threads", "log_every", "eval_batch_size", "report_to"):
             settings.get("train", {}).pop(key, None)
         return settings
 

@@ -74,6 +74,8 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, flush=True))
         self._stop_signal: int | None = None
         self._epoch_ended = False
+        self._reporters = None
+        self.grad_norm: float | None = None
 
         self.device = default_device(self.dist)
         self.raw_model.to(self.device)
@@ -312,6 +314,32 @@ class Trainer:
         if self.dist.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self._reporters is not None:
+                self._reporters.record(row)
+
+    @contextlib.contextmanager
+    def _reporting(self):
+        """train.report_to's trackers (main process), open while train() runs; they get every _record row."""
+        from peftkit.train.loggers import reporting
+
+        names = getattr(self.opt, "report_to", None) if self.dist.is_main else None
+        config_file = self.run_dir / "config.yaml"
+        config = _read_config(config_file) if names and config_file.is_file() else {}
+        with reporting(names or [], self.run_dir, config) as self._reporters:
+            try:
+                yield
+            finally:
+                self._reporters = None
+
+    def _grad_norm(self) -> float | None:
+        """The global gradient norm of the last step: the clipping's, else computed from the (unclipped) grads."""
+        if self.grad_norm is not None or self.opt.max_grad_norm:
+            return self.grad_norm
+        import torch
+
+        grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+            if grads else None
 
     def _evaluate(self) -> dict | None:
         if self.eval_fn is None:
@@ -377,12 +405,12 @@ class Trainer:
             rows += len(batch["labels"]) if "labels" in batch else self.opt.batch_size
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        self.last_grad_norm = None
+        self.grad_norm = None
         if self.opt.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.opt.max_grad_norm)
             if not torch.isfinite(norm) and not self.scaler:  # with a scaler, an overflow only skips this step
                 raise RunFailed(self._nan_message(float(norm), what="gradient norm"))
-            self.last_grad_norm = float(norm)
+            self.grad_norm = float(norm)  # before clipping, as the clipping saw it
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -408,7 +436,7 @@ class Trainer:
         examples = 0
         progress = _Progress(self.total_steps, enabled=self.dist.is_main, log=self.log)
         progress.update(self.step)
-        with self._signals(), progress:
+        with self._signals(), progress, self._reporting():
             while self.step < self.total_steps:
                 self._epoch_ended = False
                 loss_total, rows = self.optimizer_step(self._next_batch() for _ in range(self.opt.grad_accum))
@@ -420,7 +448,8 @@ class Trainer:
                 if self.step % self.opt.log_every == 0 or self.step == self.total_steps:
                     eta = elapsed / done * (self.total_steps - self.step)
                     self._record({"step": self.step, "epoch": self.epoch, "loss": loss_total,
-                                  "lr": self.scheduler.get_last_lr()[0], "examples_per_second": examples / elapsed,
+                                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": self._grad_norm(),
+                                  "examples_per_second": examples / elapsed, **peak_memory(self.device),
                                   "elapsed": elapsed, "eta": eta})
                     progress.update(self.step, f"loss {loss_total:.4f}  lr {self.scheduler.get_last_lr()[0]:.2e}  "
                                                f"{examples / elapsed:.1f} ex/s  eta {eta:.0f}s")
@@ -453,6 +482,30 @@ class Trainer:
         last = self.last_checkpoint or "none yet"
         return (f"training stopped at step {self.step + 1}: the {what} is {value} (not finite). "
                 f"The last good checkpoint is {last}. Lower train.lr, enable train.max_grad_norm, or use float32.")
+
+
+def peak_memory(device) -> dict:
+    """The process's peak memory so far: torch.cuda.max_memory_allocated on a GPU, the peak RSS on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return {"peak_cuda_allocated_bytes": int(torch.cuda.max_memory_allocated(device))}
+    try:
+        import resource
+    except ImportError:  # no getrusage on this platform
+        return {}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_bytes": int(peak if sys.platform == "darwin" else peak * 1024)}  # bytes on macOS, KiB on Linux
+
+
+def _read_config(path: Path) -> dict:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 class _Progress:
