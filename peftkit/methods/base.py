@@ -16,6 +16,9 @@ fields carry defaults, ranges and help) and a :class:`Method` subclass registere
 * ``save(model, dir)`` / ``load(base, dir)``  the method's compact format (safetensors); the options are
                                     recorded once, in the run's ``final/peftkit.json``.
 * ``merge(model)``                  a plain transformers model, where the method allows it.
+* ``unmerged_export`` / ``export_delta(model)``  what ``peftkit export --no-merge`` writes: "peftkit" (the run's
+                                    own format, the default), "transformers", "peft", or "delta" (the compact
+                                    format of peftkit/methods/delta_format.py, which ``export_delta`` returns).
 
 Defaults cover the common case, so a method overrides only what differs.
 """
@@ -37,6 +40,7 @@ class Method:
     name: ClassVar[str] = ""
     Options: ClassVar[type[MethodArgs]] = MethodArgs
     can_merge: ClassVar[bool] = False
+    unmerged_export: ClassVar[str] = "peftkit"
 
     def __init__(self, options: MethodArgs | None = None):
         if options is not None and not isinstance(options, self.Options):
@@ -100,6 +104,10 @@ class Method:
     def merge(self, model):
         """Return a plain transformers model with the method folded in (only if ``can_merge``)."""
         raise TypeError(f"method {self.name!r} cannot be merged into the base architecture")
+
+    def export_delta(self, model) -> dict:
+        """NAME -> (op, {suffix: tensor}) of a loaded run (see delta_format), for ``unmerged_export = "delta"``."""
+        raise TypeError(f"method {self.name!r} has no compact delta format")
 
     def load_base(self, model_args, task_head: str, num_labels: int | None, problem_type: str | None):
         """Return a base model when this method needs a special one (e.g. a quantized base); None = the usual loader."""

@@ -10,6 +10,7 @@ from peftkit.utils.registry import METHODS
 class FullFineTuning(Method):
     name = "full"
     can_merge = True
+    unmerged_export = "transformers"  # the result is the whole model either way
 
     def prepare(self, model):
         for param in model.parameters():
