@@ -115,6 +115,12 @@ def test_interop_matrix(case, tiny_run_setup, tmp_path, capsys):
             config = json.loads((out / "config.json").read_text())
             assert config["id2label"] == {"0": "negative", "1": "positive"}
             assert not any(".parametrizations." in k or "lora_" in k for k in _tensor_names(out / "model.safetensors"))
+            if not method.startswith("meft"):  # the base architecture again: the base's cost per forward
+                from helpers.tiny import assert_base_architecture
+                from transformers import AutoModelForSequenceClassification
+
+                assert_base_architecture(AutoModelForSequenceClassification.from_pretrained(out),
+                                         AutoModelForSequenceClassification.from_pretrained(recipe["model"]["name"]))
         for path in out.rglob("*.json"):  # nothing points back at the machine that trained it (export.json: provenance)
             assert path.name == "export.json" or str(tmp_path) not in path.read_text(), path
         if row["format"] == "peft":
