@@ -189,3 +189,20 @@ def test_import_peftkit_stays_light():
                            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_a_plain_checkpoint_directory_is_exported_as_it_is(tmp_path):
+    """A directory without peftkit metadata but with a transformers config (what pretraining leaves in final/)."""
+    from helpers.tiny import save_tiny_classifier
+    from transformers import AutoModelForSequenceClassification
+
+    source = save_tiny_classifier(tmp_path / "plain")
+    out = export(str(source), str(tmp_path / "out"))
+    assert json.loads((out / "export.json").read_text())["export"]["format"] == "transformers"
+    a = AutoModelForSequenceClassification.from_pretrained(source).state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(out).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and (out / "README.md").is_file()
+    (tmp_path / "not-a-run").mkdir()
+    with pytest.raises(UserError, match="neither a peftkit run"):
+        export(str(tmp_path / "not-a-run"), str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
