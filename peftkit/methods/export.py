@@ -455,15 +455,19 @@ def load_export(directory: str | Path, trust_remote_code: bool = False):
     fmt = info["export"]["format"]
     tokenizer = AutoTokenizer.from_pretrained(directory)
     kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    # a hub base has its own head size; a copied base/ was saved with the task's
+    base_kwargs = dict(kwargs)
+    if info["export"].get("base") not in (None, BASE_DIR) and info.get("num_labels"):
+        base_kwargs.update(num_labels=info["num_labels"], ignore_mismatched_sizes=True)
     if fmt == "transformers":
         model = _auto_class(info).from_pretrained(directory, **kwargs)
     elif fmt == "peft":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(_auto_class(info).from_pretrained(_base_path(directory, info), **kwargs),
+        model = PeftModel.from_pretrained(_auto_class(info).from_pretrained(_base_path(directory, info), **base_kwargs),
                                           directory)
     elif fmt == "delta":
-        base = _auto_class(info).from_pretrained(_base_path(directory, info), **kwargs)
+        base = _auto_class(info).from_pretrained(_base_path(directory, info), **base_kwargs)
         try:
             model = delta_format.apply_delta(base, directory)
         except (OSError, ValueError) as e:
