@@ -227,6 +227,19 @@ def recipes_copy(name: str = typer.Argument(..., help="Name of a shipped recipe 
     _run(body)
 
 
+@app.command()
+def export(run: str = typer.Argument(..., help="Run directory (runs/<name>) or its final/ directory."),
+           out: str = typer.Option(..., "--out", help="New or empty directory for the export."),
+           merge: Optional[bool] = typer.Option(None, "--merge/--no-merge",
+                                                help="Merge the method into a plain transformers model, or keep it "
+                                                     "separate (peft adapter, compact delta, or peftkit's format). "
+                                                     "Default: merge when the method can.")):
+    """Export a run so that transformers / peft load it (model card, sizes next to the base model)."""
+    from peftkit.commands.export import export as run_export
+
+    _run(run_export, run, out, merge)
+
+
 def main() -> None:
     app(prog_name="peftkit")
 

@@ -10,7 +10,9 @@ torch.inference_mode(); contenders are interleaved — each round times one forw
 rotated order — so that machine drift hits all alike; median over >= 20 timed rounds after warm-up.
 
 Options (all optional): model (alias or directory, default minilm-l6), batch_size, seq_len,
-repeats, warmup, rho (PaFi), r (HiWi), lora_r, threads, device, seed.
+repeats, warmup, rho (PaFi), r (HiWi), lora_r, threads, device, seed, and models: directories written by
+``peftkit export --merge`` to time, loaded as a deployer would (plain transformers ``from_pretrained``), in place of
+the synthetic contenders; each row then also names the export's method.
 """
 
 from __future__ import annotations
@@ -60,6 +62,34 @@ def build_contenders(base, opts: dict) -> dict:
     return contenders
 
 
+def exported_contenders(dirs: list[str], base) -> dict:
+    """name -> model for each merged export directory, loaded by plain transformers; checked against the base."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.errors import UserError
+    from peftkit.methods.trained import EXPORT_INFO_FILE
+
+    models = {}
+    for text in dirs:
+        directory = Path(text).expanduser()
+        info_path = directory / EXPORT_INFO_FILE
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        if (info.get("export") or {}).get("format") != "transformers":
+            raise UserError(f"latency setting models: {directory} is not a merged export (no {EXPORT_INFO_FILE} with "
+                            f"format transformers). Write one with `peftkit export RUN --out DIR --merge`.")
+        model = AutoModelForSequenceClassification.from_pretrained(directory)
+        if type(model) is not type(base) or model.config.num_labels != base.config.num_labels:
+            raise UserError(f"latency setting models: {directory} is a {type(model).__name__} with "
+                            f"{model.config.num_labels} labels, the base a {type(base).__name__} with "
+                            f"{base.config.num_labels}; time exports of the model given by the setting model.")
+        # a deep copy, as the base is one: tensors allocated alike, not memory-mapped from the checkpoint file
+        models[f"{info.get('method', 'export')} export ({directory.name})"] = copy.deepcopy(model)
+    return models
+
+
 def run(quick: bool, options: dict) -> list[dict]:
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -75,7 +105,12 @@ def run(quick: bool, options: dict) -> list[dict]:
     device = torch.device(opts["device"])
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model(opts["model"]), num_labels=2,
                                                               dtype=torch.float32)
-    contenders = {name: m.to(device).eval() for name, m in build_contenders(base, opts).items()}
+    if opts.get("models"):
+        contenders = {"base": copy.deepcopy(base), **exported_contenders(opts["models"], base),
+                      "base (identical copy)": copy.deepcopy(base)}
+    else:
+        contenders = build_contenders(base, opts)
+    contenders = {name: m.to(device).eval() for name, m in contenders.items()}
 
     vocab = base.config.vocab_size
     batch = {"input_ids": torch.randint(min(5, vocab - 1), vocab, (opts["batch_size"], opts["seq_len"]), device=device),
@@ -108,6 +143,8 @@ class LatencySettings(BenchSettings):
     threads: like_train("threads") = option(None, "torch threads (torch's default).")
     device: Optional[Literal["cpu", "cuda"]] = option(None, "Device (cuda when available).")
     seed: like_train("seed") = option(None, "Seed of the inputs and adapters (0).")
+    models: Optional[list[str]] = option(None, "Merged export directories (peftkit export --merge) to time against the "
+                                               "base instead of the synthetic contenders.", min_length=1)
 
 
 @BENCHES.register("latency", help="Inference latency of base vs merged PaFi/HiWi vs unmerged LoRA, with an identical copy as noise reference.")

@@ -30,6 +30,7 @@ class QuantizedLoRA(PeftBackedMethod):
 
     name = "apiq"
     Options = QuantizedLoRAOptions
+    unmerged_export = "peftkit"  # its base is a quantize output directory, which only peftkit reads
     quant_dir: Path | None = None
 
     def load_base(self, model_options, task_head="causal_lm", num_labels=None, problem_type=None):

@@ -16,6 +16,9 @@ fields carry defaults, ranges and help) and a :class:`Method` subclass registere
 * ``save(model, dir)`` / ``load(base, dir)``  the method's compact format (safetensors); the options are
                                     recorded once, in the run's ``final/peftkit.json``.
 * ``merge(model)``                  a plain transformers model, where the method allows it.
+* ``unmerged_export`` / ``export_delta(model)``  what ``peftkit export --no-merge`` writes: "peftkit" (the run's
+                                    own format, the default), "transformers", "peft", or "delta" (the compact
+                                    format of peftkit/methods/delta_format.py, which ``export_delta`` returns).
 
 Defaults cover the common case, so a method overrides only what differs.
 """
@@ -40,6 +43,7 @@ class Method:
     # FSDP shards parameters into DTensors: methods whose state is plain named parameters work as they are;
     # parametrizations, peft wrappers and custom autograd functions have not been checked under it.
     supports_fsdp: ClassVar[bool] = False
+    unmerged_export: ClassVar[str] = "peftkit"
 
     def __init__(self, options: MethodArgs | None = None):
         if options is not None and not isinstance(options, self.Options):
@@ -113,6 +117,10 @@ class Method:
             raise UserError(f"train.gradient_checkpointing: {type(inner).__name__} does not support it; "
                             f"set train.gradient_checkpointing=false.")
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def export_delta(self, model) -> dict:
+        """NAME -> (op, {suffix: tensor}) of a loaded run (see delta_format), for ``unmerged_export = "delta"``."""
+        raise TypeError(f"method {self.name!r} has no compact delta format")
 
     def load_base(self, model_args, task_head: str, num_labels: int | None, problem_type: str | None):
         """Return a base model when this method needs a special one (e.g. a quantized base); None = the usual loader."""

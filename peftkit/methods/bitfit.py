@@ -11,6 +11,7 @@ class BitFit(Method):
     name = "bitfit"
     can_merge = True
     supports_fsdp = True
+    unmerged_export = "delta"
 
     def prepare(self, model):
         mark_only_head_trainable(model)
@@ -18,6 +19,10 @@ class BitFit(Method):
             if name.endswith(".bias"):
                 param.requires_grad_(True)
         return model
+
+    def export_delta(self, model):
+        """The trained biases and the head, each as "replace"."""
+        return {n: ("replace", {"": p.detach()}) for n, p in model.named_parameters() if p.requires_grad}
 
     def merge(self, model):
         return model  # biases live in the base architecture already

@@ -11,6 +11,7 @@ class FullFineTuning(Method):
     name = "full"
     can_merge = True
     supports_fsdp = True
+    unmerged_export = "transformers"  # the result is the whole model either way
 
     def prepare(self, model):
         for param in model.parameters():

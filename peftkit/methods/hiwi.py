@@ -96,6 +96,7 @@ class HiWi(Method):
     name = "hiwi"
     Options = HiWiOptions
     can_merge = True
+    unmerged_export = "delta"
 
     def prepare(self, model):
         options = self.options
@@ -146,6 +147,19 @@ class HiWi(Method):
         mark_only_head_trainable(base_model)
         self.load_trainable_state(base_model, state)
         return base_model
+
+    def export_delta(self, model):
+        """Weight variant: each adapter as "row_adapter" (down, up). Bias variant: the new FFN biases as "replace".
+        The head as "replace" in both."""
+        delta = {name: ("row_adapter", {".down": a.down.detach(), ".up": a.up.detach()})
+                 for name, a in adapted_tensors(model).items()} if self.options.target == "weight" else {}
+        if self.options.target == "bias":
+            from peftkit.models.families import ffn_modules
+
+            values = self.adapted_values(model) or {f"{n}.bias": m.bias.detach() for n, m in ffn_modules(model)}
+            delta.update({n: ("replace", {"": v}) for n, v in values.items()})
+        delta.update({n: ("replace", {"": v}) for n, v in self.head_state(model).items()})
+        return delta
 
     def merge(self, model):
         """Compute every P' once and keep it as the plain parameter; the adapters are dropped (in place)."""

@@ -150,6 +150,7 @@ class PaFi(Method):
     name = "pafi"
     Options = PaFiOptions
     can_merge = True
+    unmerged_export = "delta"
 
     def prepare(self, model):
         options = self.options
@@ -234,6 +235,17 @@ class PaFi(Method):
         model = self.attach(base_model, targets)
         self.load_trainable_state(model, state)
         return model
+
+    def export_delta(self, model):
+        """Each sparse tensor as "scatter" (its flat positions and new entries), the head as "replace"."""
+        entries = sparse_entries(model)
+        delta = {name: ("scatter", {INDEX_SUFFIX: e.indices.to(torch.int32) if e.indices.numel() and
+                                    int(e.indices.max()) < 2**31 else e.indices, VALUE_SUFFIX: e.values.detach()})
+                 for name, e in entries.items()}
+        sparse = {id(e.values) for e in entries.values()}
+        delta.update({n: ("replace", {"": p.detach()}) for n, p in model.named_parameters()
+                      if p.requires_grad and id(p) not in sparse})
+        return delta
 
     def merge(self, model):
         """Write the scattered tensors into the plain parameters and drop the parametrizations (in place)."""

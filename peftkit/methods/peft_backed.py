@@ -29,6 +29,7 @@ def head_modules(model) -> list[str]:
 
 class PeftBackedMethod(Method):
     can_merge = True
+    unmerged_export = "peft"
 
     def peft_config(self, model):  # pragma: no cover - every subclass defines it or overrides prepare
         raise TypeError(f"method {self.name!r} defines neither peft_config() nor prepare()")

@@ -13,6 +13,7 @@ from pathlib import Path
 from peftkit.errors import UserError
 
 INFO_FILE = "peftkit.json"
+EXPORT_INFO_FILE = "export.json"  # what `peftkit export` writes (peftkit.methods.export)
 
 
 def final_dir(path: str | Path) -> Path:
@@ -50,32 +51,24 @@ def read_run_info(path: Path) -> dict:
 
 
 def load_trained(path: str | Path, trust_remote_code: bool = False):
-    """(model in eval mode, tokenizer, info dict) for a run directory, its final/ or a checkpoint directory.
+    """(model in eval mode, tokenizer, info dict) for a run directory, its final/, a checkpoint directory or an
+    export (``peftkit export``).
 
     Whether model code may run is the caller's decision (a flag the user gave), never the run directory's:
     its peftkit.json may say anything."""
-    from peftkit.config.schema import ModelArgs
-    from peftkit.methods import create_method
     from peftkit.models.load import load_model, load_tokenizer
 
     directory = final_dir(path)
     info_path = directory / INFO_FILE
     if not directory.exists():
         raise UserError(f"model directory {path} does not exist. Give a run directory (runs/<name>) or a checkpoint directory.")
+    if (directory / EXPORT_INFO_FILE).is_file():
+        from peftkit.methods.export import load_export
+
+        return load_export(directory, trust_remote_code)
     if info_path.is_file():
         info = read_run_info(info_path)
-        method = create_method(info["method"], info["options"])
-        model_options = ModelArgs.model_validate({**info["model"], "trust_remote_code": trust_remote_code})
-        head = model_options.task_head
-        base = method.load_base(model_options, head, info.get("num_labels"), info.get("problem_type"))
-        if base is None:
-            base = load_model(model_options.name, head, info.get("num_labels"), info.get("problem_type"), "float32",
-                              model_options.trust_remote_code, model_options.attn_implementation)
-        try:
-            model = method.load(base, directory)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:  # a missing, truncated or foreign state file
-            raise UserError(f"{directory} holds a {info['method']} run whose saved state cannot be loaded ({e}). "
-                            f"Re-create it with peftkit finetune, or point --model at another run.") from None
+        model = load_with_method(directory, info, trust_remote_code)
         tokenizer = load_tokenizer(str(directory))
     elif (directory / "config.json").is_file():
         info = {}
@@ -84,6 +77,32 @@ def load_trained(path: str | Path, trust_remote_code: bool = False):
     else:
         raise UserError(f"{path} is neither a peftkit run (no final/{INFO_FILE}) nor a transformers checkpoint (no config.json).")
     return model.eval(), tokenizer, info
+
+
+def load_base_of(info: dict, trust_remote_code: bool = False):
+    """(method bound to its options, freshly loaded base model) of checked run metadata ``info``."""
+    from peftkit.config.schema import ModelArgs
+    from peftkit.methods import create_method
+    from peftkit.models.load import load_model
+
+    method = create_method(info["method"], info["options"])
+    model_options = ModelArgs.model_validate({**info["model"], "trust_remote_code": trust_remote_code})
+    head = model_options.task_head
+    base = method.load_base(model_options, head, info.get("num_labels"), info.get("problem_type"))
+    if base is None:
+        base = load_model(model_options.name, head, info.get("num_labels"), info.get("problem_type"), "float32",
+                          model_options.trust_remote_code, model_options.attn_implementation)
+    return method, base
+
+
+def load_with_method(directory: Path, info: dict, trust_remote_code: bool = False):
+    """The base named by ``info`` with the method's saved state in ``directory`` restored onto it."""
+    method, base = load_base_of(info, trust_remote_code)
+    try:
+        return method.load(base, directory)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # a missing, truncated or foreign state file
+        raise UserError(f"{directory} holds a {info['method']} run whose saved state cannot be loaded ({e}). "
+                        f"Re-create it with peftkit finetune, or point --model at another run.") from None
 
 
 def load_for_eval(model_path_or_dir: str):

@@ -48,6 +48,13 @@ TASKS_BY_NAME: dict[str, GlueTask] = {
     "rte": GlueTask("rte", ("sentence1", "sentence2"), 2, ("accuracy",)),
     "wnli": GlueTask("wnli", ("sentence1", "sentence2"), 2, ("accuracy",)),
 }
+# Class names in label order, as the GLUE datasets name them (an exported model's id2label).
+LABEL_NAMES: dict[str, tuple[str, ...]] = {
+    "cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
+    "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_duplicate", "duplicate"), "stsb": ("similarity",),
+    "mnli": ("entailment", "neutral", "contradiction"), "qnli": ("entailment", "not_entailment"),
+    "rte": ("entailment", "not_entailment"), "wnli": ("not_entailment", "entailment"),
+}
 FORMATS = ("jsonl", "tsv", "parquet")
 
 

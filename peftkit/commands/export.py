@@ -1,0 +1,62 @@
+"""`peftkit export RUN --out DIR [--merge/--no-merge]`: a finished run as a directory that loads outside peftkit.
+
+The directory appears whole or not at all: everything is written into a temporary sibling and renamed into place.
+``--out`` must be new or empty (peftkit never writes into a folder of yours); the export carries peftkit's marker,
+listing what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from peftkit.errors import UserError
+
+
+def export(run: str, out: str, merge: bool | None = None) -> Path:
+    """Write the export; print what it holds and how big it is next to the base; return the directory."""
+    from peftkit.methods.export import size_rows, write_export
+    from peftkit.train.rundir import MARKER
+    from peftkit.utils.output_paths import expand_path, resolve_output_dir
+    from peftkit.utils.tables import format_table
+
+    source = expand_path(run, "RUN")
+    if not source.is_dir():
+        raise UserError(f"RUN {run} is not a directory. Give a run directory (runs/<name>) or its final/ directory.")
+    target = resolve_output_dir(out, "--out")
+    if os.path.lexists(target) and not target.is_dir():
+        raise UserError(f"--out {target} exists and is not a directory. Choose a new directory for the export.")
+    if target.is_dir() and any(target.iterdir()):
+        raise UserError(f"--out {target} already exists and is not empty. peftkit writes an export only into a new or "
+                        f"empty directory; choose another --out (or remove an earlier export there yourself).")
+    if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
+        raise UserError(f"--out {target} lies inside the run {source}. Choose a directory outside the run.")
+    command = " ".join(["peftkit", "export", str(run), "--out", str(out)]
+                       + ([] if merge is None else ["--merge" if merge else "--no-merge"]))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
+    try:
+        exported = write_export(source, tmp, merge, command, shown_as=str(target))
+        marker = {"tool": "peftkit", "kind": "export", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "written": sorted(p.name for p in tmp.iterdir()),
+                  "note": "peftkit writes into and deletes from this directory only the entries listed in 'written'."}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (tmp, *tmp.rglob("*")):  # mkdtemp (and safetensors) make them private: the usual modes instead
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        if target.is_dir():
+            target.rmdir()  # empty, checked above
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    e = exported["export"]
+    what = f"{exported.get('method', 'model')} run, {e['format']} format" + (", merged" if e.get("merged") else "")
+    print(f"exported {source} ({what}) to {target}")
+    print(format_table([{k: v for k, v in r.items() if k != "bytes"} for r in size_rows(target, exported)]))
+    return target
