@@ -135,6 +135,23 @@ def encode_sft(tokenizer, prompts: list[str], responses: list[str], max_length: 
     return rows, over, dropped
 
 
+class InputCollator:
+    """Rows without labels (new rows to label) padded to the longest of the batch, as the training collator pads."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {}
+        for key, pad in (("input_ids", self.pad_token_id), ("token_type_ids", 0), ("attention_mask", 0)):
+            if key in rows[0]:
+                batch[key] = torch.tensor([r[key] + [pad] * (width - len(r[key])) for r in rows], dtype=torch.long)
+        return batch
+
+
 class SFTCollator:
     """Pad input ids with the pad token, labels with -100, and give the attention mask."""
 
@@ -499,3 +516,53 @@ class SFT(OwnData):
 
 TYPES: dict[str, type[OwnData]] = {"classification": Classification, "regression": Regression, "causal-lm": CausalLM,
                                    "sft": SFT}
+
+
+# ---- reading new rows the way a finished run was trained ---------------------------------------------------
+class RunReading:
+    """How a finished run reads rows: its text columns, label column, task type and class labels, from the run's
+    peftkit.json (a `dataset` run or a GLUE run) or, for a plain checkpoint, from its config and the rows."""
+
+    def __init__(self, info: dict, model_config=None):
+        self.max_length = int(info.get("max_length", 128))
+        task = info.get("task")
+        if task == "dataset":
+            self.task_type = info["task_type"]
+            self.text_columns = list(info.get("text_columns") or [])
+            self.label_column = info.get("label_column", "label")
+            self.labels = list(info.get("labels") or [])
+            self.prompt_column, self.response_column = info.get("prompt_column"), info.get("response_column")
+        elif task:
+            from peftkit.tasks.glue import TASKS_BY_NAME
+
+            if task not in TASKS_BY_NAME:
+                raise UserError(f"the run was trained on {task!r}, which has no rows of its own to read; predict and "
+                                f"eval on files work for classification, regression and SFT runs.")
+            glue = TASKS_BY_NAME[task]
+            self.task_type = "regression" if glue.is_regression else "classification"
+            self.text_columns, self.label_column = list(glue.text_keys), "label"
+            self.labels = [] if glue.is_regression else list(range(glue.num_labels))
+            self.prompt_column = self.response_column = None
+        else:  # a plain transformers classifier: its config names the classes
+            id2label = getattr(model_config, "id2label", None) or {}
+            regression = getattr(model_config, "problem_type", None) == "regression"
+            self.task_type = "regression" if regression else "classification"
+            self.text_columns, self.label_column = [], "label"
+            self.labels = [] if regression else [id2label[i] for i in sorted(id2label)]
+            self.prompt_column = self.response_column = None
+
+    def columns_of(self, table: Table) -> list[str]:
+        columns = self.text_columns or infer_text_columns(table, {self.label_column})
+        require_columns(table, columns, "the text the run was trained on")
+        return columns
+
+    def encode(self, tokenizer, table: Table) -> list[dict]:
+        rows, _ = encode_texts(tokenizer, [texts(table, c) for c in self.columns_of(table)], self.max_length)
+        return rows
+
+    def gold(self, table: Table) -> list:
+        """The label of each row: class ids (an unknown class is an error) or numbers."""
+        require_columns(table, [self.label_column], "the label column of the run")
+        if self.task_type == "regression":
+            return numeric_labels(table, self.label_column)
+        return label_ids(table, class_labels(table, self.label_column), self.labels)
