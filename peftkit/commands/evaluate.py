@@ -118,8 +118,8 @@ def read_labeled(spec: str, limit: int | None):
         try:
             splits = hub_splits(name, config or None)
         except UserError as e:
-            raise UserError(f"--task {spec} is not glue, glue:<task>, wikitext2 or an existing file, and as a dataset "
-                            f"id: {e}") from None
+            raise UserError(f"--task {spec}: unknown task suite (glue, glue:<task>, wikitext2), no such file, and as "
+                            f"a dataset id: {e}") from None
         split = next((s for s in ("validation", "test") if s in splits), None)
         if split is None:
             raise UserError(f"dataset {spec} has neither a validation nor a test split (it has: {', '.join(splits)}).")
