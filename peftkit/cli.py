@@ -140,11 +140,14 @@ def report(paths: List[str] = typer.Argument(..., help="Run directories, quantiz
 
 @app.command()
 def methods():
-    """List the method plugins with one-line descriptions."""
+    """List the method plugins with one-line descriptions, and which model families each supports."""
+    from peftkit.commands.support import support_table
     from peftkit.utils.registry import METHODS
 
     for entry in METHODS.entries():
         typer.echo(f"{entry.name:12s} {entry.help}")
+    typer.echo("\nmodel families each method supports (docs/methods/support.md):")
+    typer.echo(support_table())
 
 
 @app.command()

@@ -10,6 +10,8 @@ from peftkit.utils.registry import METHODS
 class BitFit(Method):
     name = "bitfit"
     can_merge = True
+    families = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "qwen2", "opt", "gpt2")
+    family_note = "LLaMA and Mistral layers have no bias terms: only the head would train"
 
     def prepare(self, model):
         mark_only_head_trainable(model)
