@@ -100,7 +100,8 @@ def pretrain(recipe: str = typer.Argument(..., help="Pretraining recipe YAML (ml
 
 
 @app.command("eval")
-def evaluate(task: str = typer.Option(..., "--task", help="glue, glue:sst2,mrpc or wikitext2."),
+def evaluate(task: str = typer.Option(..., "--task", help="glue, glue:sst2,mrpc, wikitext2, or labeled rows of "
+                                                           "your own: a CSV/JSONL/Parquet file or a dataset id."),
              model: List[str] = typer.Option(..., "--model", help="Run directory or checkpoint (repeatable)."),
              data_root: Optional[str] = typer.Option(None, help="GLUE data root (default: env PEFTKIT_DATA_DIR)."),
              limit: Optional[int] = typer.Option(None, min=1, help="Evaluate on the first N rows only."),
@@ -115,14 +116,15 @@ def evaluate(task: str = typer.Option(..., "--task", help="glue, glue:sst2,mrpc 
 
     def body():
         from peftkit.commands.evaluate import evaluate_glue, parse_task_spec, run_cli
-        from peftkit.errors import UserError
 
         suite, tasks = parse_task_spec(task)
         if suite == "glue":
             return evaluate_glue(model, tasks, data_root, batch_size, limit, json_out, trust_remote_code)
         if suite == "wikitext2":
             return run_cli(model, seq_len, max_windows, json_out)
-        raise UserError(f'unknown task suite "{suite}" in --task {task}; use glue, glue:<task>[,<task>] or wikitext2.')
+        from peftkit.commands.evaluate import evaluate_own
+
+        return evaluate_own(model, task, batch_size, limit, json_out, trust_remote_code)
 
     _run(body)
 
@@ -154,11 +156,14 @@ def report(paths: List[str] = typer.Argument(..., help="Run directories, quantiz
 
 @app.command()
 def methods():
-    """List the method plugins with one-line descriptions."""
+    """List the method plugins with one-line descriptions, and which model families each supports."""
+    from peftkit.commands.support import support_table
     from peftkit.utils.registry import METHODS
 
     for entry in METHODS.entries():
         typer.echo(f"{entry.name:12s} {entry.help}")
+    typer.echo("\nmodel families each method supports (docs/methods/support.md):")
+    typer.echo(support_table())
 
 
 @app.command()
@@ -238,6 +243,35 @@ def export(run: str = typer.Argument(..., help="Run directory (runs/<name>) or i
     from peftkit.commands.export import export as run_export
 
     _run(run_export, run, out, merge)
+
+
+@app.command()
+def predict(run: str = typer.Argument(..., help="Run directory (any method, your own data or GLUE) or checkpoint."),
+            input_file: str = typer.Option(..., "--input", help="Rows to label: CSV, JSONL, JSON or Parquet."),
+            output: Optional[str] = typer.Option(None, "--output", help="JSON-lines file (default: stdout)."),
+            batch_size: int = typer.Option(64, min=1, max=65536, help="Rows per forward pass."),
+            trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                                   help="Let model code shipped with the checkpoint run.")):
+    """Label new rows: one JSON line per row (label + probabilities, or value for regression)."""
+    from peftkit.commands.predict import predict as body
+
+    _run(body, run, input_file, output, batch_size, trust_remote_code)
+
+
+@app.command()
+def generate(run: str = typer.Argument(..., help="Causal-LM or SFT run, quantize output directory or model."),
+             prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
+             input_file: Optional[str] = typer.Option(None, "--input", help="File of prompts (the run's prompt "
+                                                                             "column, else 'prompt')."),
+             output: Optional[str] = typer.Option(None, "--output", help="JSON-lines file (default: stdout)."),
+             max_new_tokens: int = typer.Option(64, min=1, max=65536, help="Tokens generated per prompt."),
+             temperature: float = typer.Option(0.0, min=0.0, max=100.0, help="0 = greedy; > 0 samples."),
+             top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass, in (0, 1]."),
+             seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Sampling seed.")):
+    """Generate answers: one JSON line per prompt (prompt + generation)."""
+    from peftkit.commands.predict import generate as body
+
+    _run(body, run, list(prompt or []), input_file, output, max_new_tokens, temperature, top_p, seed)
 
 
 def main() -> None:

@@ -105,3 +105,87 @@ def run_cli(models: list[str] | str, seq_len: int = 512, max_windows: int | None
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps({"task": "wikitext2", "rows": rows}, indent=2))
     return rows
+
+
+def read_labeled(spec: str, limit: int | None):
+    """Rows to score: a local file, or a hub dataset ``NAME[:CONFIG]`` (its validation split, else test)."""
+    from peftkit.tasks.tabular import FORMATS, Table, hub_splits, read_file, read_hub
+
+    if Path(spec).expanduser().exists() or Path(spec).suffix.lower() in FORMATS:
+        table = read_file(spec)
+    else:
+        name, _, config = spec.partition(":")
+        try:
+            splits = hub_splits(name, config or None)
+        except UserError as e:
+            raise UserError(f"--task {spec}: unknown task suite (glue, glue:<task>, wikitext2), no such file, and as "
+                            f"a dataset id: {e}") from None
+        split = next((s for s in ("validation", "test") if s in splits), None)
+        if split is None:
+            raise UserError(f"dataset {spec} has neither a validation nor a test split (it has: {', '.join(splits)}).")
+        table = read_hub(name, config or None, split)
+    return Table(table.rows[:limit], table.where) if limit else table
+
+
+def evaluate_own(model_dirs: list[str], spec: str, batch_size: int = 128, limit: int | None = None,
+                 json_path: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Score runs on labeled rows of one's own: classification (accuracy, macro-F1), regression (Pearson, Spearman,
+    MSE) and SFT (response-only loss) runs, each reading the rows the way it was trained. Same table and JSON as
+    the GLUE evaluation; each run directory keeps its own results file."""
+    import sys
+
+    from peftkit.methods.trained import load_trained
+    from peftkit.tasks.dataset import (
+        InputCollator,
+        RunReading,
+        SFTCollator,
+        classification_metrics,
+        encode_sft,
+        logits_of,
+        regression_metrics,
+        response_loss,
+    )
+    from peftkit.tasks.tabular import require_columns, texts
+    from peftkit.utils.output_paths import check_output_file, unique_result_path
+    from peftkit.utils.tables import format_table, machine_info
+
+    if json_path:
+        json_path = str(check_output_file(json_path, "--json"))
+    table = read_labeled(spec, limit)  # a bad file fails before any model loads
+    rows_out = []
+    for model_dir in model_dirs:
+        model, tokenizer, info = load_trained(model_dir, trust_remote_code)
+        reading = RunReading(info, model.config)
+        start = time.perf_counter()
+        if reading.task_type == "sft":
+            prompt, response = reading.prompt_column, reading.response_column
+            require_columns(table, [prompt, response], "the prompt / response columns of the run")
+            encoded, _, _ = encode_sft(tokenizer, texts(table, prompt), texts(table, response), reading.max_length)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            metrics = response_loss(model, encoded, SFTCollator(pad), batch_size)
+        elif reading.task_type in ("classification", "regression"):
+            gold = reading.gold(table)
+            regression = reading.task_type == "regression"
+            logits = logits_of(model, reading.encode(tokenizer, table), InputCollator(tokenizer.pad_token_id or 0),
+                               batch_size)
+            metrics = (regression_metrics(logits[:, 0].tolist(), gold) if regression else
+                       classification_metrics(logits.argmax(-1).tolist(), gold, logits.shape[1]))
+        else:
+            raise UserError(f"{model_dir} is a {reading.task_type} run; score it with --task wikitext2 or "
+                            f"`peftkit generate`.")
+        rows_out.append({"model": str(model_dir), "data": table.where,
+                         **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+                         "n": len(table.rows), "seconds": round(time.perf_counter() - start, 2)})
+    print(format_table(rows_out))
+    payload = {"bench": "own-eval", "suite": "dataset", "data": table.where, "machine": machine_info(),
+               "command": " ".join(["peftkit", *sys.argv[1:]]), "rows": rows_out}
+    targets = [Path(json_path)] if json_path else []
+    for model_dir in model_dirs:
+        if (Path(model_dir) / "final").is_dir():
+            targets.append(unique_result_path(Path(model_dir) / "eval", f"results-{time.strftime('%Y%m%d-%H%M%S')}"))
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, target)
+    return payload

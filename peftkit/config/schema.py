@@ -135,26 +135,75 @@ class ModelArgs(Section):
     attn_implementation: ATTENTION = option(None, "Attention kernel; null lets transformers choose.")
 
 
+TASK_TYPES = ("classification", "regression", "causal-lm", "sft")
+OWN_DATA_TASK = "dataset"  # the task that reads data.train_file / data.dataset_name (peftkit/tasks/dataset.py)
+# Options that only mean something for one's own data (the "dataset" task).
+OWN_DATA_OPTIONS = ("dataset_name", "dataset_config_name", "train_file", "validation_file", "validation_fraction",
+                    "text_columns", "label_column", "task_type", "prompt_column", "response_column")
+
+
 class DataArgs(Section):
-    task: str = option("sst2", "A GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), or wikitext2 "
+    task: str = option("sst2", "A GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), wikitext2 "
                                "(causal LM: trains on wiki.valid.tokens, perplexity on wiki.test.raw; needs task_head "
-                               "causal_lm).", min_length=1)
+                               "causal_lm), or dataset (your own data; chosen by itself when data.train_file or "
+                               "data.dataset_name is set).", min_length=1)
     root: Optional[str] = option(
         None, "Directory laid out as <task>/<split>.jsonl|tsv|parquet; null = env PEFTKIT_DATA_DIR, else the hub. "
               "wikitext2: the WikiText-2 directory; null = env PEFTKIT_WIKITEXT, else ../shared/data/wikitext-2.")
-    max_length: Count = option(128, "Truncate tokenized inputs to this many tokens (wikitext2: the length of every "
-                                    "training and evaluation window).", ge=2, le=1_048_576)
+    max_length: Count = option(128, "Truncate tokenized inputs to this many tokens (wikitext2 and causal-lm: the length "
+                                    "of every training and evaluation window).", ge=2, le=1_048_576)
     limit: Optional[Count] = option(None, "Use only the first N training rows (wikitext2: windows) (null = all).",
                                     ge=1, le=MAX_COUNT)
     eval_limit: Optional[Count] = option(None, "Use only the first N validation rows (wikitext2: test windows) (null = all).",
                                          ge=1, le=MAX_COUNT)
-    train_split: str = option("train", "Split used for training (GLUE only).")
-    eval_split: Optional[str] = option(None, "Split used for evaluation; null = the task's validation split (GLUE only).")
+    train_split: str = option("train", "Split used for training (GLUE and data.dataset_name).")
+    eval_split: Optional[str] = option(None, "Split used for evaluation; null = the task's validation split (GLUE), or "
+                                             "the dataset's 'validation' split when it has one (data.dataset_name).")
+    # ---- your own data (task "dataset"); names as in the transformers example scripts ----
+    dataset_name: Optional[str] = option(None, "A datasets hub id (e.g. imdb) read from datasets' local cache; "
+                                               "exclusive with data.train_file.", min_length=1)
+    dataset_config_name: Optional[str] = option(None, "The configuration of data.dataset_name (e.g. sst2 of glue).",
+                                                min_length=1)
+    train_file: Optional[str] = option(None, "Training rows: a local .csv, .tsv, .json, .jsonl or .parquet file.",
+                                       min_length=1)
+    validation_file: Optional[str] = option(None, "Validation rows, same formats; null = the dataset's validation split, "
+                                                  "else data.validation_fraction of the training rows.", min_length=1)
+    validation_fraction: float = option(0.1, "Share of the training rows held out for validation when there is no "
+                                             "validation file or split (drawn with a fixed seed, the same every run).",
+                                        gt=0, le=0.5)
+    text_columns: Optional[list[str]] = option(None, "The one or two text columns (a pair is encoded as a sentence "
+                                                     "pair); null = the text columns the file has besides the label "
+                                                     "(causal-lm: 'text').", min_length=1, max_length=2)
+    label_column: str = option("label", "Column holding the label: class names or integers (classification) or "
+                                        "numbers (regression).", min_length=1)
+    task_type: Optional[Literal["classification", "regression", "causal-lm", "sft"]] = option(
+        None, "What to learn; null = sft when data.prompt_column/response_column is set, causal-lm with "
+              "model.task_head causal_lm, else classification.")
+    prompt_column: Optional[str] = option(None, "sft: the column holding the prompt (null = 'prompt').", min_length=1)
+    response_column: Optional[str] = option(None, "sft: the column holding the answer, the only tokens the loss is "
+                                                  "taken on (null = 'response').", min_length=1)
 
     @field_validator("train_split", "eval_split")
     @classmethod
     def _split(cls, value: Optional[str]) -> Optional[str]:
         return plain_name(value)
+
+    @model_validator(mode="after")
+    def _own_data(self):
+        own = bool(self.train_file or self.dataset_name)
+        if "task" not in self.model_fields_set and own:
+            self.task = OWN_DATA_TASK
+        elif own and self.task != OWN_DATA_TASK:
+            given = "train_file" if self.train_file else "dataset_name"
+            raise ValueError(f"{given}: data.task {self.task!r} reads its own rows; remove data.task (or set it to "
+                             f"{OWN_DATA_TASK}) to train on data.{given}")
+        if self.task != OWN_DATA_TASK:
+            stray = [k for k in OWN_DATA_OPTIONS if k in self.model_fields_set and k != "validation_fraction"
+                     and getattr(self, k) is not None and (k != "label_column" or self.label_column != "label")]
+            if stray:
+                raise ValueError(f"{stray[0]}: an option for your own data, which data.task {self.task!r} does not "
+                                 f"read; set data.train_file or data.dataset_name (and remove data.task)")
+        return self
 
 
 class MethodArgs(Section):

@@ -29,6 +29,7 @@ class QuantizedLoRA(PeftBackedMethod):
     """The quantize output directory is the base: ``load_base`` records it, ``prepare`` reads its LoRA."""
 
     name = "apiq"
+    families, family_note = ("llama",), "the base is a `peftkit quantize` output of a LLaMA-family decoder"
     Options = QuantizedLoRAOptions
     unmerged_export = "peftkit"  # its base is a quantize output directory, which only peftkit reads
     quant_dir: Path | None = None

@@ -44,6 +44,10 @@ class Method:
     # parametrizations, peft wrappers and custom autograd functions have not been checked under it.
     supports_fsdp: ClassVar[bool] = False
     unmerged_export: ClassVar[str] = "peftkit"
+    # Model families (peftkit.models.families) the method is built and tested for; None = every described family.
+    # family_note says why the others are left out; a model of another family is refused before training.
+    families: ClassVar[tuple[str, ...] | None] = None
+    family_note: ClassVar[str] = ""
 
     def __init__(self, options: MethodArgs | None = None):
         if options is not None and not isinstance(options, self.Options):
@@ -51,6 +55,17 @@ class Method:
         self.options = options if options is not None else self.Options()
 
     # ---- applying the method -------------------------------------------------------------
+    def check_family(self, model) -> None:
+        """A UserError when ``model``'s family is not one this method supports, with the reason."""
+        from peftkit.errors import UserError
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if self.families is not None and model_type not in self.families:
+            why = f" ({self.family_note})" if self.family_note else ""
+            raise UserError(f"method {self.name} does not support {model_type} models{why}; it supports "
+                            f"{', '.join(self.families)}. Choose a model of one of those families or another "
+                            f"method (`peftkit methods` prints which method supports which family).")
+
     def prepare(self, model):  # pragma: no cover - every method defines it
         raise TypeError(f"method {self.name!r} does not define prepare()")
 

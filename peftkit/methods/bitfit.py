@@ -12,6 +12,8 @@ class BitFit(Method):
     can_merge = True
     supports_fsdp = True
     unmerged_export = "delta"
+    families = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "qwen2", "opt", "gpt2")
+    family_note = "LLaMA and Mistral layers have no bias terms: only the head would train"
 
     def prepare(self, model):
         mark_only_head_trainable(model)

@@ -37,6 +37,7 @@ class LoRAOptions(MethodArgs):
 class LoRA(PeftBackedMethod):
     name = "lora"
     Options = LoRAOptions
+    families, family_note = tuple(DEFAULT_TARGETS), "default target projections are listed for these families only"
 
     def peft_config(self, model):
         from peft import LoraConfig

@@ -225,6 +225,8 @@ def meft_encoder_of(model) -> MEFTEncoder:
 class _MEFT(Method):
     Options = MEFTOptions
     can_merge = False
+    families = ("bert", "roberta", "xlm-roberta")
+    family_note = "it re-composes BERT-style post-norm encoder blocks; DeBERTa's attention and DistilBERT's blocks differ"
 
     def prepare(self, model):
         from transformers.activations import ACT2FN

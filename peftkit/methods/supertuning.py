@@ -69,6 +69,7 @@ def use_sparse_forward(model) -> int:
 class SuperTuning(PeftBackedMethod):
     name = "supertuning"
     Options = SuperTuningOptions
+    families, family_note = ("bert", "roberta", "llama", "opt"), "peft's Super-Tuning adapts nn.Linear layers only"
 
     def prepare(self, model):
         model = super().prepare(model)

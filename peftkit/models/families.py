@@ -61,22 +61,45 @@ _BERT = Family(
     ffn_norm="output.LayerNorm",
 )
 
+_LLAMA = Family(
+    name="llama",
+    kind="decoder",
+    backbone=("model",),
+    layers="layers",
+    attention="self_attn",
+    attention_output="self_attn.o_proj",
+    ffn_in="mlp.up_proj",
+    ffn_out="mlp.down_proj",
+    ffn_gate="mlp.gate_proj",
+    attn_linears=("q_proj", "k_proj", "v_proj", "o_proj"),
+    ffn_linears=("gate_proj", "up_proj", "down_proj"),
+)
+
 FAMILIES: dict[str, Family] = {
+    # encoders
     "bert": _BERT,
     "roberta": Family(**{**_BERT.__dict__, "name": "roberta", "backbone": ("roberta", "bert")}),
-    "llama": Family(
-        name="llama",
-        kind="decoder",
-        backbone=("model",),
-        layers="layers",
-        attention="self_attn",
-        attention_output="self_attn.o_proj",
-        ffn_in="mlp.up_proj",
-        ffn_out="mlp.down_proj",
-        ffn_gate="mlp.gate_proj",
-        attn_linears=("q_proj", "k_proj", "v_proj", "o_proj"),
-        ffn_linears=("gate_proj", "up_proj", "down_proj"),
+    "xlm-roberta": Family(**{**_BERT.__dict__, "name": "xlm-roberta", "backbone": ("roberta",)}),
+    # DeBERTa-v2/v3: BERT's block layout; the attention (disentangled, relative positions) has its own projections.
+    "deberta-v2": Family(**{**_BERT.__dict__, "name": "deberta-v2", "backbone": ("deberta",),
+                            "attn_linears": ("query_proj", "key_proj", "value_proj", "attention.output.dense")}),
+    # DistilBERT: post-norm too, but the attention block holds its output projection and the norms sit on the layer.
+    "distilbert": Family(
+        name="distilbert",
+        kind="encoder",
+        backbone=("distilbert",),
+        layers="transformer.layer",
+        attention="attention",
+        attention_output="attention.out_lin",
+        ffn_in="ffn.lin1",
+        ffn_out="ffn.lin2",
+        attn_linears=("q_lin", "k_lin", "v_lin", "out_lin"),
+        ffn_linears=("lin1", "lin2"),
     ),
+    # decoders
+    "llama": _LLAMA,
+    "mistral": Family(**{**_LLAMA.__dict__, "name": "mistral"}),
+    "qwen2": Family(**{**_LLAMA.__dict__, "name": "qwen2"}),  # q/k/v carry biases
     "opt": Family(
         name="opt",
         kind="decoder",
@@ -102,6 +125,8 @@ FAMILIES: dict[str, Family] = {
         ffn_linears=("c_fc", "mlp.c_proj"),
     ),
 }
+ENCODERS = tuple(name for name, fam in FAMILIES.items() if fam.kind == "encoder")
+DECODERS = tuple(name for name, fam in FAMILIES.items() if fam.kind == "decoder")
 
 
 def family_of(model) -> Family:

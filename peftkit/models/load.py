@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 from pathlib import Path
 
@@ -153,26 +152,27 @@ HEAD_CLASSES = {
 }
 
 
-def _check_reachable(name: str) -> None:
-    """A name that is not a local path must come from the hub: fail in seconds when it cannot."""
+def locate(name: str) -> str:
+    """Where a model is read from: a local path as it is; a hub id from the local Hugging Face cache (huggingface_hub's
+    own lookup, no network), else unchanged for transformers to download, unless HF_HUB_OFFLINE=1 forbids it."""
     if Path(name).exists():
-        return
+        return name
     looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/") and name.count("/") > 1
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    reachable = False
-    if not offline and not looks_local:
+    if not looks_local:
+        from huggingface_hub import snapshot_download
+
         try:
-            with socket.create_connection(("huggingface.co", 443), timeout=3):
-                reachable = True
-        except OSError:
-            reachable = False
-    if not reachable:
+            return snapshot_download(name, local_files_only=True)
+        except Exception:  # not cached (or not a valid hub id): decided below
+            pass
+    if looks_local or offline:
         aliases = ", ".join(ALIASES)
-        raise UserError(
-            f'model "{name}" is not a local directory and the Hugging Face hub is not reachable'
-            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}. Set model.name to a local checkpoint directory "
-            f"or to one of the offline aliases ({aliases})."
-        )
+        where = "is not a local directory" if looks_local else (
+            "is neither a local directory nor in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it")
+        raise UserError(f'model "{name}" {where}. Set model.name to a local checkpoint directory, a hub id present in '
+                        f"the cache (HF_HUB_CACHE), or one of the offline aliases ({aliases}).")
+    return name
 
 
 def torch_dtype(name: str):
@@ -187,8 +187,7 @@ def torch_dtype(name: str):
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path = resolve_model(name)
-    _check_reachable(path)
+    path = locate(resolve_model(name))
     if (Path(path) / "config.json").exists():  # a tokenizer directory may lack one; a broken one is still an error
         read_model_config(Path(path), name)
     try:
@@ -202,8 +201,7 @@ def load_model(name: str, task_head: str = "seq_cls", num_labels: int | None = N
     """A transformers model with the requested head, from an alias, a local directory or the hub."""
     import transformers
 
-    path = resolve_model(name)
-    _check_reachable(path)
+    path = locate(resolve_model(name))
     if Path(path).is_dir():
         check_model_dir(path, name)
     elif Path(path).exists():

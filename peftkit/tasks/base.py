@@ -76,6 +76,7 @@ class Task:
         if limit and r.data.max_length > limit:
             raise UserError(f"data.max_length {r.data.max_length} exceeds what {r.model.name} allows "
                             f"({limit} positions). Set data.max_length to at most {limit}.")
+        method.check_family(model)
         return method.prepare(model)
 
     def train_args(self, model, run_dir: Path, log):

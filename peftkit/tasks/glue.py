@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,26 +109,16 @@ def _find_split_file(root: Path, task: str, split: str) -> Path:
     )
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _load_from_hub(task: str, split: str) -> list[dict]:
-    if not _hub_reachable():
-        raise UserError(
-            f"GLUE task {task} needs either a local data root or the Hugging Face hub, and the hub is not reachable "
-            f"(offline). Set data.root in the recipe or env PEFTKIT_DATA_DIR to a directory laid out as "
-            f"<task>/<split>.jsonl (for this project: ../shared/data/glue)."
-        )
-    from datasets import load_dataset
+    """A split of nyu-mll/glue through datasets' own cache (offline with HF_DATASETS_OFFLINE=1)."""
+    from peftkit.tasks.tabular import read_hub
 
-    return load_dataset("nyu-mll/glue", task, split=split).to_list()
+    try:
+        return read_hub("nyu-mll/glue", task, split).rows
+    except UserError as e:
+        raise UserError(f"GLUE task {task} needs either a local data root or the dataset nyu-mll/glue in datasets' "
+                        f"cache: {e} Set data.root in the recipe or env PEFTKIT_DATA_DIR to a directory laid out as "
+                        f"<task>/<split>.jsonl (for this project: ../shared/data/glue).") from None
 
 
 def _label(task: GlueTask, raw) -> int | float | None:

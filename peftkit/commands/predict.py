@@ -1,0 +1,123 @@
+"""`peftkit predict` (labels or scores for new rows) and `peftkit generate` (text from a causal-LM or SFT run).
+
+Both read rows from a CSV / JSONL / JSON / Parquet file and write one JSON object per row, to --output or stdout.
+An existing --output is replaced only when it is a JSON-lines file (a result of an earlier run), never another file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from peftkit.errors import UserError
+
+
+def check_jsonl_output(path: str | None) -> Path | None:
+    """The --output file, refused before any model loads when it is not ours to write."""
+    from peftkit.utils.output_paths import check_output_file
+
+    if not path:
+        return None
+    out = check_output_file(path, "--output", must_be_json=False)
+    if out.is_file() and out.stat().st_size:
+        try:
+            for line in out.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    json.loads(line)
+        except (UnicodeDecodeError, ValueError):
+            raise UserError(f"--output {out} exists and is not a JSON-lines result file, so peftkit will not replace "
+                            f"it. Choose another path, or move that file away.") from None
+    return out
+
+
+def write_jsonl(records: list[dict], out: Path | None) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if out is None:
+        print(text, end="")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+
+
+def predict(run: str, input_file: str, output: str | None = None, batch_size: int = 64,
+            trust_remote_code: bool = False) -> list[dict]:
+    """`label` and `probabilities` (classification) or `value` (regression) for every row of ``input_file``."""
+    from peftkit.tasks.tabular import read_file
+
+    out = check_jsonl_output(output)
+    table = read_file(input_file)  # a bad file fails before the model loads
+    from peftkit.methods.trained import load_trained
+    from peftkit.tasks.dataset import InputCollator, RunReading, logits_of
+
+    model, tokenizer, info = load_trained(run, trust_remote_code)
+    if info.get("model", {}).get("task_head") == "causal_lm":
+        raise UserError(f"{run} is a language model (task_head causal_lm); `peftkit generate {run} --input FILE` "
+                        f"writes its answers.")
+    reading = RunReading(info, model.config)
+    rows = reading.encode(tokenizer, table)
+    logits = logits_of(model, rows, InputCollator(tokenizer.pad_token_id or 0), batch_size)
+    if reading.task_type == "regression":
+        records = [{"value": v} for v in logits[:, 0].tolist()]
+    else:
+        names = reading.labels or list(range(logits.shape[1]))
+        records = []
+        for p in logits.softmax(-1).tolist():
+            best = max(range(len(p)), key=p.__getitem__)
+            records.append({"label": names[best], "probabilities": {str(n): round(x, 6) for n, x in zip(names, p)}})
+    write_jsonl(records, out)
+    return records
+
+
+def generate(run: str, prompts: list[str] | None = None, input_file: str | None = None, output: str | None = None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
+    """Continue each prompt with a causal-LM run, an SFT run (in the prompt format it was trained with), a quantize
+    output directory or a plain language model. temperature 0 = greedy."""
+    from peftkit.tasks.tabular import read_file, texts
+
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p} must be in (0, 1]: the share of probability mass sampled from.")
+    if bool(prompts) == bool(input_file):
+        raise UserError("give the prompts either with --prompt (repeatable) or with --input FILE, one of the two.")
+    out = check_jsonl_output(output)
+    info = run_info(run)
+    if input_file:
+        table = read_file(input_file)
+        column = info.get("prompt_column") or "prompt"
+        if column not in table.columns:
+            raise UserError(f"{table.where}: no column {column!r} with the prompts; its columns are: "
+                            f"{', '.join(table.columns)}.")
+        prompts = texts(table, column)
+    import torch
+
+    from peftkit.methods.trained import load_for_eval
+    from peftkit.tasks.dataset import prompt_text
+
+    model, tokenizer = load_for_eval(run)
+    sft = info.get("task_type") == "sft"
+    device = next(model.parameters()).device
+    records = []
+    for prompt in prompts:
+        text = prompt_text(tokenizer, prompt) if sft else prompt
+        enc = tokenizer(text, add_special_tokens=not (sft and getattr(tokenizer, "chat_template", None)),
+                        return_tensors="pt").to(device)
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+            {"do_sample": False}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        with torch.inference_mode():
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+        answer = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        records.append({"prompt": prompt, "generation": answer})
+    write_jsonl(records, out)
+    return records
+
+
+def run_info(run: str) -> dict:
+    """peftkit.json of a run (or {} for a model directory that is not a run)."""
+    from peftkit.methods.trained import INFO_FILE, final_dir, read_run_info
+
+    path = final_dir(run) / INFO_FILE
+    return read_run_info(path) if path.is_file() else {}
