@@ -40,9 +40,12 @@ test-fast: install
 results:
 	$(PY) scripts/make_results.py
 
-# docs/configuration.md from the typed option sections (a test fails when it is stale)
+# the pages generated from the code (a test fails when any of them is stale): the configuration reference,
+# the export interop matrix and the method / model-family support matrix
 docs:
 	$(PY) scripts/make_config_doc.py
+	$(PY) scripts/make_interop.py
+	$(PY) -m peftkit.commands.support
 
 clean:
 	rm -rf runs .pytest_cache

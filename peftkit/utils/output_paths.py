@@ -28,6 +28,8 @@ def expand_path(text: str | os.PathLike, what: str = "path") -> Path:
     raw = os.fspath(text)
     if not isinstance(raw, str) or not raw.strip():
         raise UserError(f"{what} is empty. Give a directory or file path, e.g. runs/my-run.")
+    if "\0" in raw:
+        raise UserError(f"{what} {raw!r} holds a NUL character, which no file system accepts in a path.")
 
     def substitute(match: re.Match) -> str:
         name = match.group(1) if match.group(1) is not None else match.group(2)
