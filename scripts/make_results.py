@@ -36,7 +36,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine_line(m: dict) -> str:
-    keys = ("cpu", "cores", "threads", "device", "torch", "transformers", "peft")
+    keys = ("cpu", "matmul_kind", "cores", "threads", "device", "torch", "transformers", "peft")
     return ", ".join(f"{k} {m[k]}" for k in keys if m.get(k) is not None)
 
 

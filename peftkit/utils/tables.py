@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 
+from peftkit.utils.env import matmul_kind
+
 
 def machine_info() -> dict:
     import torch
@@ -16,6 +18,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "matmul_kind": matmul_kind(),  # whether bf16 is fast here: AMX, AVX512-BF16 without AMX, AVX2 only, CUDA
     }
     try:
         with open("/proc/cpuinfo") as f:

@@ -35,3 +35,28 @@ def test_batches_have_the_requested_shape():
     batch = make_batch(vocab_size=100, batch=3, seq=7)
     assert batch["input_ids"].shape == (3, 7) and batch["labels"].shape == (3,)
     assert int(batch["input_ids"].max()) < 100
+
+
+def test_step_flops_counts_the_step_and_falls_back_for_meft():
+    import torch
+
+    from helpers.tiny import tiny_bert
+
+    from peftkit.bench.memory import step_flops
+    from peftkit.methods import create_method
+
+    batch = {"input_ids": torch.randint(5, 64, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+             "labels": torch.tensor([0, 1])}
+    full = create_method("full")
+    counted, how = step_flops(full, full.prepare(tiny_bert()), batch)
+    assert how == "counted" and counted > 0
+    meft = create_method("meft1")
+    tripled, how = step_flops(meft, meft.prepare(tiny_bert()), batch)
+    assert how == "forward x3" and tripled > 0
+    # full fine-tuning's backward computes input and weight gradients: about twice its forward
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        full.prepare(tiny_bert())(**batch)
+    assert 2.5 * counter.get_total_flops() < counted < 3.5 * counter.get_total_flops()
