@@ -91,7 +91,9 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     # edit the copy as a user would: a tiny model and data written here, a short schedule
     import yaml
 
-    from peftkit.config.loader import parse_yaml  # YAML 1.2 numbers, as peftkit reads the file
+    from peftkit.config.loader import (
+        parse_yaml,  # YAML 1.2 numbers, as peftkit reads the file
+    )
 
     model_dir = save_tiny_classifier(work / "tiny-bert")
     write_glue_task(work / "glue", "sst2", n_train=32, n_val=16)

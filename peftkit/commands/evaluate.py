@@ -10,6 +10,23 @@ from pathlib import Path
 from peftkit.errors import UserError
 
 
+def write_results(payload: dict, model_dirs: list[str], json_path: str | None) -> dict:
+    """The table's JSON to ``--json`` and to eval/results-<time>[-N].json of each run directory (never colliding,
+    written whole or not at all)."""
+    from peftkit.utils.output_paths import unique_result_path
+
+    targets = [Path(json_path)] if json_path else []
+    for model_dir in model_dirs:
+        if (Path(model_dir) / "final").is_dir():
+            targets.append(unique_result_path(Path(model_dir) / "eval", f"results-{time.strftime('%Y%m%d-%H%M%S')}"))
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, target)
+    return payload
+
+
 def parse_task_spec(spec: str) -> tuple[str, list[str] | None]:
     """'glue' -> ('glue', None); 'glue:sst2,mrpc' -> ('glue', ['sst2', 'mrpc']); 'wikitext2' -> ('wikitext2', None)."""
     suite, _, names = spec.partition(":")
@@ -29,7 +46,7 @@ def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str
         make_eval_fn,
         tokenize_rows,
     )
-    from peftkit.utils.output_paths import check_output_file, unique_result_path
+    from peftkit.utils.output_paths import check_output_file
     from peftkit.utils.tables import format_table
 
     if json_path:  # refused before any model loads
@@ -66,17 +83,7 @@ def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str
 
     payload = {"bench": "glue-eval", "suite": "glue", "machine": machine_info(),
                "command": " ".join(["peftkit", *sys.argv[1:]]), "rows": rows_out, "average": average}
-    targets = [Path(json_path)] if json_path else []
-    for model_dir in model_dirs:
-        run = Path(model_dir)
-        if (run / "final").is_dir():
-            targets.append(unique_result_path(run / "eval", f"results-{time.strftime('%Y%m%d-%H%M%S')}"))
-    for target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, target)
-    return payload
+    return write_results(payload, model_dirs, json_path)
 
 
 def run(model_path_or_dir: str, data_root: str | None = None, seq_len: int = 512, max_windows: int | None = None) -> dict:
@@ -136,7 +143,6 @@ def evaluate_own(model_dirs: list[str], spec: str, batch_size: int = 128, limit:
 
     from peftkit.methods.trained import load_trained
     from peftkit.tasks.dataset import (
-        InputCollator,
         RunReading,
         SFTCollator,
         classification_metrics,
@@ -145,8 +151,9 @@ def evaluate_own(model_dirs: list[str], spec: str, batch_size: int = 128, limit:
         regression_metrics,
         response_loss,
     )
+    from peftkit.tasks.glue import PadCollator
     from peftkit.tasks.tabular import require_columns, texts
-    from peftkit.utils.output_paths import check_output_file, unique_result_path
+    from peftkit.utils.output_paths import check_output_file
     from peftkit.utils.tables import format_table, machine_info
 
     if json_path:
@@ -166,7 +173,7 @@ def evaluate_own(model_dirs: list[str], spec: str, batch_size: int = 128, limit:
         elif reading.task_type in ("classification", "regression"):
             gold = reading.gold(table)
             regression = reading.task_type == "regression"
-            logits = logits_of(model, reading.encode(tokenizer, table), InputCollator(tokenizer.pad_token_id or 0),
+            logits = logits_of(model, reading.encode(tokenizer, table), PadCollator(tokenizer.pad_token_id or 0, False),
                                batch_size)
             metrics = (regression_metrics(logits[:, 0].tolist(), gold) if regression else
                        classification_metrics(logits.argmax(-1).tolist(), gold, logits.shape[1]))
@@ -179,13 +186,4 @@ def evaluate_own(model_dirs: list[str], spec: str, batch_size: int = 128, limit:
     print(format_table(rows_out))
     payload = {"bench": "own-eval", "suite": "dataset", "data": table.where, "machine": machine_info(),
                "command": " ".join(["peftkit", *sys.argv[1:]]), "rows": rows_out}
-    targets = [Path(json_path)] if json_path else []
-    for model_dir in model_dirs:
-        if (Path(model_dir) / "final").is_dir():
-            targets.append(unique_result_path(Path(model_dir) / "eval", f"results-{time.strftime('%Y%m%d-%H%M%S')}"))
-    for target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, target)
-    return payload
+    return write_results(payload, model_dirs, json_path)

@@ -50,7 +50,8 @@ def predict(run: str, input_file: str, output: str | None = None, batch_size: in
     out = check_jsonl_output(output)
     table = read_file(input_file)  # a bad file fails before the model loads
     from peftkit.methods.trained import load_trained
-    from peftkit.tasks.dataset import InputCollator, RunReading, logits_of
+    from peftkit.tasks.dataset import RunReading, logits_of
+    from peftkit.tasks.glue import PadCollator
 
     model, tokenizer, info = load_trained(run, trust_remote_code)
     if info.get("model", {}).get("task_head") == "causal_lm":
@@ -58,7 +59,7 @@ def predict(run: str, input_file: str, output: str | None = None, batch_size: in
                         f"writes its answers.")
     reading = RunReading(info, model.config)
     rows = reading.encode(tokenizer, table)
-    logits = logits_of(model, rows, InputCollator(tokenizer.pad_token_id or 0), batch_size)
+    logits = logits_of(model, rows, PadCollator(tokenizer.pad_token_id or 0, False), batch_size)
     if reading.task_type == "regression":
         records = [{"value": v} for v in logits[:, 0].tolist()]
     else:

@@ -64,7 +64,6 @@ def copy_recipe(name: str, dest: str) -> str:
     then linked into place, which fails rather than overwrite a file that appeared meanwhile)."""
     import os
     import tempfile
-    from pathlib import Path
 
     from peftkit.config.loader import configs_dir
     from peftkit.errors import UserError, did_you_mean

@@ -135,23 +135,6 @@ def encode_sft(tokenizer, prompts: list[str], responses: list[str], max_length: 
     return rows, over, dropped
 
 
-class InputCollator:
-    """Rows without labels (new rows to label) padded to the longest of the batch, as the training collator pads."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, rows: list[dict]) -> dict:
-        import torch
-
-        width = max(len(r["input_ids"]) for r in rows)
-        batch = {}
-        for key, pad in (("input_ids", self.pad_token_id), ("token_type_ids", 0), ("attention_mask", 0)):
-            if key in rows[0]:
-                batch[key] = torch.tensor([r[key] + [pad] * (width - len(r[key])) for r in rows], dtype=torch.long)
-        return batch
-
-
 class SFTCollator:
     """Pad input ids with the pad token, labels with -100, and give the attention mask."""
 

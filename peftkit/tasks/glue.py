@@ -203,8 +203,8 @@ class PadCollator:
         for key, pad in (("input_ids", self.pad_token_id), ("token_type_ids", 0), ("attention_mask", 0)):
             if key in rows[0]:
                 batch[key] = torch.tensor([r[key] + [pad] * (width - len(r[key])) for r in rows], dtype=torch.long)
-        dtype = torch.float32 if self.regression else torch.long
-        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=dtype)
+        if "labels" in rows[0]:  # rows to label (predict) have none
+            batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.float32 if self.regression else torch.long)
         return batch
 
 

@@ -26,7 +26,13 @@ from typing import Callable, Sequence
 
 from peftkit.errors import RunFailed
 from peftkit.train import checkpoint as ckpt
-from peftkit.train.distributed import DistInfo, barrier, default_device, full_tensors, shard_model
+from peftkit.train.distributed import (
+    DistInfo,
+    barrier,
+    default_device,
+    full_tensors,
+    shard_model,
+)
 from peftkit.train.schedule import make_scheduler
 from peftkit.utils.env import resolve_precision
 
@@ -197,7 +203,10 @@ class Trainer:
 
     def full_model_state(self) -> dict:
         """Every parameter and buffer gathered whole on the CPU (a collective under FSDP; the main process gets it)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         return get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -264,7 +273,10 @@ class Trainer:
             if optimizer_state is not None:
                 self.optimizer.load_state_dict(optimizer_state)
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         set_model_state_dict(self.raw_model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))

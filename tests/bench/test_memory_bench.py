@@ -39,7 +39,6 @@ def test_batches_have_the_requested_shape():
 
 def test_step_flops_counts_the_step_and_falls_back_for_meft():
     import torch
-
     from helpers.tiny import tiny_bert
 
     from peftkit.bench.memory import step_flops

@@ -40,7 +40,11 @@ def bert(tmp_path):
 @pytest.mark.slow
 def test_csv_with_other_column_names_and_string_labels_round_trips_the_label_names(tmp_path, bert):
     from sklearn.metrics import accuracy_score, f1_score
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     write_rows(tmp_path / "train.csv", sentiment_rows(64))
     val = sentiment_rows(20, seed=1)

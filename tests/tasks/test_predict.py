@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.own_data import qa_rows, save_tiny_decoder, score_rows, sentiment_rows, write_rows
+from helpers.own_data import (
+    qa_rows,
+    save_tiny_decoder,
+    score_rows,
+    sentiment_rows,
+    write_rows,
+)
 from helpers.tiny import save_tiny_classifier
 
 from peftkit.config.loader import load_recipe
