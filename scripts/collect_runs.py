@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peftkit.bench.common import machine_info  # noqa: E402
 
-METRICS = ("accuracy", "f1", "pearson", "spearman", "matthews_correlation")
+METRICS = ("accuracy", "f1", "macro_f1", "pearson", "spearman", "matthews_correlation")
 
 
 def lm_row_of(run: Path, m: dict) -> dict:

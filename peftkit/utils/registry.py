@@ -50,19 +50,25 @@ class Registry:
         if self._loaded:
             return
         package = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(package.__path__):
+        # sorted: the file system's listing order differs between machines, and listings and docs must not
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda info: info.name):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{info.name}")
         self._loaded = True
 
-    def names(self) -> list[str]:
+    def _ordered(self) -> list[Entry]:
+        """By module name, then in the order a module registers them: the same on every machine, whichever
+        plugin module happened to be imported first."""
         self._load()
-        return list(self._entries)
+        position = {name: i for i, name in enumerate(self._entries)}
+        return sorted(self._entries.values(), key=lambda e: (e.module, position[e.name]))
+
+    def names(self) -> list[str]:
+        return [entry.name for entry in self._ordered()]
 
     def entries(self) -> Iterator[Entry]:
-        self._load()
         seen = set()
-        for entry in self._entries.values():
+        for entry in self._ordered():
             if (entry.name, id(entry.target)) not in seen:
                 seen.add((entry.name, id(entry.target)))
                 yield entry

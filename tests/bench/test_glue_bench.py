@@ -18,6 +18,7 @@ def tiny_grid(tiny_run_setup, tmp_path):
     return options
 
 
+@pytest.mark.slow
 def test_grid_rows_have_every_column_and_trace_to_the_runs(tiny_grid, tmp_path):
     rows = glue.run(True, tiny_grid)
     assert [(r["method"], r["task"]) for r in rows] == [("lora", "sst2"), ("full", "sst2")]
@@ -126,6 +127,7 @@ def test_stored_bytes_ignores_tokenizer_files(tmp_path):
     assert glue.stored_bytes(Path(tmp_path)) == 100
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_same_metrics_as_in_process_runs(tiny_grid, tmp_path):
     in_process = {r["method"]: r["value"] for r in glue.run(True, {**tiny_grid, "report": False, "costs": False})}
     parallel = glue.run(True, {**tiny_grid, "report": False, "costs": False, "jobs": 2,

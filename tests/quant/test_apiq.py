@@ -50,6 +50,7 @@ def test_16_bits_reproduces_the_fp_model():
             torch.testing.assert_close(quantized(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [2, 3])
 def test_apiq_beats_loftq_beats_rtn_on_held_out_windows(bits):
     """Output error of the last block on windows not used for calibration (fixed seeds, same LoRA rank)."""
