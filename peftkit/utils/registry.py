@@ -1,8 +1,8 @@
 """One registry type for every kind of plugin: methods, tasks and benches.
 
 A plugin registers itself beside its code with a decorator (``@METHODS.register("pafi")``). The
-registry is lazy: nothing is imported until a name is looked up or listed; then the modules of the
-plugin package are imported once, which runs their decorators. The package is named as a string, so
+registry is lazy: it reads the registrations from the package's source (no import) and imports only
+the module of a name that is looked up, whose decorator then registers the plugin itself. The package is named as a string, so
 this module (at the bottom of the import layers) never imports a plugin statically; the lookup is
 the one place where a lower layer reaches plugins, the way entry points do in other tools.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from peftkit.errors import UserError, did_you_mean
@@ -31,6 +32,7 @@ class Registry:
     def __init__(self, kind: str, package: str, hint: str):
         self.kind, self.package, self.hint = kind, package, hint
         self._entries: dict[str, Entry] = {}
+        self._found: dict[str, tuple[str, str]] = {}
         self._loaded = False
 
     def register(self, *names: str, help: str = "") -> Callable:
@@ -46,42 +48,59 @@ class Registry:
 
         return decorate
 
-    def _load(self) -> None:
+    def _index(self) -> dict[str, tuple[str, str]]:
+        """name -> (module, help) of every registration in the package, read from the source without importing it:
+        a lookup then imports just the module that holds the name (a LoRA recipe never waits for torch). A
+        registration whose names are not written out (``*NAMES``) has its module imported to learn them."""
         if self._loaded:
-            return
+            return self._found
+        import ast
+
         package = importlib.import_module(self.package)
+        found: dict[str, tuple[str, str]] = {}
+        variable = {"method": "METHODS", "task": "TASKS", "bench": "BENCHES"}[self.kind]
         # sorted: the file system's listing order differs between machines, and listings and docs must not
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda info: info.name):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{info.name}")
-        self._loaded = True
-
-    def _ordered(self) -> list[Entry]:
-        """By module name, then in the order a module registers them: the same on every machine, whichever
-        plugin module happened to be imported first."""
-        self._load()
-        position = {name: i for i, name in enumerate(self._entries)}
-        return sorted(self._entries.values(), key=lambda e: (e.module, position[e.name]))
+            if info.name.startswith("_"):
+                continue
+            module = f"{self.package}.{info.name}"
+            source = Path(package.__path__[0], f"{info.name}.py")
+            tree = ast.parse(source.read_text(encoding="utf-8")) if source.is_file() else ast.Module(body=[])
+            for node in ast.walk(tree):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "register" and getattr(node.func.value, "id", None) == variable):
+                    continue
+                help_text = next((k.value.value for k in node.keywords
+                                  if k.arg == "help" and isinstance(k.value, ast.Constant)), "")
+                if all(isinstance(a, ast.Constant) for a in node.args):
+                    found.update({a.value: (module, help_text) for a in node.args})
+                else:
+                    importlib.import_module(module)
+                    found.update({e.name: (module, e.help) for e in self._entries.values() if e.module == module})
+        self._found, self._loaded = found, True
+        return found
 
     def names(self) -> list[str]:
-        return [entry.name for entry in self._ordered()]
+        return list(self._index())
 
     def entries(self) -> Iterator[Entry]:
-        seen = set()
-        for entry in self._ordered():
-            if (entry.name, id(entry.target)) not in seen:
-                seen.add((entry.name, id(entry.target)))
-                yield entry
+        """Every plugin, imported (for listings that read the plugins' own attributes)."""
+        for name in self._index():
+            yield self.entry(name)
 
     def __contains__(self, name: str) -> bool:
-        self._load()
-        return name in self._entries
+        return name in self._index()
+
+    def help(self, name: str) -> str:
+        return self._index()[name][1] if name in self._index() else ""
 
     def entry(self, name: str) -> Entry:
-        self._load()
+        index = self._index()
+        if name not in index:
+            raise UserError(f'unknown {self.kind} "{name}"{did_you_mean(name, index)}; '
+                            f"known: {', '.join(index)}. {self.hint}")
         if name not in self._entries:
-            raise UserError(f'unknown {self.kind} "{name}"{did_you_mean(name, self._entries)}; '
-                            f"known: {', '.join(self._entries)}. {self.hint}")
+            importlib.import_module(index[name][0])
         return self._entries[name]
 
     def get(self, name: str) -> Any:
