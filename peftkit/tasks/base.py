@@ -3,6 +3,7 @@
 A task is created with its recipe. The pipeline (peftkit/train/pipeline.py) calls, in this order:
 
 * ``recipe_problems(recipe)``   (classmethod) what the task says of the recipe before anything loads;
+* ``read_data()``               read and check the files that need no tokenizer (a bad file fails in a second);
 * ``load_tokenizer()``          the tokenizer (a model's, or one trained on the corpus);
 * ``load_data(tokenizer)``      rows, collator and evaluation, read and checked before the model loads;
 * ``build_model(method, tokenizer)``  the base model with the method applied;
@@ -48,7 +49,10 @@ class Task:
     def recipe_problems(cls, recipe) -> list[str]:
         return []
 
-    # ---- the model ---------------------------------------------------------------------------
+    # ---- the data and the model ----------------------------------------------------------------
+    def read_data(self) -> None:
+        """Read and check what needs no tokenizer, before the (slow) tokenizer and model libraries load."""
+
     def load_tokenizer(self):
         from peftkit.models.load import load_tokenizer
 

@@ -268,10 +268,14 @@ class GlueFinetuning(Task):
     def head(self):
         return self.task.num_labels, "regression" if self.task.is_regression else "single_label_classification"
 
+    def read_data(self) -> None:
+        d = self.recipe.data
+        self.rows = (load_rows(self.task.name, d.train_split, d.root, d.limit),
+                     load_rows(self.task.name, self.eval_split, d.root, d.eval_limit))
+
     def load_data(self, tokenizer) -> TaskData:
         d = self.recipe.data
-        train_rows = load_rows(self.task.name, d.train_split, d.root, d.limit)
-        eval_rows = load_rows(self.task.name, self.eval_split, d.root, d.eval_limit)
+        train_rows, eval_rows = self.rows
         train = tokenize_rows(self.task, train_rows, tokenizer, d.max_length)
         evaluation = tokenize_rows(self.task, eval_rows, tokenizer, d.max_length)
         collate = PadCollator(tokenizer.pad_token_id or 0, self.task.is_regression)

@@ -105,6 +105,7 @@ def run_training(recipe) -> Path:
     train = recipe.train
     if train.threads:
         torch.set_num_threads(train.threads)
+    task.read_data()
     tokenizer = task.load_tokenizer()
     data = task.load_data(tokenizer)  # every data problem surfaces here, before the model loads
     dist = init_distributed()
