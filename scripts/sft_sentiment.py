@@ -54,6 +54,16 @@ def accuracy(generated: list[str], rows: list[dict]) -> float:
     return sum(first_word(g) == r["response"] for g, r in zip(generated, rows)) / len(rows)
 
 
+def validation_loss(model, tokenizer, rows: list[dict]) -> float:
+    """Mean cross-entropy over the answer tokens of the validation rows (what the run reports as its loss), computed
+    with the run's own encoding: the number to compare before and after tuning."""
+    from peftkit.tasks.dataset import SFTCollator, encode_sft, response_loss
+
+    encoded, _, _ = encode_sft(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], 96)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return response_loss(model, encoded, SFTCollator(pad), 16)["loss"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "glue" / "sst2"))
@@ -75,26 +85,28 @@ def main() -> None:
 
     base, tokenizer = load_for_eval("smollm2-135m")
     before = answers(base, tokenizer, prompts)
+    loss_before = validation_loss(base, tokenizer, validation)
     del base
     run = work / "run"
     command = [sys.executable, "-m", "peftkit", "finetune", "ft-wikitext2-smollm2-lora", "data.task=dataset",
                f"data.train_file={work / 'train.jsonl'}", f"data.validation_file={work / 'validation.jsonl'}",
                "data.task_type=sft", "data.prompt_column=prompt", "data.response_column=response", "data.max_length=96",
                f"train.max_steps={args.steps}", "train.batch_size=8", "train.lr=1e-3", "train.warmup_ratio=0.05",
-               f"train.eval_every={args.steps}", "train.log_every=10", "train.eval_batch_size=16", "train.threads=2",
+               f"train.eval_every={args.steps}", "train.log_every=5", "train.eval_batch_size=16", "train.threads=2",
                f"output.dir={run}", "output.overwrite=true"]
     subprocess.run(command, check=True)
     tuned, tokenizer = load_for_eval(str(run))
     after = answers(tuned, tokenizer, prompts)
+    loss_after = validation_loss(tuned, tokenizer, validation)
     losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in losses if "loss" in r]
     metrics = json.loads((run / "metrics.json").read_text())
     rows = [{"model": "smollm2-135m (untuned)", "answer_accuracy": accuracy(before, validation), "n": len(validation),
-             "example_prompt": prompts[0], "example_answer": before[0]},
+             "validation_response_loss": loss_before, "example_prompt": prompts[0], "example_answer": before[0]},
             {"model": f"smollm2-135m + LoRA SFT ({args.steps} steps, {len(train)} rows)",
              "answer_accuracy": accuracy(after, validation), "n": len(validation),
              "train_loss_first_logged": train_losses[0], "train_loss_last_logged": train_losses[-1],
-             "validation_response_loss": metrics.get("loss"),
+             "validation_response_loss": loss_after, "run_reported_response_loss": metrics.get("loss"),
              "example_prompt": prompts[0], "example_answer": after[0], "train_seconds": metrics.get("train_seconds")}]
     payload = {"bench": "sft-sentiment", "machine": machine_info(),
                "command": " ".join(["python", "scripts/sft_sentiment.py", *sys.argv[1:]]), "rows": rows,
