@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.quant import options, write_model_dir, write_wikitext  # noqa: E402
+from helpers.quant import write_quantized_setup  # noqa: E402
 
 from peftkit.commands.train import finetune  # noqa: E402
 from peftkit.errors import UserError  # noqa: E402
@@ -15,16 +15,7 @@ from peftkit.errors import UserError  # noqa: E402
 @pytest.fixture
 def lm_setup(tmp_path):
     """A tiny structured LLaMA dir, its 2-bit RTN quantize output dir, a WikiText-shaped dir, a recipe factory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from peftkit.quant.checkpoint import save_quantized
-    from peftkit.quant.pipeline import quantize_model
-
-    model_dir = write_model_dir(tmp_path / "model")
-    data = write_wikitext(tmp_path / "wt", words=1200)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    result = quantize_model(model, options("rtn", bits=2, group_size=16), None, log=lambda s: None)
-    save_quantized(tmp_path / "q2", model, result, AutoTokenizer.from_pretrained(model_dir))
+    model_dir, _, data = write_quantized_setup(tmp_path, words=1200)
 
     def recipe(method="apiq", out="run", **train):
         t = {"max_steps": 24, "batch_size": 4, "lr": 1e-2, "seed": 3, "eval_every": 12, "log_every": 4,

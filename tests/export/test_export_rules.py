@@ -132,17 +132,9 @@ with torch.no_grad():
 @pytest.fixture
 def lm_runs(tmp_path):
     """A tiny LLaMA, its 2-bit RTN quantize output and WikiText-shaped data; (apiq run, lora run)."""
-    from helpers.quant import options, write_model_dir, write_wikitext
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from helpers.quant import write_quantized_setup
 
-    from peftkit.quant.checkpoint import save_quantized
-    from peftkit.quant.pipeline import quantize_model
-
-    model_dir = write_model_dir(tmp_path / "model")
-    data = write_wikitext(tmp_path / "wt", words=600)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    result = quantize_model(model, options("rtn", bits=2, group_size=16), None, log=lambda s: None)
-    save_quantized(tmp_path / "q2", model, result, AutoTokenizer.from_pretrained(model_dir))
+    model_dir, _, data = write_quantized_setup(tmp_path, words=600)
 
     def run(method):
         name = tmp_path / "q2" if method == "apiq" else model_dir

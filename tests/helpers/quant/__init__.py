@@ -57,3 +57,22 @@ def write_wikitext(root, words=4000, seed=0):
     for name in ("wiki.valid.tokens", "wiki.test.raw"):
         (root / name).write_text(" ".join(rng.choice(WORDS) for _ in range(words)) + "\n")
     return root
+
+
+def write_quantized_setup(root, words: int = 1200):
+    """A tiny structured LLaMA dir, its 2-bit RTN `peftkit quantize`-format output and WikiText-shaped text under
+    ``root``: (model_dir, quant_dir, wikitext_dir)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.quant.checkpoint import save_quantized
+    from peftkit.quant.pipeline import quantize_model
+
+    root = Path(root)
+    model_dir = write_model_dir(root / "model")
+    data = write_wikitext(root / "wt", words=words)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    result = quantize_model(model, options("rtn", bits=2, group_size=16), None, log=lambda s: None)
+    save_quantized(root / "q2", model, result, AutoTokenizer.from_pretrained(model_dir))
+    return model_dir, root / "q2", data
