@@ -1,15 +1,18 @@
-"""A quantized model directory (what `peftkit quantize` writes) and how to load it back.
+"""A quantized model directory (what `peftkit quantize` writes) and how to load it back, packed.
 
-  config.json + tokenizer files       the model architecture (transformers)
-  quantized_base.safetensors          per quantized Linear: <name>.qcodes (packed uint8), <name>.scales,
-                                      <name>.zeros (uniform only); every other tensor (embeddings, norms,
-                                      an untied lm_head) in fp32 under its usual state-dict name
-  quantization.json                   method, bits, group size, LoRA settings, per-layer formats, options
-  errors.json                         per-block / per-layer errors and calibration losses
-  adapter_config.json + adapter_model.safetensors   the initial LoRA in peft format
+  config.json + tokenizer files      the model architecture; for uniform (RTN / ApiQ) quantization also a GPTQ
+                                     ``quantization_config`` (asymmetric, desc_act off, checkpoint_format gptq_v2)
+  model.safetensors                  per quantized Linear the GPTQ tensors <name>.qweight/.qzeros/.scales/.g_idx
+                                     (normal-float: <name>.qweight as uint8 codes and <name>.absmax, a peftkit-only layout), its bias;
+                                     every other tensor (embeddings, norms, an untied lm_head) in float16
+  quantization.json                  method, bits, group size, LoRA settings, per-layer formats, sizes, options
+  errors.json                        per-block / per-layer errors and calibration losses
+  adapter_config.json + adapter_model.safetensors   the initial LoRA in peft format, whose base is this directory
 
-``load_quantized`` rebuilds the dequantized (fake-quant) base and puts the LoRA on it with
-peft.PeftModel, reproducing the outputs the quantizer measured.
+So for RTN and ApiQ outputs, transformers with GPTQ support (GPTQModel) loads the directory as the quantized model
+with its LoRA (``AutoModelForCausalLM.from_pretrained(dir)``, or ``AutoPeftModelForCausalLM``), and peftkit loads it
+with every quantized Linear kept packed (PackedLinear) — the same numbers either way. NF / LoftQ outputs have no
+``quantization_config``: NF2/NF3 have no format outside peftkit, so only peftkit loads them.
 """
 
 from __future__ import annotations
@@ -20,37 +23,59 @@ from pathlib import Path
 import torch
 
 from peftkit.errors import UserError
-from peftkit.quant.pipeline import (
-    QuantResult,
-    apply_quantized_weights,
-    build_quantized_model,
-)
+from peftkit.quant.gptq_format import check_packable, from_gptq, quantization_config
+from peftkit.quant.packed_linear import PackedLinear, register_lora
+from peftkit.quant.pipeline import QuantResult, lora_config
 from peftkit.quant.quantized_weight import QuantizedWeight
 
-BASE_FILE = "quantized_base.safetensors"
+BASE_FILE = "model.safetensors"
 INFO_FILE = "quantization.json"
 ERRORS_FILE = "errors.json"
 FORMAT = "peftkit-quantized"
+VERSION = 2
+STORAGE_DTYPE = torch.float16  # GPTQ's convention for every tensor that is not packed
+PACKED_PARTS = ("qweight", "qzeros", "scales", "g_idx", "qweight", "absmax")
 
 
 def is_quantized_dir(path) -> bool:
-    return (Path(path) / INFO_FILE).is_file() and (Path(path) / BASE_FILE).is_file()
+    return bool(str(path)) and (Path(path) / INFO_FILE).is_file() and (Path(path) / BASE_FILE).is_file()
 
 
-def save_quantized(out_dir: Path, model, result: QuantResult, tokenizer=None, extra: dict | None = None):
-    """Write ``result`` for ``model`` (full precision) to ``out_dir``.
+def packing_problems(model, leaves: list[str], bits: int, group_size: int) -> list[str]:
+    """Linears of ``model`` (by leaf name) whose shape cannot be stored in the GPTQ layout at these settings."""
+    if bits >= 16:
+        return []
+    problems = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in leaves:
+            reason = check_packable(module.out_features, module.in_features, bits, group_size)
+            if reason:
+                problems.append(f"{name}: {reason}")
+    return problems
 
-    The model is turned into the quantized model in place (to save the adapter in peft format
-    without a second copy of the weights); the returned peft model is that quantized model + LoRA.
-    """
+
+def _layer_tensors(name: str, quantized: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    if quantized.kind == "none":
+        tensors = {f"{name}.weight": quantized.weight.detach().to(STORAGE_DTYPE).cpu().contiguous()}
+    else:
+        packed = PackedLinear.from_quantized(quantized)
+        tensors = {f"{name}.{key}": value.cpu().contiguous() for key, value in packed.named_buffers()}
+    if bias is not None:
+        tensors[f"{name}.bias"] = bias.detach().to(STORAGE_DTYPE).cpu().contiguous()
+    return tensors
+
+
+def save_quantized(out_dir: Path, model, result: QuantResult, tokenizer=None, extra: dict | None = None) -> None:
+    """Write ``result`` for ``model`` (the full-precision model it was computed from) to ``out_dir``."""
+    from peft import get_peft_model
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, quantized in result.weights.items():
-        tensors.update(quantized.to_tensors(name))
-    quantized_keys = {f"{name}.weight" for name in result.weights}
+        tensors.update(_layer_tensors(name, quantized, getattr(model.get_submodule(name), "bias", None)))
+    quantized_keys = {f"{name}.{part}" for name in result.weights for part in ("weight", "bias")}
     seen_storage = set()
     for key, value in model.state_dict().items():
         if key in quantized_keys:
@@ -59,91 +84,198 @@ def save_quantized(out_dir: Path, model, result: QuantResult, tokenizer=None, ex
         if ptr in seen_storage:  # tied weights (lm_head = embed_tokens) are stored once
             continue
         seen_storage.add(ptr)
-        tensors[key] = value.detach().float().cpu().contiguous()
-    save_file(tensors, str(out_dir / BASE_FILE), metadata={"format": FORMAT})
-    model.config.save_pretrained(out_dir)
+        tensors[key] = value.detach().to(STORAGE_DTYPE).cpu().contiguous()
+    save_file(tensors, str(out_dir / BASE_FILE), metadata={"format": "pt"})
+
+    kinds = {q.kind for q in result.weights.values()}
+    config = model.config.to_dict()
+    config["torch_dtype"] = config["dtype"] = "float16"
+    config.pop("quantization_config", None)
+    if kinds == {"uniform"}:
+        config["quantization_config"] = quantization_config(result.bits, result.group_size,
+                                                            bool((extra or {}).get("symmetric")), "peftkit")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    info = {"format": FORMAT, "version": 1, "method": result.method, "bits": result.bits,
+
+    packed_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rpartition(".")[2] in PACKED_PARTS)
+    info = {"format": FORMAT, "version": VERSION, "method": result.method, "bits": result.bits,
             "group_size": result.group_size,
+            "storage": "gptq" if kinds == {"uniform"} else ("nf" if kinds == {"nf"} else "plain"),
             "lora": {"r": result.lora_r, "alpha": result.lora_alpha, "targets": result.lora_targets},
             "layers": {name: q.describe() for name, q in result.weights.items()},
-            "packed_bytes": sum(t.numel() for k, t in tensors.items() if k.endswith(".qcodes")),
+            "packed_bytes": packed_bytes,
+            "model_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             **(extra or {})}
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     errors = {"blocks": result.blocks, "layers": result.layers}
     (out_dir / ERRORS_FILE).write_text(json.dumps(errors, indent=2, default=str))
-    peft_model = build_quantized_model(model, result)
+
+    # The initial LoRA, in peft format, on the packed base just written (so its base is this directory).
+    base = load_quantized_base(out_dir)
+    config = lora_config(result.lora_r, result.lora_alpha, result.lora_targets)
+    register_lora(config)
+    peft_model = get_peft_model(base, config)
+    set_lora(peft_model, result.lora)
     peft_model.save_pretrained(out_dir, safe_serialization=True)
-    return peft_model
+
+
+@torch.no_grad()
+def set_lora(peft_model, lora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Set each adapted module's A and B (modules without an entry keep B = 0)."""
+    for name, module in peft_model.base_model.model.named_modules():
+        if name in lora and hasattr(module, "lora_A"):
+            A, B = lora[name]
+            module.lora_A["default"].weight.copy_(A)
+            module.lora_B["default"].weight.copy_(B)
 
 
 def read_info(in_dir) -> dict:
     path = Path(in_dir) / INFO_FILE
     if not path.is_file():
         raise UserError(f"{in_dir} is not a quantized model directory (no {INFO_FILE}); make one with `peftkit quantize RECIPE`.")
-    info = json.loads(path.read_text())
-    if info.get("format") != FORMAT:
-        raise UserError(f"{path} has format {info.get('format')!r}, expected {FORMAT!r}.")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); re-create the directory with `peftkit quantize`.") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise UserError(f"{path} is not a peftkit quantization record (format {info.get('format') if isinstance(info, dict) else None!r}).")
+    if info.get("version") != VERSION:
+        raise UserError(f"{in_dir} was written by an older peftkit (quantized format version {info.get('version')}, "
+                        f"this one reads {VERSION}: GPTQ-packed); re-create it with `peftkit quantize` on its recipe.")
     return info
 
 
-def load_quantized_weights(in_dir) -> dict[str, QuantizedWeight]:
+def _read_tensors(in_dir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    path = Path(in_dir) / BASE_FILE
+    try:
+        return load_file(str(path))
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"{path} cannot be read as safetensors ({e}); re-create it with `peftkit quantize`.") from None
+
+
+def _layer_parts(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    prefix = name + "."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+
+
+def load_quantized_weights(in_dir) -> dict[str, QuantizedWeight]:
+    """Codes, scales and zeros of every quantized Linear, unpacked (to inspect or compare them)."""
     info = read_info(in_dir)
-    tensors = load_file(str(Path(in_dir) / BASE_FILE))
-    return {name: QuantizedWeight.from_tensors(tensors, name, layer) for name, layer in info["layers"].items()}
+    tensors = _read_tensors(in_dir)
+    weights = {}
+    for name, layer in info["layers"].items():
+        parts, bits, group = _layer_parts(tensors, name), int(layer["bits"]), int(layer["group_size"])
+        shape = tuple(layer["shape"])
+        if layer["kind"] == "uniform":
+            codes, scales, zeros = from_gptq(parts, bits)
+            weights[name] = QuantizedWeight("uniform", bits, group, shape, codes=codes.to(torch.uint8),
+                                            scales=scales.float(), zeros=zeros.float())
+        elif layer["kind"] == "nf":
+            from peftkit.quant.packing import unpack_codes
+
+            weights[name] = QuantizedWeight("nf", bits, group, shape, codes=unpack_codes(parts["qweight"], bits, shape),
+                                            scales=parts["absmax"])
+        else:
+            weights[name] = QuantizedWeight("none", bits, group, shape, weight=parts["weight"])
+    return weights
+
+
+def _packed_module(layer: dict, parts: dict[str, torch.Tensor], dtype) -> torch.nn.Module:
+    out_features, in_features = layer["shape"]
+    bias = parts.get("bias")
+    bias = None if bias is None else bias.to(dtype)
+    if layer["kind"] == "none":
+        linear = torch.nn.Linear(in_features, out_features, bias=bias is not None, dtype=dtype)
+        linear.weight.data = parts["weight"].to(dtype)
+        if bias is not None:
+            linear.bias.data = bias
+        linear.requires_grad_(False)
+        return linear
+    kind = "gptq" if layer["kind"] == "uniform" else "nf"
+    tensors = {k: v for k, v in parts.items() if k in PACKED_PARTS}
+    return PackedLinear(kind, int(layer["bits"]), int(layer["group_size"]), in_features, out_features, tensors, bias)
 
 
 def load_quantized_base(in_dir, task_head: str = "causal_lm", num_labels: int | None = None,
                         problem_type: str | None = None, dtype=torch.float32):
-    """The dequantized (fake-quant) transformers model, without LoRA, with the requested head."""
-    from safetensors.torch import load_file
+    """The quantized transformers model with every quantized Linear packed (no LoRA), with the requested head.
+
+    Built on the meta device and filled from the file, so loading never holds the full-precision model.
+    """
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
     )
 
+    from peftkit.quant.blocks import replace_module
+
     in_dir = Path(in_dir)
     info = read_info(in_dir)
     config = AutoConfig.from_pretrained(in_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # peftkit builds the packed layers itself
     if task_head == "causal_lm":
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        auto = AutoModelForCausalLM
     elif task_head == "seq_cls":
+        auto = AutoModelForSequenceClassification
         if num_labels is not None:
             config.num_labels = num_labels
         if problem_type is not None:
             config.problem_type = problem_type
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     else:
         raise UserError(f"model.task_head {task_head!r} is not available on a quantized base; use causal_lm or seq_cls.")
-    tensors = load_file(str(in_dir / BASE_FILE))
-    quantized_names = set(info["layers"])
-    quantized_parts = {"qcodes", "scales", "zeros", "weight"}  # biases of quantized Linears stay plain tensors
-    plain = {k: v for k, v in tensors.items()
-             if not (k.rpartition(".")[0] in quantized_names and k.rpartition(".")[2] in quantized_parts)}
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=dtype)
+    tensors = _read_tensors(in_dir)
+    quantized = info["layers"]
+    try:
+        for name, layer in quantized.items():
+            replace_module(model, name, _packed_module(layer, _layer_parts(tensors, name), dtype))
+    except (AttributeError, KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"{in_dir / BASE_FILE} does not match its {INFO_FILE} ({e}); re-create it with `peftkit quantize`.") from None
+    plain = {k: v.to(dtype) for k, v in tensors.items() if k.rpartition(".")[0] not in quantized}
     if task_head != "causal_lm":
         plain = {k: v for k, v in plain.items() if not k.startswith("lm_head.")}
-    result = model.load_state_dict(plain, strict=False)
+    result = model.load_state_dict(plain, strict=False, assign=True)
+    model.tie_weights()
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     head = {k for k in model.state_dict() if k.startswith(("score.", "classifier."))}
-    missing = set(result.missing_keys) - {f"{n}.weight" for n in quantized_names} - tied - head
+    missing = {k for k in result.missing_keys if k.rpartition(".")[0] not in quantized} - tied - head
     if missing or result.unexpected_keys:
         raise UserError(f"{in_dir / BASE_FILE} does not match its config.json: missing {sorted(missing)[:5]}, "
                         f"unexpected {sorted(result.unexpected_keys)[:5]}. Re-create it with `peftkit quantize`.")
-    apply_quantized_weights(model, load_quantized_weights(in_dir))
-    # peft records this as base_model_name_or_path, so a saved fine-tuned adapter finds its base again.
-    model.config._name_or_path = str(in_dir)
-    return model.to(dtype).eval()
+    _materialize_meta(model)
+    # peft records this as base_model_name_or_path, so an adapter saved on this base finds it again.
+    model.config._name_or_path = str(in_dir.resolve())
+    return model.eval()
 
 
-def load_quantized(in_dir, with_lora: bool = True, is_trainable: bool = False):
+@torch.no_grad()
+def _materialize_meta(model) -> None:
+    """Give what the file did not hold (a fresh task head, rotary tables) real storage and its usual initialisation."""
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if any(t.is_meta for t in own):
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
+
+
+def load_quantized(in_dir, with_lora: bool = True, is_trainable: bool = False, dtype=torch.float32):
     """The quantized model of ``in_dir`` with its initial LoRA (a peft.PeftModel), in eval mode."""
-    from peft import PeftModel
-
-    base = load_quantized_base(in_dir)
+    base = load_quantized_base(in_dir, dtype=dtype)
     if not with_lora:
         return base
-    return PeftModel.from_pretrained(base, str(in_dir), is_trainable=is_trainable).eval()
+    return load_adapter(base, in_dir, is_trainable=is_trainable).eval()
+
+
+def load_adapter(base, adapter_dir, is_trainable: bool = False):
+    """peft's PeftModel.from_pretrained on a packed base (peft is told how to put LoRA on a PackedLinear)."""
+    from peft import LoraConfig, PeftModel
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    register_lora(config)
+    return PeftModel.from_pretrained(base, str(adapter_dir), config=config, is_trainable=is_trainable)

@@ -1,5 +1,6 @@
-"""`peftkit quantize` output: packed low-bit base + peft adapter that reload to the calibrated model."""
+"""`peftkit quantize` output: GPTQ-packed base + peft adapter that reload, packed, to the quantized model."""
 
+import copy
 import json
 
 import pytest
@@ -13,29 +14,67 @@ from helpers.quant import (
 )
 
 from peftkit.commands.quantize import quantize
-from peftkit.quant.checkpoint import load_quantized, load_quantized_base, save_quantized
-from peftkit.quant.pipeline import quantize_model
+from peftkit.quant.checkpoint import (
+    load_quantized,
+    load_quantized_base,
+    load_quantized_weights,
+    save_quantized,
+)
+from peftkit.quant.packed_linear import PackedLinear
+from peftkit.quant.pipeline import attach_lora, quantize_model
 
 
-@pytest.mark.parametrize("method,bits", [("apiq-bw", 2), ("loftq", 3), ("nf", 4), ("rtn", 16)])
-def test_saved_model_reloads_to_the_same_outputs(tmp_path, method, bits):
+def _as_stored(model, result):
+    """The reference: the full-precision model with each quantized weight replaced by its codes' value as GPTQ
+    kernels compute it (a float16 product) and every other tensor rounded to float16, as the file stores them."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(p.half().float())
+        for name, q in result.weights.items():
+            w = q.dequantize()
+            # GPTQ: a float16 product; unquantized (16-bit) layers: stored as float16; NF: levels x float32 absmax
+            reference.get_submodule(name).weight.copy_(w if q.kind == "nf" else w.half().float())
+    return attach_lora(reference, result.lora_r, result.lora_alpha, result.lora_targets, result.lora).eval()
+
+
+@pytest.mark.parametrize("method,bits", [("apiq-bw", 2), ("rtn", 3), ("loftq", 3), ("nf", 4), ("rtn", 16)])
+def test_saved_model_reloads_packed_to_the_same_outputs(tmp_path, method, bits):
     model = structured_llama()
-    calib = windows(4)
-    result = quantize_model(model, options(method, bits=bits, epochs=1, group_size=32), calib, log=lambda s: None)
-    in_memory = save_quantized(tmp_path / "q", model, result)
+    result = quantize_model(model, options(method, bits=bits, epochs=1, group_size=32), windows(4), log=lambda s: None)
+    for q in result.weights.values():
+        if q.kind == "uniform":
+            assert torch.equal(q.scales, q.scales.half().float())  # calibration keeps scales float16-exact
+    save_quantized(tmp_path / "q", model, result)
     loaded = load_quantized(tmp_path / "q")
     ids = windows(2, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, in_memory(input_ids=ids).logits, rtol=0, atol=1e-5)
-    # the stored codes really are low-bit
+        torch.testing.assert_close(loaded(input_ids=ids).logits, _as_stored(model, result)(input_ids=ids).logits,
+                                   rtol=0, atol=1e-5)
+    layer = loaded.get_base_model().model.layers[0].mlp.down_proj.base_layer
     if bits < 16:
-        from safetensors.torch import load_file
+        assert isinstance(layer, PackedLinear) and layer.bits == bits
+        groups = 64 * 128 // 32
+        # codes at b bits, per group a scale and a zero point (at most 4 bytes each), the group index of each column
+        assert layer.packed_bytes() <= 64 * 128 * bits // 8 + groups * 8 + 128 * 4
+        # the stored codes are the quantizer's, bit for bit
+        stored = load_quantized_weights(tmp_path / "q")["model.layers.0.mlp.down_proj"]
+        assert torch.equal(stored.codes, result.weights["model.layers.0.mlp.down_proj"].codes)
+    else:
+        assert isinstance(layer, torch.nn.Linear)
 
-        tensors = load_file(str(tmp_path / "q" / "quantized_base.safetensors"))
-        name = "model.layers.0.mlp.down_proj"
-        assert tensors[f"{name}.qcodes"].dtype == torch.uint8
-        assert tensors[f"{name}.qcodes"].numel() == 64 * 128 * bits // 8
-        assert f"{name}.weight" not in tensors
+
+def test_uniform_outputs_declare_gptq_v2_and_nf_outputs_do_not(tmp_path):
+    model = structured_llama()
+    for method in ("rtn", "nf"):
+        result = quantize_model(model, options(method, bits=4, group_size=32), None, log=lambda s: None)
+        save_quantized(tmp_path / method, model, result, extra={"symmetric": False})
+    config = json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["checkpoint_format"] == "gptq_v2"
+    assert config["bits"] == 4 and config["group_size"] == 32 and config["sym"] is False and config["desc_act"] is False
+    assert "quantization_config" not in json.loads((tmp_path / "nf" / "config.json").read_text())
+    adapter = json.loads((tmp_path / "rtn" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((tmp_path / "rtn").resolve())
 
 
 def test_quantize_command_writes_everything_and_reproduces_calibrated_outputs(tmp_path, capsys):
@@ -47,15 +86,17 @@ def test_quantize_command_writes_everything_and_reproduces_calibrated_outputs(tm
     out = quantize(str(recipe), ["quant.lora_alpha=8"])
     printed = capsys.readouterr().out
     assert "block 1/2" in printed and "block 2/2" in printed
-    for name in ("config.json", "quantized_base.safetensors", "quantization.json", "errors.json",
+    for name in ("config.json", "model.safetensors", "quantization.json", "errors.json",
                  "adapter_config.json", "adapter_model.safetensors"):
         assert (out / name).is_file(), name
     info = json.loads((out / "quantization.json").read_text())
     assert info["method"] == "apiq-lw" and info["bits"] == 2 and info["lora"] == {"r": 4, "alpha": 8.0, "targets": info["lora"]["targets"]}
+    assert info["storage"] == "gptq" and 0 < info["packed_bytes"] < info["model_bytes"]
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8.0
 
-    # Reloaded model on the calibration windows reproduces the per-block error the quantizer measured.
+    # The reloaded model on the calibration windows reproduces the per-block error the quantizer measured
+    # (up to the float16 storage of scales and of the unquantized tensors).
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.utils.text_windows import random_windows, read_text, token_ids
@@ -70,7 +111,7 @@ def test_quantize_command_writes_everything_and_reproduces_calibrated_outputs(tm
     errors = json.loads((out / "errors.json").read_text())
     for i, block in enumerate(errors["blocks"][:-1]):  # hidden_states[i + 1] = output of block i (last one is normed)
         measured = ((y_q[i + 1] - y_fp[i + 1]).norm() / y_fp[i + 1].norm()).item()
-        assert measured == pytest.approx(block["rel_output_error"], rel=1e-4)
+        assert measured == pytest.approx(block["rel_output_error"], rel=2e-2)
 
 
 def test_base_without_lora_and_with_a_classification_head(tmp_path):
@@ -78,7 +119,9 @@ def test_base_without_lora_and_with_a_classification_head(tmp_path):
     result = quantize_model(model, options("rtn", group_size=32), None, log=lambda s: None)
     save_quantized(tmp_path / "q", model, result)
     base = load_quantized_base(tmp_path / "q")
-    w = base.model.layers[1].self_attn.o_proj.weight
-    assert torch.equal(w, result.weights["model.layers.1.self_attn.o_proj"].dequantize())
+    w = base.model.layers[1].self_attn.o_proj.unpack()
+    assert torch.equal(w, result.weights["model.layers.1.self_attn.o_proj"].dequantize().half().float())
     cls = load_quantized_base(tmp_path / "q", task_head="seq_cls", num_labels=3)
-    assert cls.score.out_features == 3 and torch.equal(cls.model.layers[1].self_attn.o_proj.weight, w)
+    assert cls.score.out_features == 3 and torch.equal(cls.model.layers[1].self_attn.o_proj.unpack(), w)
+    assert not cls.score.weight.is_meta and cls.score.weight.abs().sum() > 0
+    assert not any(t.is_meta for t in [*cls.parameters(), *cls.buffers()])
