@@ -25,9 +25,11 @@ Placement: the family's layer container (BERT/RoBERTa ``encoder``) is replaced b
 that keeps the pretrained layers under the same attribute name (parameter names are unchanged) and adds
 the adapters. The HF model's own forward, loss and outputs are untouched, so ``model(**batch).loss`` works.
 Blocks are re-composed from their pieces by attribute paths from peftkit/models/families.py; a family
-with ``norm_position="post"`` and an encoder container is supported (decoders run their layer loop
-inside the bare model's forward together with rotary embeddings and the final norm, so they need a
-different hook: ``norm_position="pre"`` parts plus a replacement of that loop).
+with ``norm_position="post"`` and an encoder container is supported. Pre-norm decoders (LLaMA, OPT) run
+their layer loop inside the bare model's forward together with the mask, positions and the final norm, so
+:class:`MEFTDecoder` replaces that container: :class:`PreNormLayerParts` gives the same sub-block interface
+(each sub-block keeps its residual), and the causal-LM head reads ``final_norm(x_p + merge_weight·x_o)``
+from the stream x_p holding the last pretrained sub-block's output (docs/methods/meft.md, "Decoders").
 """
 
 from __future__ import annotations
