@@ -36,9 +36,11 @@ def support_markdown() -> str:
     for row in rows:
         lines.append(f"| {row['method']} | " + " | ".join(row[f] for f in families) + " |")
     notes = [f"- **{row['method']}**: {row['note']}" for row in rows if row["note"]]
+    from peftkit.tasks.causal_lm import LM_METHODS
+
     lines += ["", "Why a family is left out:", "", *notes, "",
               "Language-model recipes (model.task_head causal_lm: data.task wikitext2, data.task_type causal-lm or "
-              "sft) run with full, lora and apiq.", ""]
+              f"sft) run with {', '.join(LM_METHODS)}.", ""]
     return "\n".join(lines)
 
 

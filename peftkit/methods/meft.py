@@ -25,9 +25,11 @@ Placement: the family's layer container (BERT/RoBERTa ``encoder``) is replaced b
 that keeps the pretrained layers under the same attribute name (parameter names are unchanged) and adds
 the adapters. The HF model's own forward, loss and outputs are untouched, so ``model(**batch).loss`` works.
 Blocks are re-composed from their pieces by attribute paths from peftkit/models/families.py; a family
-with ``norm_position="post"`` and an encoder container is supported (decoders run their layer loop
-inside the bare model's forward together with rotary embeddings and the final norm, so they need a
-different hook: ``norm_position="pre"`` parts plus a replacement of that loop).
+with ``norm_position="post"`` and an encoder container is supported. Pre-norm decoders (LLaMA, OPT) run
+their layer loop inside the bare model's forward together with the mask, positions and the final norm, so
+:class:`MEFTDecoder` replaces that container: :class:`PreNormLayerParts` gives the same sub-block interface
+(each sub-block keeps its residual), and the causal-LM head reads ``final_norm(x_p + merge_weight·x_o)``
+from the stream x_p holding the last pretrained sub-block's output (docs/methods/meft.md, "Decoders").
 """
 
 from __future__ import annotations
@@ -212,12 +214,184 @@ class MEFTEncoder(nn.Module):
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=(x1 + x2) / 2)
 
 
-def meft_encoder_of(model) -> MEFTEncoder:
-    """The MEFTEncoder that ``prepare`` put into ``model``."""
+class PreNormLayerParts:
+    """The two sub-blocks of a pre-norm decoder layer (LLaMA: RMSNorm, OPT: LayerNorm), by the family's paths.
+
+    Same interface as :class:`PostNormLayerParts`, so the variants' block builders use either. Each sub-block keeps
+    its own residual, as the post-norm ones do inside their LayerNorm:
+
+        attention(x) = x + o + A(o)                     o = drop(attn(N1(x)))   (A: MEFT3's sequential adapter)
+        ffn(a)       = a + drop(mlp(N2(a))) + A(N2(a))                          (A: the parallel FFN adapter)
+    """
+
+    def __init__(self, layer: nn.Module, family: Family):
+        self.owner = layer  # its ``training`` flag drives the residual dropout
+        self.attention_norm = get_path(layer, family.attention_norm)
+        self.attention_core = get_path(layer, family.attention_core)
+        self.ffn_norm = get_path(layer, family.ffn_norm)
+        if family.ffn is not None:
+            self.mlp = get_path(layer, family.ffn)
+        else:
+            ffn_in, ffn_act, ffn_out = (get_path(layer, p) for p in (family.ffn_in, family.ffn_act, family.ffn_out))
+            self.mlp = lambda h: ffn_out(ffn_act(ffn_in(h)))
+        self.dropout_p = float(getattr(layer, family.residual_dropout)) if family.residual_dropout else 0.0
+
+    def _drop(self, h):
+        if self.dropout_p == 0.0:
+            return h
+        return nn.functional.dropout(h, p=self.dropout_p, training=self.owner.training)
+
+    def attention(self, x, adapter: Adapter | None = None, **kwargs):
+        """x + drop(attn(N1(x))), a sequential adapter acting on the attention output before the residual."""
+        out = self._drop(self.attention_core(hidden_states=self.attention_norm(x), **kwargs)[0])
+        if adapter is not None:
+            out = out + adapter(out)
+        return x + out
+
+    def ffn(self, a, adapter: Adapter | None = None):
+        """a + drop(mlp(N2(a))); a parallel adapter reads the FFN input N2(a) and adds to the FFN output."""
+        normed = self.ffn_norm(a)
+        out = self._drop(self.mlp(normed))
+        if adapter is not None:
+            out = out + adapter(normed)
+        return a + out
+
+    def layer(self, x, ffn_adapter: Adapter | None = None, **kwargs):
+        return self.ffn(self.attention(x, **kwargs), ffn_adapter)
+
+
+# After a block, the stream that holds the output of the block's last pretrained sub-block (the one a decoder's final
+# norm and LM head read at the start): meft1 swaps y1 = lam·x1 + layer(x2) into the second place, meft2 swaps
+# y2 = beta·x2 + layer(y1) into the first, meft3 keeps y2 = beta·x2 + ffn(y1) second.
+PRETRAINED_STREAM = {"meft1": 1, "meft2": 0, "meft3": 1}
+
+
+def _llama_inputs(decoder, input_ids, attention_mask, position_ids, inputs_embeds):
+    """Embeddings and the block keyword arguments, as LlamaModel.forward builds them (no cache)."""
+    from transformers.masking_utils import create_causal_mask
+
+    embeds = decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    if position_ids is None:
+        position_ids = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
+    mask = create_causal_mask(config=decoder.config, inputs_embeds=embeds, attention_mask=attention_mask,
+                              past_key_values=None, position_ids=position_ids)
+    position_embeddings = decoder.rotary_emb(embeds, position_ids=position_ids)
+    return embeds, {"attention_mask": mask, "position_embeddings": position_embeddings, "position_ids": position_ids}
+
+
+def _opt_inputs(decoder, input_ids, attention_mask, position_ids, inputs_embeds):
+    """Embeddings plus learned positions and the block keyword arguments, as OPTDecoder.forward builds them."""
+    from transformers.masking_utils import create_causal_mask
+
+    if input_ids is not None:
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+    embeds = decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    dense_mask = attention_mask if attention_mask is not None else torch.ones(embeds.shape[:2], device=embeds.device)
+    if position_ids is None:
+        position_ids = (torch.cumsum(dense_mask, dim=1) * dense_mask - 1).long()
+    mask = create_causal_mask(config=decoder.config, inputs_embeds=embeds, attention_mask=attention_mask,
+                              past_key_values=None)
+    positions = decoder.embed_positions(dense_mask, 0, position_ids=position_ids)
+    if decoder.project_in is not None:
+        embeds = decoder.project_in(embeds)
+    return embeds + positions.to(embeds.device), {"attention_mask": mask, "position_ids": position_ids}
+
+
+def _opt_output(decoder, hidden):
+    return decoder.project_out(hidden) if decoder.project_out is not None else hidden
+
+
+# family -> (embeddings and block kwargs, what follows the final norm)
+DECODER_INPUTS = {"llama": (_llama_inputs, None), "opt": (_opt_inputs, _opt_output)}
+
+
+class MEFTDecoder(nn.Module):
+    """Stands in for a pre-norm decoder's layer container (LLaMA's ``model``, OPT's ``model.decoder``).
+
+    Holds the container's own children under their names (embeddings, positions, layers, final norm: parameter names
+    do not change), builds the embeddings, causal mask and positions as the container's forward does, runs the layers
+    as the two-stream reversible stack, and feeds the head ``final_norm(x_p + merge_weight · x_o)``: x_p is the stream
+    holding the last pretrained sub-block's output (PRETRAINED_STREAM), x_o the other one, merge_weight a trained
+    scalar starting at 0. No KV cache: each call runs the whole sequence.
+    """
+
+    def __init__(self, container: nn.Module, layers_attr: str, family: Family, variant_name: str,
+                 options: MEFTOptions, hidden: int, activation: Callable[[], nn.Module]):
+        super().__init__()
+        for name, child in container.named_children():  # same attribute names: pretrained names do not change
+            self.add_module(name, child)
+        for name in ("project_in", "project_out"):  # OPT keeps these as None when the widths agree
+            if hasattr(container, name) and getattr(container, name) is None:
+                setattr(self, name, None)
+        self.config = container.config
+        self.layers_attr, self.family, self.variant_name = layers_attr, family, variant_name
+        self.variant = VARIANTS[variant_name]
+        layers = self._modules[layers_attr]
+        self.lam = self.variant.lam if options.lambda_factor is None else options.lambda_factor
+        self.beta = self.variant.beta if options.beta_factor is None else options.beta_factor
+        self.num_rev_layers = len(layers) if options.num_rev_layers is None else options.num_rev_layers
+        self.segment_layers = options.segment_layers
+        self.adapters = nn.ModuleList(
+            nn.ModuleDict({name: Adapter(hidden, options.r, activation(), options.init_std)
+                           for name in self.variant.adapters})
+            for _ in layers
+        )
+        self.merge_weight = nn.Parameter(torch.zeros(()))
+        self.reversible = True  # False: the same two-stream network under ordinary autograd (for tests)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._modules[self.layers_attr]
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def blocks(self) -> list[ReversibleBlock]:
+        out = []
+        for layer, adapters in zip(self.decoder_layers(), self.adapters):
+            f, g, f_modules, g_modules = self.variant.build(layer, PreNormLayerParts(layer, self.family), adapters)
+            out.append(ReversibleBlock(f, g, f_modules, g_modules, self.lam, self.beta, self.variant.swap))
+        return out
+
+    def streams(self, hidden_states, **kwargs):
+        """(x1, x2) after the last layer."""
+        blocks = self.blocks()
+        reversible = self.reversible and torch.is_grad_enabled()
+        x1, x2 = run_stack(blocks[: self.num_rev_layers], hidden_states, hidden_states, kwargs, reversible,
+                           segment_layers=self.segment_layers)
+        return run_stack(blocks[self.num_rev_layers:], x1, x2, kwargs, reversible=False)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        if past_key_values is not None:
+            raise ValueError("MEFT runs the whole sequence at every call: no KV cache (pass use_cache=False)")
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            raise ValueError("MEFT does not return per-layer hidden states or attentions")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        make_inputs, after_norm = DECODER_INPUTS[self.family.name]
+        hidden, block_kwargs = make_inputs(self, input_ids, attention_mask, position_ids, inputs_embeds)
+        streams = self.streams(hidden, **block_kwargs)
+        p = PRETRAINED_STREAM[self.variant_name]
+        merged = streams[p] + self.merge_weight * streams[1 - p]
+        norm = get_path(self, self.family.final_norm)
+        out = norm(merged) if norm is not None else merged
+        if after_norm is not None:
+            out = after_norm(self, out)
+        return BaseModelOutputWithPast(last_hidden_state=out)
+
+
+def meft_encoder_of(model) -> MEFTEncoder | MEFTDecoder:
+    """The MEFTEncoder (or, in a decoder, the MEFTDecoder) that ``prepare`` put into ``model``."""
     family = family_of(model)
     parent_path, _ = split_path(family.layers)
-    encoder = get_path(backbone_of(model), parent_path)
-    if not isinstance(encoder, MEFTEncoder):
+    backbone = backbone_of(model)
+    encoder = get_path(backbone, parent_path) if parent_path else backbone
+    if not isinstance(encoder, (MEFTEncoder, MEFTDecoder)):
         raise ValueError("this model has not been prepared with a MEFT method")
     return encoder
 
@@ -225,8 +399,9 @@ def meft_encoder_of(model) -> MEFTEncoder:
 class _MEFT(Method):
     Options = MEFTOptions
     can_merge = False
-    families = ("bert", "roberta", "xlm-roberta")
-    family_note = "it re-composes BERT-style post-norm encoder blocks; DeBERTa's attention and DistilBERT's blocks differ"
+    families = ("bert", "roberta", "xlm-roberta", "llama", "opt")
+    family_note = ("it re-composes BERT-style post-norm encoder blocks and LLaMA/OPT pre-norm decoder blocks; "
+                   "DeBERTa's attention and DistilBERT's blocks differ, and the other decoders' inputs are not wired")
 
     def prepare(self, model):
         from transformers.activations import ACT2FN
@@ -234,10 +409,12 @@ class _MEFT(Method):
         options = self.options
         family = family_of(model)
         parent_path, layers_attr = split_path(family.layers)
+        if family.norm_position == "pre" and family.name in DECODER_INPUTS:
+            return self._prepare_decoder(model, family, parent_path, layers_attr)
         if family.norm_position != "post" or not parent_path:
             raise UserError(
-                f"{self.name} (MEFT, reversible) supports BERT/RoBERTa-style encoders; model type "
-                f"{model.config.model_type!r} is not supported yet. Use an encoder model such as minilm-l6."
+                f"{self.name} (MEFT, reversible) supports BERT/RoBERTa-style encoders and LLaMA/OPT decoders; model "
+                f"type {model.config.model_type!r} is not supported yet. Use a model of one of those families."
             )
         backbone = backbone_of(model)
         container = get_path(backbone, parent_path)
@@ -257,6 +434,45 @@ class _MEFT(Method):
         encoder.adapters.to(device=reference.device, dtype=reference.dtype)
         grand_path, container_attr = split_path(parent_path)
         setattr(get_path(backbone, grand_path) if grand_path else backbone, container_attr, encoder)
+        return model
+
+    def _prepare_decoder(self, model, family: Family, parent_path: str, layers_attr: str):
+        """Replace the decoder's layer container (LLaMA: the backbone, OPT: ``model.decoder``) by a MEFTDecoder."""
+        from transformers.activations import ACT2FN
+
+        options, config = self.options, model.config
+        backbone = backbone_of(model)
+        if backbone is model:
+            raise UserError(f"{self.name} on a {family.name} decoder needs a model with a head (task_head causal_lm "
+                            f"or seq_cls), not the bare decoder.")
+        if family.name == "opt" and not getattr(config, "do_layer_norm_before", True):
+            raise UserError(f"{self.name}: this OPT model is post-LayerNorm (config.do_layer_norm_before is false, as "
+                            f"in opt-350m); MEFT's decoder blocks are pre-norm. Use another OPT size.")
+        if getattr(config, "layerdrop", 0.0):
+            raise UserError(f"{self.name}: config.layerdrop is {config.layerdrop}; the reversible stack runs every "
+                            f"layer. Set it to 0 in the model's config.json.")
+        if parent_path:
+            grand_path, container_attr = split_path(parent_path)
+            owner = get_path(backbone, grand_path) if grand_path else backbone
+        else:  # the backbone itself holds the layers (LLaMA): replace it on the task model
+            owner = model
+            container_attr = next(a for a in family.backbone if getattr(model, a, None) is backbone)
+        container = getattr(owner, container_attr)
+        if isinstance(container, MEFTDecoder):
+            raise UserError(f"{self.name}: the model is already prepared with MEFT; load a fresh base model.")
+        layers = getattr(container, layers_attr)
+        if options.num_rev_layers is not None and options.num_rev_layers > len(layers):
+            raise UserError(f"method.num_rev_layers: the model has {len(layers)} layers, got {options.num_rev_layers}; "
+                            f"use at most {len(layers)} (or null for all).")
+        mark_only_head_trainable(model)  # freezes embeddings, layers, norms and the LM head
+        act = getattr(config, "hidden_act", None) or config.activation_function
+        decoder = MEFTDecoder(container, layers_attr, family, self.name, options, config.hidden_size,
+                              activation=lambda: ACT2FN[act] if isinstance(act, str) else act)
+        reference = next(layers.parameters())
+        self._warn_if_reconstruction_is_fragile(decoder, reference.dtype)
+        decoder.adapters.to(device=reference.device, dtype=reference.dtype)
+        decoder.merge_weight.data = decoder.merge_weight.data.to(device=reference.device, dtype=reference.dtype)
+        setattr(owner, container_attr, decoder)
         return model
 
     def enable_gradient_checkpointing(self, model) -> None:

@@ -108,7 +108,8 @@ def load_with_method(directory: Path, info: dict, trust_remote_code: bool = Fals
 def load_for_eval(model_path_or_dir: str):
     """(model, tokenizer) from a quantize output dir (quantized base + LoRA), a peft adapter dir whose
     base is one of these (e.g. a fine-tuned apiq run), a model dir or an alias. A `peftkit finetune` run
-    directory stands for its final/ (lora and apiq runs store a peft adapter there, full runs a model dir)."""
+    directory stands for its final/ (lora and apiq runs store a peft adapter there, full runs a model dir, MEFT
+    runs their adapters in peftkit's format)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,6 +141,8 @@ def load_for_eval(model_path_or_dir: str):
         model = PeftModel.from_pretrained(base, str(path))
         if (path / "tokenizer_config.json").is_file():
             tokenizer_dir = path
+    elif (path / INFO_FILE).is_file() and not (path / "config.json").is_file():  # a method's own format (MEFT)
+        model, tokenizer_dir = load_with_method(path, read_run_info(path / INFO_FILE)), path
     else:
         tokenizer_dir = Path(resolve_model(str(path) if (path / INFO_FILE).is_file() else str(model_path_or_dir)))
         model = AutoModelForCausalLM.from_pretrained(tokenizer_dir, dtype=torch.float32)

@@ -39,6 +39,12 @@ class Family:
     ffn_act: str | None = None  # the FFN activation module
     ffn_dropout: str | None = None  # dropout after the last FFN Linear
     ffn_norm: str | None = None  # LayerNorm of the FFN sub-block
+    # pre-norm parts (decoders): the FFN as one module (LLaMA's gated mlp; None = ffn_in -> ffn_act -> ffn_out), the
+    # attribute of the block holding the dropout probability applied to each sub-block's output (OPT), and the
+    # path, from the parent of ``layers``, to the norm after the last block.
+    ffn: str | None = None
+    residual_dropout: str | None = None
+    final_norm: str | None = None
 
 
 _BERT = Family(
@@ -73,6 +79,12 @@ _LLAMA = Family(
     ffn_gate="mlp.gate_proj",
     attn_linears=("q_proj", "k_proj", "v_proj", "o_proj"),
     ffn_linears=("gate_proj", "up_proj", "down_proj"),
+    norm_position="pre",
+    attention_core="self_attn",
+    attention_norm="input_layernorm",
+    ffn_norm="post_attention_layernorm",
+    ffn="mlp",
+    final_norm="norm",
 )
 
 FAMILIES: dict[str, Family] = {
@@ -111,6 +123,13 @@ FAMILIES: dict[str, Family] = {
         ffn_out="fc2",
         attn_linears=("q_proj", "k_proj", "v_proj", "out_proj"),
         ffn_linears=("fc1", "fc2"),
+        norm_position="pre",  # config.do_layer_norm_before; OPT-350m is post-norm (MEFT checks the config)
+        attention_core="self_attn",
+        attention_norm="self_attn_layer_norm",
+        ffn_act="activation_fn",
+        ffn_norm="final_layer_norm",
+        residual_dropout="dropout",
+        final_norm="final_layer_norm",
     ),
     "gpt2": Family(
         name="gpt2",

@@ -28,9 +28,9 @@ from peftkit.utils.text_windows import (
     token_ids,
 )
 
-# Methods checked on a causal LM: LoRA and full on a plain decoder, apiq on a `peftkit quantize` output.
-# The others assume an encoder (MEFT's post-norm layers, HiWi's FFN biases) or a classifier head.
-LM_METHODS = ("full", "lora", "apiq")
+# Methods checked on a causal LM: LoRA, full and MEFT (LLaMA/OPT decoders) on a plain decoder, apiq on a
+# `peftkit quantize` output. The others assume an encoder (HiWi's FFN biases) or a classifier head.
+LM_METHODS = ("full", "lora", "apiq", "meft1", "meft2", "meft3")
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.tiny import tiny_bert, tiny_llama
+from helpers.tiny import tiny_bert
 
 from peftkit.bench.memory import saved_tensor_bytes
 from peftkit.errors import UserError
@@ -265,8 +265,11 @@ def test_bad_options_and_models_are_user_errors():
         make("meft1", layers=2, num_rev_layers=3)
     with pytest.raises(UserError, match="lambda_factor"):
         make("meft1", layers=2, lambda_factor=0.0)
-    with pytest.raises(UserError, match="not supported"):
-        create_method("meft1", MEFTOptions()).prepare(tiny_llama())
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=4))
+    with pytest.raises(UserError, match="not supported"):  # decoders other than LLaMA and OPT
+        create_method("meft1", MEFTOptions()).prepare(gpt2)
     model = make("meft1", layers=2)
     with pytest.raises(UserError, match="already prepared"):
         create_method("meft1", MEFTOptions()).prepare(model)

@@ -90,7 +90,7 @@ def test_each_claimed_family_trains_a_few_steps_then_predicts(tmp_path, rows, fa
 
 
 @pytest.mark.parametrize("family,method,why", [
-    ("llama", "meft1", "post-norm encoder"),
+    ("gpt2", "meft1", "inputs are not wired"),
     ("distilbert", "lora", "default target projections"),
     ("gpt2", "supertuning", "nn.Linear"),
     ("llama", "bitfit", "no bias terms"),

@@ -225,7 +225,7 @@ def test_bad_files_name_file_row_and_column(tmp_path, bert, train, val, data, ne
     ({"train_file": "missing.csv"}, "seq_cls", "lora", "data.train_file: missing.csv does not exist"),
     ({"train_file": "rows.txt"}, "seq_cls", "lora", "use one of .csv"),
     ({"train_file": "{f}", "prompt_column": "q"}, "seq_cls", "lora", "model.task_head: data.task_type sft"),
-    ({"train_file": "{f}", "task_type": "causal-lm"}, "causal_lm", "meft1", "method.name: 'meft1'"),
+    ({"train_file": "{f}", "task_type": "causal-lm"}, "causal_lm", "hiwi", "method.name: 'hiwi'"),
     ({"train_file": "{f}", "dataset_name": "imdb"}, "seq_cls", "lora", "not both"),
     ({"train_file": "{f}", "eval_split": "test"}, "seq_cls", "lora", "data.validation_file instead"),
     ({"train_file": "{f}", "text_columns": ["a", "b", "c"]}, "seq_cls", "lora", "data.text_columns"),
