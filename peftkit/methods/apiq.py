@@ -1,10 +1,13 @@
 """LoRA fine-tuning on a quantized base made by `peftkit quantize` (ApiQ, LoftQ, QLoRA-style NF, RTN).
 
-model.name is the quantize output directory. ``load_base`` rebuilds the dequantized (fake-quant) base
-from its packed codes; ``prepare`` puts peft LoRA on it with the factors the quantizer initialised
-(ApiQ / LoftQ: calibrated A and B; RTN / NF: B = 0) and leaves only LoRA (and a task head, if any)
-trainable — the quantized base stays frozen. ``save`` / ``load`` use peft's adapter format.
-Fine-tune in fp32 or bf16 (fp16 on a fake-quant base is unstable).
+model.name is the quantize output directory. ``load_base`` loads its base with every quantized Linear kept packed
+(PackedLinear: the weight is unpacked per matmul, in forward and again in backward, never stored unpacked);
+``prepare`` puts peft LoRA on it with the factors the quantizer initialised (ApiQ / LoftQ: calibrated A and B;
+RTN / NF: B = 0) and leaves only LoRA (and a task head, if any) trainable — the quantized base stays frozen.
+``save`` / ``load`` use peft's adapter format, whose base is the quantize output directory; for GPTQ-packed
+outputs (RTN, ApiQ) peft's AutoPeftModel loads a saved adapter outside peftkit too.
+``model.dtype`` is the dtype of everything that is not packed (embeddings, norms, LoRA inputs): bfloat16 keeps the
+model smallest in memory.
 """
 
 from __future__ import annotations
@@ -42,8 +45,6 @@ class QuantizedLoRA(PeftBackedMethod):
             raise UserError(f"method apiq needs model.name to be a `peftkit quantize` output directory; "
                             f"{quant_dir} is not one (no quantization.json / quantized_base.safetensors).")
         dtype_name = getattr(model_options, "dtype", "float32")
-        if dtype_name == "float16":
-            raise UserError("model.dtype: float16 fine-tuning of a fake-quant base is unstable; use bfloat16 or float32.")
         from peftkit.models.load import torch_dtype
 
         model = load_quantized_base(quant_dir, task_head, num_labels, problem_type, torch_dtype(dtype_name))
@@ -61,6 +62,7 @@ class QuantizedLoRA(PeftBackedMethod):
         from safetensors.torch import load_file
 
         from peftkit.quant.checkpoint import read_info
+        from peftkit.quant.packed_linear import register_lora
         from peftkit.quant.pipeline import lora_config
 
         options, quant_dir = self.options, self.quant_dir
@@ -70,7 +72,9 @@ class QuantizedLoRA(PeftBackedMethod):
         heads = head_modules(model)
         for p in model.parameters():  # the quantized base stays frozen; peft unfreezes LoRA and the head
             p.requires_grad_(False)
-        peft_model = get_peft_model(model, lora_config(lora["r"], lora["alpha"], lora["targets"], heads, options.dropout))
+        config = lora_config(lora["r"], lora["alpha"], lora["targets"], heads, options.dropout)
+        register_lora(config)
+        peft_model = get_peft_model(model, config)
         if options.init == "quantized":
             state = load_file(str(Path(quant_dir) / "adapter_model.safetensors"))
             # A fresh task head is not in the quantizer's adapter: it keeps its own initialisation.
@@ -80,3 +84,8 @@ class QuantizedLoRA(PeftBackedMethod):
             if getattr(result, "unexpected_keys", None):
                 raise UserError(f"the LoRA in {quant_dir} does not fit the model: unexpected {result.unexpected_keys[:3]}")
         return peft_model
+
+    def load(self, base_model, in_dir):
+        from peftkit.quant.checkpoint import load_adapter
+
+        return load_adapter(base_model, in_dir)

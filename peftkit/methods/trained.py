@@ -116,6 +116,7 @@ def load_for_eval(model_path_or_dir: str):
     from peftkit.models.aliases import resolve_model
     from peftkit.quant.checkpoint import (
         is_quantized_dir,
+        load_adapter,
         load_quantized,
         load_quantized_base,
     )
@@ -135,10 +136,11 @@ def load_for_eval(model_path_or_dir: str):
         base_name = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or ""
         if is_quantized_dir(base_name):
             base, tokenizer_dir = load_quantized_base(base_name), Path(base_name)
+            model = load_adapter(base, path)
         else:
             tokenizer_dir = Path(resolve_model(base_name))
             base = AutoModelForCausalLM.from_pretrained(tokenizer_dir, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, str(path))
+            model = PeftModel.from_pretrained(base, str(path))
         if (path / "tokenizer_config.json").is_file():
             tokenizer_dir = path
     elif (path / INFO_FILE).is_file() and not (path / "config.json").is_file():  # a method's own format (MEFT)

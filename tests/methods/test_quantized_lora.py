@@ -70,7 +70,7 @@ def test_zero_init_and_a_plain_model_dir_is_refused(quant_dir, tmp_path):
         create_method("apiq", dropout=1.5)
 
 
-def test_classification_head_trains_with_lora_and_float16_is_refused(quant_dir):
+def test_classification_head_trains_with_lora_on_a_packed_bfloat16_base(quant_dir):
     method = create_method("apiq")
     base = method.load_base(_model_options(quant_dir), "seq_cls", 2, "single_label_classification")
     model = method.prepare(base)
@@ -78,5 +78,14 @@ def test_classification_head_trains_with_lora_and_float16_is_refused(quant_dir):
     assert any("score" in n for n in trainable) and all("lora_" in n or "score" in n for n in trainable)
     ids = windows(2, seed=6)
     assert model(input_ids=ids, labels=torch.tensor([0, 1])).loss.isfinite()
-    with pytest.raises(UserError, match="float16"):
-        method.load_base(SimpleNamespace(name=str(quant_dir), dtype="float16"), "causal_lm", None, None)
+    from peftkit.quant.packed_linear import PackedLinear
+
+    bf16 = create_method("apiq")
+    base = bf16.load_base(SimpleNamespace(name=str(quant_dir), dtype="bfloat16"), "causal_lm", None, None)
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16
+    model = bf16.prepare(base)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, PackedLinear) and layer.lora_A["default"].weight.dtype == torch.float32
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert loss.isfinite() and layer.lora_B["default"].weight.grad is not None
