@@ -34,7 +34,8 @@ class QuantizedLoRA(PeftBackedMethod):
     name = "apiq"
     families, family_note = ("llama",), "the base is a `peftkit quantize` output of a LLaMA-family decoder"
     Options = QuantizedLoRAOptions
-    unmerged_export = "peftkit"  # its base is a quantize output directory, which only peftkit reads
+    can_merge = True  # into the unpacked weights: a full-precision model (see merge)
+    unmerged_export = "peftkit"  # the quantize output travels as base/; peft + GPTQModel also load GPTQ-packed ones
     quant_dir: Path | None = None
 
     def load_base(self, model_options, task_head="causal_lm", num_labels=None, problem_type=None):
@@ -84,6 +85,32 @@ class QuantizedLoRA(PeftBackedMethod):
             if getattr(result, "unexpected_keys", None):
                 raise UserError(f"the LoRA in {quant_dir} does not fit the model: unexpected {result.unexpected_keys[:3]}")
         return peft_model
+
+    def merge(self, model):
+        """LoRA folded into the unpacked weights: a plain model of the base architecture, no longer low-bit (the
+        weights are the quantized ones plus the LoRA update, in full precision)."""
+        import torch
+
+        from peftkit.quant.blocks import replace_module
+        from peftkit.quant.packed_linear import PackedLinear
+
+        inner = model.get_base_model()
+        dtype = inner.get_input_embeddings().weight.dtype  # the dtype the unpacked tensors were loaded in
+        for name, module in list(inner.named_modules()):
+            packed = getattr(module, "base_layer", None)
+            if not isinstance(packed, PackedLinear):
+                continue
+            with torch.no_grad():
+                weight = packed.unpack(torch.float32)
+                for adapter in module.active_adapters:
+                    A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                    weight += (B.float() @ A.float()) * module.scaling[adapter]
+                linear = torch.nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None)
+                linear.weight.copy_(weight)
+                if packed.bias is not None:
+                    linear.bias.copy_(packed.bias)
+            replace_module(inner, name, linear.to(dtype))
+        return model.merge_and_unload()
 
     def load(self, base_model, in_dir):
         from peftkit.quant.checkpoint import load_adapter

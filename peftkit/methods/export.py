@@ -9,8 +9,8 @@ An export directory holds one of four formats, chosen from the method and ``--me
 * ``delta``: the compact delta of PaFi / HiWi / BitFit (peftkit/methods/delta_format.py, shipped in the export as
   ``apply_delta.py``) next to its base;
 * ``peftkit``: the run's own saved state next to its base, which only peftkit loads: MEFT (its reversible
-  two-stream network is no transformers architecture) and ApiQ without merging (its base is a quantized
-  directory).
+  two-stream network is no transformers architecture) and ApiQ without merging (its base, a quantize output
+  directory, travels as ``base/``; GPTQ-packed ones also load in transformers + GPTQModel and peft).
 
 Every export also holds ``export.json`` (the run's metadata, the format and the base reference, which
 ``load_export`` and ``peftkit eval`` read) and a model card, ``README.md``.
@@ -64,7 +64,9 @@ LOAD_RECIPES: dict[str, dict[str, tuple[str | None, str]]] = {
         "peftkit": ("peftkit.load(DIR)", ""),
     },
     "peftkit": {
-        "transformers": (None, "transformers builds neither MEFT's reversible network nor ApiQ's quantized base"),
+        "transformers": (None, "MEFT: no transformers class computes its reversible network; ApiQ: base/ is a "
+                               "quantize output, which transformers + GPTQModel load when it is GPTQ-packed (RTN, "
+                               "ApiQ), NF ones only peftkit"),
         "peft": (None, "see transformers"),
         "peftkit": ("peftkit.load(DIR)", ""),
     },
