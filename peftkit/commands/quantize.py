@@ -19,7 +19,8 @@ def quantize(recipe_spec: str, overrides: list[str] | tuple[str, ...] = ()) -> P
     from peftkit.models.aliases import resolve_model
     from peftkit.models.load import check_model_dir
     from peftkit.quant.checkpoint import save_quantized
-    from peftkit.quant.pipeline import quantize_model
+    from peftkit.quant.blocks import load_skeleton
+    from peftkit.quant.pipeline import fill_released_weights, quantize_model
     from peftkit.train.pipeline import open_run
     from peftkit.utils.text_windows import (
         default_wikitext_root,
@@ -37,13 +38,17 @@ def quantize(recipe_spec: str, overrides: list[str] | tuple[str, ...] = ()) -> P
             check_model_dir(path, recipe.model.name)
         run.log(f"quantize: {recipe.model.name} with {q.method}, {q.bits} bits, group {q.group_size}, "
                 f"LoRA r={q.lora_r} alpha={q.lora_alpha}")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        if torch.cuda.is_available():
-            model = model.cuda()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # One block's weights in memory at a time, read from the safetensors files; a checkpoint whose tensor
+        # names are not the model's own (or a hub id) is loaded whole.
+        skeleton = load_skeleton(path, torch.float32, device) if Path(path).is_dir() else None
+        model, weights = skeleton or (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device), None)
         tokenizer = AutoTokenizer.from_pretrained(path)
         calib_ids = random_windows(token_ids(tokenizer, read_text(calib_path)), c.n_windows, c.seq_len, c.seed)
         run.log(f"calibration: {c.n_windows} windows x {c.seq_len} tokens of {calib_path}")
-        result = quantize_model(model, q, calib_ids, log=run.log)
+        result = quantize_model(model, q, calib_ids, log=run.log, weights=weights)
+        if weights is not None:
+            fill_released_weights(model)  # the saver writes the quantized weights into the model: scratch space
         seconds = time.perf_counter() - start
         extra = {"source_model": recipe.model.name, "symmetric": q.symmetric, "seconds": round(seconds, 1),
                  "recipe": {"name": recipe.name, "source": recipe.source, **recipe.to_dict(),

@@ -3,6 +3,10 @@
 Block inputs are captured once (embeddings only, the model is stopped at block 0) together with the
 keyword arguments the model passes to its blocks (rotary embeddings, causal mask), so each block can
 then be run on its own: calibration never re-runs the whole model per layer.
+
+A model can also be opened as a skeleton (``load_skeleton``): everything outside the blocks is loaded,
+the blocks' parameters stay on the meta device and are read from the checkpoint's safetensors files one
+block at a time (``SafetensorsIndex``), so quantizing a model never holds more than one block's weights.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import torch
 from torch import nn
 
 from peftkit.models.families import Family, family_of, layers_of
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
 
 
 class _Stop(Exception):
@@ -142,3 +149,63 @@ def forward_order(block: nn.Module, linears: dict[str, nn.Module], hidden: torch
         for h in handles:
             h.remove()
     return order + [n for n in linears if n not in order]
+
+
+class SafetensorsIndex:
+    """Tensor name -> file of a model directory's safetensors weights; tensors are read one at a time."""
+
+    def __init__(self, directory, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        import json
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        if (directory / SAFE_WEIGHTS).is_file():
+            files = [directory / SAFE_WEIGHTS]
+        else:
+            files = sorted({directory / f for f in json.loads((directory / SAFE_INDEX).read_text())["weight_map"].values()})
+        self.dtype, self.device, self.files, self.where = dtype, torch.device(device), files, {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                self.where.update({key: f for key in handle.keys()})
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[key]), framework="pt") as handle:
+            return handle.get_tensor(key).to(self.device, self.dtype)
+
+
+def load_skeleton(directory, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, SafetensorsIndex): a causal LM from ``directory`` whose decoder blocks have their parameters
+    on the meta device; everything else (embeddings, final norm, head, rotary buffers) is loaded. None when
+    the checkpoint's tensor names are not the model's own (then load the model whole)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights():  # parameters on meta; buffers (rotary inv_freq) computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weights = SafetensorsIndex(directory, dtype, device)
+    in_blocks = {id(p) for b in layers_of(model) for p in b.parameters()}
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in in_blocks]
+    block_names = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in in_blocks]
+    tied = set()
+    if getattr(config, "tie_word_embeddings", False):
+        output = model.get_output_embeddings()
+        tied = {n for n, p in model.named_parameters(remove_duplicate=False)
+                if output is not None and p is output.weight and n not in weights}
+    if any(n not in weights for n in block_names) or any(n not in weights for n in names if n not in tied):
+        return None
+    model.load_state_dict({n: weights.get(n) for n in names if n not in tied}, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = buffer.to(weights.device)
+    return model.eval(), weights

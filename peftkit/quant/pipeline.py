@@ -126,13 +126,51 @@ def _block_report(index: int, y_fp, y_q, reports: list[CalibReport], seconds: fl
     return info
 
 
-def quantize_model(model, options, calib_ids: torch.Tensor | None = None, log=print) -> QuantResult:
+class _LoadedBlocks:
+    """The blocks of a model held in memory."""
+
+    def __init__(self, model):
+        self.blocks = list(layers_of(model))
+
+    def load(self, i: int):
+        return self.blocks[i]
+
+    def release(self, i: int, block, quantized: list[str]) -> None:
+        pass
+
+
+class _DiskBlocks:
+    """The blocks of a model skeleton (``load_skeleton``) read from its safetensors files one at a time.
+
+    ``release`` hands a block's quantized Linear weights back to the meta device once the block is done, so
+    only the current block's weights are ever in memory; its norms and biases (a few vectors) stay."""
+
+    def __init__(self, model, weights: "SafetensorsIndex"):
+        self.blocks, self.prefixes, self.weights = list(layers_of(model)), block_prefixes(model), weights
+
+    def load(self, i: int):
+        block = self.blocks[i]
+        prefix = self.prefixes[i] + "."
+        missing = [n for n, p in block.named_parameters() if p.is_meta]
+        block.load_state_dict({n: self.weights.get(prefix + n) for n in missing}, strict=False, assign=True)
+        return block
+
+    def release(self, i: int, block, quantized: list[str]) -> None:
+        for name in quantized:
+            linear = block.get_submodule(name)
+            linear.weight = torch.nn.Parameter(linear.weight.to("meta"), requires_grad=False)
+
+
+def quantize_model(model, options, calib_ids: torch.Tensor | None = None, log=print,
+                   weights: "SafetensorsIndex | None" = None) -> QuantResult:
     """Quantize every projection Linear of every block of ``model`` (left unchanged) per ``options``.
 
     ``options`` carries method, bits, group_size, symmetric, lora_r, lora_alpha, lora_targets,
     loftq_iters, epochs, lr_lora, lr_clip, weight_decay, aug_loss, batch_size, seed (see recipe.QuantOptions).
     ``calib_ids`` (N, T) token windows: required by ApiQ; with them every method also reports the
     per-block relative output error on those windows.
+    ``weights``: when ``model`` is a skeleton from ``load_skeleton`` (blocks on the meta device), the
+    checkpoint its blocks are read from, one block at a time; the result is the same as for the loaded model.
     """
     fam = decoder_family(model)
     method, bits, group = options.method, options.bits, options.group_size
@@ -144,17 +182,19 @@ def quantize_model(model, options, calib_ids: torch.Tensor | None = None, log=pr
     result = QuantResult(method, bits, group, options.lora_r, options.lora_alpha, lora_leaves)
     settings = CalibSettings(options.epochs, options.lr_lora, options.lr_clip, options.weight_decay,
                              options.aug_loss, options.batch_size, options.seed)
-    device = next(model.parameters()).device
+    device = next(p.device for p in model.parameters() if not p.is_meta)
     was_training = model.training
     model.eval()
     x_fp = x_q = kwargs = None
     if calib_ids is not None:
         x_fp, kwargs = capture_block_inputs(model, calib_ids.to(device))
         x_q = x_fp.clone()
-    blocks = list(layers_of(model))
+    source = _DiskBlocks(model, weights) if weights is not None else _LoadedBlocks(model)
+    n_blocks = len(source.blocks)
     prefixes = block_prefixes(model)
-    for i, block in enumerate(blocks):
+    for i in range(n_blocks):
         start = time.perf_counter()
+        block = source.load(i)
         torch.manual_seed(options.seed + i)  # LoRA A init per block: reproducible whatever ran before
         qblock = copy.deepcopy(block)
         qlinears: dict[str, QuantLinear] = {}
@@ -175,7 +215,7 @@ def quantize_model(model, options, calib_ids: torch.Tensor | None = None, log=pr
 
         y_q = run_block_batched(qblock, x_q, kwargs, options.batch_size) if y_fp is not None else None
         block_info = _block_report(i, y_fp, y_q, reports, time.perf_counter() - start)
-        log(f"{method} {bits}-bit block {i + 1}/{len(blocks)}{block_info.pop('summary')}")
+        log(f"{method} {bits}-bit block {i + 1}/{n_blocks}{block_info.pop('summary')}")
         if y_fp is not None:
             x_fp, x_q = y_fp, y_q
         result.blocks.append(block_info)
@@ -190,9 +230,23 @@ def quantize_model(model, options, calib_ids: torch.Tensor | None = None, log=pr
                 result.layers[full]["epoch_losses"] = own[0].epoch_losses
             if q.r:
                 result.lora[full] = (q.lora_A.detach().clone(), q.lora_B.detach().clone())
-        del qblock
+        del qblock, qlinears
+        source.release(i, block, list(stored))
     model.train(was_training)
     return result
+
+
+def fill_released_weights(model) -> None:
+    """Give every parameter a skeleton left on the meta device one zero scratch tensor per shape (shared), so
+    that code which only writes into those weights (``build_quantized_model`` before a checkpoint is saved)
+    can run without holding a dense copy of every block. The model computes nothing meaningful afterwards."""
+    scratch: dict[tuple, torch.Tensor] = {}
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                shared = scratch.setdefault((tuple(p.shape), p.dtype), torch.zeros(p.shape, dtype=p.dtype, device=device))
+                module._parameters[key] = torch.nn.Parameter(shared, requires_grad=False)
 
 
 @torch.no_grad()
