@@ -44,7 +44,7 @@ class QuantizedLoRA(PeftBackedMethod):
         quant_dir = Path(model_options.name)
         if not is_quantized_dir(quant_dir):
             raise UserError(f"method apiq needs model.name to be a `peftkit quantize` output directory; "
-                            f"{quant_dir} is not one (no quantization.json / quantized_base.safetensors).")
+                            f"{quant_dir} is not one (no quantization.json / model.safetensors).")
         dtype_name = getattr(model_options, "dtype", "float32")
         from peftkit.models.load import torch_dtype
 

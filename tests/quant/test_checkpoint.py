@@ -1,12 +1,12 @@
 """`peftkit quantize` output: GPTQ-packed base + peft adapter that reload, packed, to the quantized model."""
 
-import copy
 import json
 
 import pytest
 import torch
 from helpers.quant import (
     options,
+    stored_reference,
     structured_llama,
     windows,
     write_model_dir,
@@ -21,21 +21,7 @@ from peftkit.quant.checkpoint import (
     save_quantized,
 )
 from peftkit.quant.packed_linear import PackedLinear
-from peftkit.quant.pipeline import attach_lora, quantize_model
-
-
-def _as_stored(model, result):
-    """The reference: the full-precision model with each quantized weight replaced by its codes' value as GPTQ
-    kernels compute it (a float16 product) and every other tensor rounded to float16, as the file stores them."""
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.copy_(p.half().float())
-        for name, q in result.weights.items():
-            w = q.dequantize()
-            # GPTQ: a float16 product; unquantized (16-bit) layers: stored as float16; NF: levels x float32 absmax
-            reference.get_submodule(name).weight.copy_(w if q.kind == "nf" else w.half().float())
-    return attach_lora(reference, result.lora_r, result.lora_alpha, result.lora_targets, result.lora).eval()
+from peftkit.quant.pipeline import quantize_model
 
 
 @pytest.mark.parametrize("method,bits", [("apiq-bw", 2), ("rtn", 3), ("loftq", 3), ("nf", 4), ("rtn", 16)])
@@ -49,7 +35,7 @@ def test_saved_model_reloads_packed_to_the_same_outputs(tmp_path, method, bits):
     loaded = load_quantized(tmp_path / "q")
     ids = windows(2, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, _as_stored(model, result)(input_ids=ids).logits,
+        torch.testing.assert_close(loaded(input_ids=ids).logits, stored_reference(model, result)(input_ids=ids).logits,
                                    rtol=0, atol=1e-5)
     layer = loaded.get_base_model().model.layers[0].mlp.down_proj.base_layer
     if bits < 16:

@@ -1,7 +1,7 @@
 """OPT decoders (learned positions, biased projections) go through the same pipeline and checkpoint."""
 
 import torch
-from helpers.quant import options, windows
+from helpers.quant import options, stored_reference, windows
 
 from peftkit.quant.checkpoint import load_quantized, save_quantized
 from peftkit.quant.pipeline import quantize_model
@@ -24,8 +24,8 @@ def test_opt_apiq_bw_calibrates_saves_and_reloads(tmp_path):
     for block in result.blocks:
         losses = block["calibration"][0]["epoch_losses"]
         assert losses[-1] < losses[0]
-    in_memory = save_quantized(tmp_path / "q", model, result)
+    save_quantized(tmp_path / "q", model, result)
     ids = windows(2, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(load_quantized(tmp_path / "q")(input_ids=ids).logits,
-                                   in_memory(input_ids=ids).logits, rtol=0, atol=1e-5)
+                                   stored_reference(model, result)(input_ids=ids).logits, rtol=0, atol=1e-5)

@@ -26,7 +26,7 @@ def test_quantize_output_is_a_run_directory(recipe, tmp_path):
     from peftkit.train.rundir import MARKER
 
     out = quantize(str(recipe))
-    for name in ("config.yaml", "env.json", "train.log", MARKER, "quantization.json", "quantized_base.safetensors"):
+    for name in ("config.yaml", "env.json", "train.log", MARKER, "quantization.json", "model.safetensors"):
         assert (out / name).exists(), name
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["kind"] == "quantize" and config["quant"]["method"] == "rtn"

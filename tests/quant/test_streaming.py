@@ -87,7 +87,7 @@ def test_quantize_command_writes_what_the_in_memory_path_writes(tmp_path):
     opts = options(**{**quant, "lora_alpha": 16.0, "lr_lora": 5e-3, "lr_clip": 5e-2})
     result = quantize_model(model, opts, calib, log=lambda s: None)
     save_quantized(tmp_path / "ref", model, result, tokenizer)
-    for name in ("quantized_base.safetensors", "adapter_model.safetensors"):
+    for name in ("model.safetensors", "adapter_model.safetensors"):
         ours, ref = load_file(out / name), load_file(tmp_path / "ref" / name)
         assert ours.keys() == ref.keys(), name
         for key in ref:

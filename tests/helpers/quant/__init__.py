@@ -76,3 +76,21 @@ def write_quantized_setup(root, words: int = 1200):
     result = quantize_model(model, options("rtn", bits=2, group_size=16), None, log=lambda s: None)
     save_quantized(root / "q2", model, result, AutoTokenizer.from_pretrained(model_dir))
     return model_dir, root / "q2", data
+
+
+def stored_reference(model, result):
+    """The reference: the full-precision model with each quantized weight replaced by its codes' value as GPTQ
+    kernels compute it (a float16 product) and every other tensor rounded to float16, as the file stores them."""
+    import copy
+
+    from peftkit.quant.pipeline import attach_lora
+
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(p.half().float())
+        for name, q in result.weights.items():
+            w = q.dequantize()
+            # GPTQ: a float16 product; unquantized (16-bit) layers: stored as float16; NF: levels x float32 absmax
+            reference.get_submodule(name).weight.copy_(w if q.kind == "nf" else w.half().float())
+    return attach_lora(reference, result.lora_r, result.lora_alpha, result.lora_targets, result.lora).eval()
