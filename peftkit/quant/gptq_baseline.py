@@ -1,8 +1,8 @@
 """A GPTQ baseline for the quant bench: GPTQModel's own GPTQ solver on peftkit's calibration windows.
 
-For every decoder block in order, and inside it every projection in the order the block calls it, the
-layer's inputs are collected from the block whose earlier projections are already quantized (on the inputs
-that the quantized earlier blocks produce), then GPTQModel's ``GPTQ`` (its ``hf_quantize``, the entry
+For every decoder block in order, and inside it every group of projections that share an input (q, k, v | o |
+gate, up | down for LLaMA) in the order the block calls them, the inputs are collected from the block whose
+earlier projections are already quantized (on the inputs that the quantized earlier blocks produce), then GPTQModel's ``GPTQ`` (its ``hf_quantize``, the entry
 point transformers/optimum use) solves for the quantized weight: asymmetric, ``group_size`` columns per
 group, no activation ordering (desc_act=False), GPTQModel's default damping. This is the walk GPTQModel's
 own looper does; running it here feeds GPTQ exactly the windows ApiQ is calibrated on and keeps the
@@ -43,6 +43,32 @@ def gptq_codes(Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
 
 
 @torch.no_grad()
+def _subsets(block, linears: dict, hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """The projections in call order, grouped by the input tensor they share (q, k, v | o | gate, up | down)."""
+    order = forward_order(block, linears, hidden, kwargs)
+    inputs: dict[str, int] = {}
+
+    def record(name):
+        def hook(module, args):
+            inputs.setdefault(name, id(args[0]))  # returns None: the input is left as it is
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in linears.items()]
+    try:
+        run_block_batched(block, hidden[:1], kwargs, 1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    subsets: list[list[str]] = []
+    for name in order:
+        if subsets and inputs.get(name) == inputs.get(subsets[-1][0]):
+            subsets[-1].append(name)
+        else:
+            subsets.append([name])
+    return subsets
+
+
+@torch.no_grad()
 def gptq_quantize(model, calib_ids: torch.Tensor, bits: int, group_size: int, batch_size: int = 4,
                   damp_percent: float | None = None, log=print):
     """QuantResult of GPTQ (r = 0) for every projection Linear of every block of ``model`` (left unchanged)."""
@@ -68,24 +94,29 @@ def gptq_quantize(model, calib_ids: torch.Tensor, bits: int, group_size: int, ba
         start = time.perf_counter()
         qblock = copy.deepcopy(block)
         linears = block_linears(qblock, leaves)
-        for name in forward_order(qblock, linears, x_q, kwargs):
-            linear = linears[name]
-            solver = GPTQ(linear, config())
-            solver.quantizer.configure(perchannel=True)  # as GPTQModel's own processor configures it
-            handle = linear.register_forward_hook(lambda mod, args, out, s=solver: s.add_batch(args[0].detach(), out))
-            try:
+        for subset in _subsets(qblock, linears, x_q, kwargs):
+            solvers = {name: GPTQ(linears[name], config()) for name in subset}
+            handles = []
+            for name, solver in solvers.items():
+                solver.quantizer.configure(perchannel=True)  # as GPTQModel's own processor configures it
+                handles.append(linears[name].register_forward_hook(
+                    lambda mod, args, out, s=solver: s.add_batch(args[0].detach(), out)))
+            try:  # one pass over the windows feeds every projection of the subset (they share their input)
                 run_block_batched(qblock, x_q, kwargs, batch_size)
             finally:
-                handle.remove()
-            original = linear.weight.detach().clone()
-            scale, zero, _g_idx, *_ = solver.hf_quantize(percdamp=damp, group_size=group_size, actorder=False)
-            stored = gptq_codes(linear.weight.detach(), scale, zero, bits, group_size)
-            linear.weight.data = linear.weight.data.to(original.dtype)  # Q feeds the next layers, as in GPTQModel
-            full = f"{prefixes[i]}.{name}"
-            result.weights[full] = stored
-            w_hat = stored.dequantize()
-            result.layers[full] = {"weight_rel_error": ((w_hat - original).norm() / original.norm()).item()}
-            del solver
+                for handle in handles:
+                    handle.remove()
+            for name, solver in solvers.items():
+                linear = linears[name]
+                original = linear.weight.detach().clone()
+                scale, zero, _g_idx, *_ = solver.hf_quantize(percdamp=damp, group_size=group_size, actorder=False)
+                stored = gptq_codes(linear.weight.detach(), scale, zero, bits, group_size)
+                linear.weight.data = linear.weight.data.to(original.dtype)  # Q feeds the next layers, as in GPTQModel
+                full = f"{prefixes[i]}.{name}"
+                result.weights[full] = stored
+                w_hat = stored.dequantize()
+                result.layers[full] = {"weight_rel_error": ((w_hat - original).norm() / original.norm()).item()}
+            del solvers
         x_q = run_block_batched(qblock, x_q, kwargs, batch_size)
         seconds = time.perf_counter() - start
         result.blocks.append({"index": i, "seconds": round(seconds, 3)})
