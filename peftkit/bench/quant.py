@@ -1,14 +1,20 @@
-"""Quantization bench: smollm2-135m at 2/3/4 bits, group 64 — RTN, NF (QLoRA start), LoftQ, ApiQ-lw, ApiQ-bw.
+"""Quantization bench: smollm2-135m at 2/3/4 bits, group 64 — RTN, NF (QLoRA start), LoftQ, ApiQ-lw, ApiQ-bw,
+each at the LoRA ranks of ``ranks`` (LoftQ also at each T of ``loftq_iters``), and GPTQ (GPTQModel's solver,
+no LoRA: r = 0) on the same calibration windows.
 
 Per row: relative output error ||Y_q - Y_fp|| / ||Y_fp|| of the last hidden state on held-out
 WikiText-2 test windows (taken right after the perplexity windows, so neither overlaps the other nor
 the calibration text, which is wiki.valid.tokens), WikiText-2 test perplexity before any
-fine-tuning (non-overlapping windows), and the wall seconds the quantizer took. The "fp" row is the
-unquantized model in the same run. smollm2-135m's weights were Q4_1-quantized once before we see
+fine-tuning (non-overlapping windows), the wall seconds the quantizer took, and the budget as stored:
+  model_bytes      packed b-bit codes + fp16 scales + b-bit zero points (as GPTQ packs them; NF has none)
+                   + fp16 for every tensor that is not quantized (embeddings, norms, an untied head)
+  lora_bytes       A and B of every adapted projection at their stored dtype
+  bits_per_weight  8 * (codes + scales + zeros + LoRA bytes) / number of quantized weights
+The "fp" row is the unquantized model in the same run (16 bits per weight, everything in fp16). smollm2-135m's weights were Q4_1-quantized once before we see
 them; "fp" is their dequantized fp32 copy.
 
-options (all optional): methods, bits, group_size, calib_windows, calib_seq_len, epochs, lora_r,
-lora_alpha, lr_lora, lr_clip (both ApiQ variants; default: BW_LRS / LW_LRS), ppl_windows, ppl_seq_len,
+options (all optional): methods, bits, group_size, calib_windows, calib_seq_len, epochs, ranks,
+lora_alpha, lr_lora, lr_clip (both ApiQ variants; default: BW_LRS / LW_LRS), batch_size, ppl_windows, ppl_seq_len,
 error_windows, loftq_iters, model.
 """
 
@@ -17,12 +23,14 @@ from __future__ import annotations
 import copy
 import time
 from types import SimpleNamespace
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
+
+from pydantic import Field
 
 from peftkit.config.base import BenchSettings, option
 from peftkit.utils.registry import BENCHES
 
-METHODS = ("rtn", "nf", "loftq", "apiq-lw", "apiq-bw")
+METHODS = ("rtn", "nf", "loftq", "apiq-lw", "apiq-bw", "gptq")
 QUICK = dict(calib_windows=8, calib_seq_len=64, epochs=1, ppl_windows=4, ppl_seq_len=256, error_windows=2)
 # The quoted run (docs/results/quant-gpu-*bit.json): ~10 min per bit width on one H100, hours on 2 CPU cores.
 FULL = dict(calib_windows=64, calib_seq_len=512, epochs=4, ppl_windows=20, ppl_seq_len=512, error_windows=4)
@@ -32,8 +40,8 @@ LW_LRS = (1e-3, 1e-2)
 
 def _settings(quick: bool, options: dict) -> dict:
     s = dict(QUICK if quick else FULL)
-    s.update(methods=list(METHODS), bits=[2, 3, 4], group_size=64, lora_r=64, lora_alpha=16.0, loftq_iters=1,
-             model="smollm2-135m", lr_lora=None, lr_clip=None)
+    s.update(methods=list(METHODS), bits=[2, 3, 4], group_size=64, ranks=[16, 64], lora_alpha=16.0, loftq_iters=[1, 5],
+             model="smollm2-135m", lr_lora=None, lr_clip=None, batch_size=4)
     s.update({k: v for k, v in (options or {}).items() if v is not None})
     return s
 
@@ -45,12 +53,45 @@ def _learning_rates(method: str, s: dict) -> tuple[float, float]:
     return (s["lr_lora"] or default[0], s["lr_clip"] or default[1])
 
 
+def storage(model, result) -> dict:
+    """model_bytes, lora_bytes and bits_per_weight of ``result`` applied to ``model`` (see the module docstring)."""
+    quantized = {f"{name}.weight" for name in result.weights}
+    n_weights = quant_bytes = 0
+    for q in result.weights.values():
+        out_features, in_features = q.shape
+        n = out_features * in_features
+        n_weights += n
+        if q.kind == "none":
+            quant_bytes += 2 * n
+            continue
+        groups = out_features * (in_features // q.group_size)
+        quant_bytes += -(-n * q.bits // 8) + 2 * groups + (-(-groups * q.bits // 8) if q.zeros is not None else 0)
+    seen, plain_bytes = set(), 0
+    for name, tensor in model.state_dict().items():
+        if name in quantized or tensor.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(tensor.untyped_storage().data_ptr())
+        plain_bytes += 2 * tensor.numel()
+    lora_bytes = sum(t.numel() * t.element_size() for pair in result.lora.values() for t in pair)
+    return {"model_bytes": quant_bytes + plain_bytes, "lora_bytes": lora_bytes,
+            "bits_per_weight": round(8 * (quant_bytes + lora_bytes) / max(n_weights, 1), 4)}
+
+
+def _variants(method: str, s: dict) -> list[dict]:
+    """The (lora_r, loftq_iters) rows of one method: GPTQ has no LoRA; LoftQ runs every T at every rank."""
+    if method == "gptq":
+        return [{"lora_r": 0}]
+    if method == "loftq":
+        return [{"lora_r": r, "loftq_iters": t} for r in s["ranks"] for t in s["loftq_iters"]]
+    return [{"lora_r": r} for r in s["ranks"]]
+
+
 def run(quick: bool, options: dict) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.models.aliases import resolve_model
-    from peftkit.quant.pipeline import build_quantized_model, quantize_model
+    from peftkit.quant.pipeline import apply_quantized_weights, build_quantized_model, quantize_model
     from peftkit.tasks.causal_lm import perplexity_of_windows
     from peftkit.utils.text_windows import (
         TEST_FILE,
@@ -81,30 +122,45 @@ def run(quick: bool, options: dict) -> list[dict]:
 
     y_fp = last_hidden(fp_model)
     fp_ppl = perplexity_of_windows(fp_model, ppl_windows)["ppl"]
-    rows = [{"method": "fp", "bits": 16, "group_size": None, "rel_output_error": 0.0, "ppl": fp_ppl, "seconds": 0.0}]
+    fp_bytes = 2 * sum({t.untyped_storage().data_ptr(): t.numel() for t in fp_model.state_dict().values()}.values())
+    rows = [{"method": "fp", "bits": 16, "group_size": None, "lora_r": 0, "rel_output_error": 0.0, "ppl": fp_ppl,
+             "seconds": 0.0, "bits_per_weight": 16.0, "model_bytes": fp_bytes, "lora_bytes": 0}]
     print(f"fp: ppl {fp_ppl:.2f}", flush=True)
     for bits in s["bits"]:
         for method in s["methods"]:
-            lr_lora, lr_clip = _learning_rates(method, s)
-            q = SimpleNamespace(method=method, bits=bits, group_size=s["group_size"], symmetric=False, lora_r=s["lora_r"],
-                                lora_alpha=s["lora_alpha"], lora_targets=None, loftq_iters=s["loftq_iters"], epochs=s["epochs"],
-                                lr_lora=lr_lora, lr_clip=lr_clip, weight_decay=0.0, aug_loss=True, batch_size=1, seed=0)
-            start = time.perf_counter()
-            calib_ids = calib if method.startswith("apiq") else None
-            result = quantize_model(fp_model, q, calib_ids, log=lambda line: None)
-            seconds = time.perf_counter() - start
-            model = build_quantized_model(copy.deepcopy(fp_model), result).eval()
-            y_q = last_hidden(model)
-            row = {"method": method, "bits": bits, "group_size": s["group_size"],
-                   "rel_output_error": ((y_q - y_fp).norm() / y_fp.norm()).item(),
-                   "ppl": perplexity_of_windows(model, ppl_windows)["ppl"], "seconds": round(seconds, 2)}
-            nan_events = sum(len(b["nan_events"]) for b in result.blocks)
-            if nan_events:
-                row["nan_events"] = nan_events
-            rows.append(row)
-            print(f"{method} {bits}-bit: rel. output error {row['rel_output_error']:.4f}, ppl {row['ppl']:.4g}, "
-                  f"{seconds:.1f} s", flush=True)
-            del model
+            for variant in _variants(method, s):
+                lr_lora, lr_clip = _learning_rates(method, s)
+                start = time.perf_counter()
+                if method == "gptq":
+                    from peftkit.quant.gptq_baseline import gptq_quantize
+
+                    result = gptq_quantize(fp_model, calib, bits, s["group_size"], s["batch_size"], log=lambda line: None)
+                    seconds = time.perf_counter() - start
+                    model = copy.deepcopy(fp_model)
+                    apply_quantized_weights(model, result.weights)
+                else:
+                    q = SimpleNamespace(method=method, bits=bits, group_size=s["group_size"], symmetric=False,
+                                        lora_r=variant["lora_r"], lora_alpha=s["lora_alpha"], lora_targets=None,
+                                        loftq_iters=variant.get("loftq_iters", 1), epochs=s["epochs"], lr_lora=lr_lora,
+                                        lr_clip=lr_clip, weight_decay=0.0, aug_loss=True, batch_size=s["batch_size"], seed=0)
+                    calib_ids = calib if method.startswith("apiq") else None
+                    result = quantize_model(fp_model, q, calib_ids, log=lambda line: None)
+                    seconds = time.perf_counter() - start
+                    model = build_quantized_model(copy.deepcopy(fp_model), result)
+                model.eval()
+                y_q = last_hidden(model)
+                row = {"method": method, "bits": bits, "group_size": s["group_size"], **variant,
+                       "rel_output_error": ((y_q - y_fp).norm() / y_fp.norm()).item(),
+                       "ppl": perplexity_of_windows(model, ppl_windows)["ppl"], "seconds": round(seconds, 2),
+                       **storage(fp_model, result)}
+                nan_events = sum(len(b.get("nan_events", [])) for b in result.blocks)
+                if nan_events:
+                    row["nan_events"] = nan_events
+                rows.append(row)
+                label = " ".join(f"{k}={v}" for k, v in variant.items())
+                print(f"{method} {bits}-bit {label}: rel. output error {row['rel_output_error']:.4f}, ppl {row['ppl']:.4g}, "
+                      f"{row['bits_per_weight']:.3f} bits/weight, {seconds:.1f} s", flush=True)
+                del model
     return rows
 
 
@@ -112,23 +168,27 @@ def run(quick: bool, options: dict) -> list[dict]:
 
 class QuantSettings(BenchSettings):
     model: Optional[str] = option(None, "Decoder alias or directory (default smollm2-135m).", min_length=1)
-    methods: Optional[list[Literal["rtn", "nf", "loftq", "apiq-lw", "apiq-bw"]]] = option(None, "Quantizers (all).", min_length=1)
+    methods: Optional[list[Literal["rtn", "nf", "loftq", "apiq-lw", "apiq-bw", "gptq"]]] = option(
+        None, "Quantizers (all; gptq = GPTQModel's GPTQ solver, no LoRA).", min_length=1)
     bits: Optional[list[Literal[2, 3, 4, 16]]] = option(None, "Bit widths (2, 3, 4).", min_length=1)
     group_size: Optional[int] = option(None, "Group size (64).", ge=1, le=65536)
     calib_windows: Optional[int] = option(None, "Calibration windows (quick 8, full 64).", ge=2, le=1_000_000)
     calib_seq_len: Optional[int] = option(None, "Tokens per calibration window (quick 64, full 512).", ge=2, le=1_048_576)
     epochs: Optional[int] = option(None, "ApiQ calibration epochs (quick 1, full 4).", ge=1, le=100_000)
-    lora_r: Optional[int] = option(None, "LoRA rank (64).", ge=1, le=65536)
+    ranks: Optional[list[Annotated[int, Field(ge=1, le=65536)]]] = option(
+        None, "LoRA ranks, one row per rank ([16, 64]; each 1..65536).", min_length=1)
     lora_alpha: Optional[float] = option(None, "LoRA alpha (16).", gt=0, le=1e6)
     lr_lora: Optional[float] = option(None, "ApiQ learning rate of A, B (bw 5e-3, lw 1e-3).", gt=0, le=10)
     lr_clip: Optional[float] = option(None, "ApiQ learning rate of the clipping logits (bw 5e-2, lw 1e-2).", gt=0, le=10)
     ppl_windows: Optional[int] = option(None, "Perplexity windows (quick 4, full 20).", ge=1, le=1_000_000)
     ppl_seq_len: Optional[int] = option(None, "Tokens per perplexity window (quick 256, full 512).", ge=2, le=1_048_576)
     error_windows: Optional[int] = option(None, "Held-out windows of the output error (quick 2, full 4).", ge=1, le=1_000_000)
-    loftq_iters: Optional[int] = option(None, "LoftQ alternations (1).", ge=1, le=1000)
+    loftq_iters: Optional[list[Annotated[int, Field(ge=1, le=1000)]]] = option(
+        None, "LoftQ alternations T, one row per T ([1, 5]; each 1..1000).", min_length=1)
+    batch_size: Optional[int] = option(None, "Calibration windows per ApiQ step and per GPTQ forward (4).", ge=1, le=65536)
 
 
-@BENCHES.register("quant", help="Output error and perplexity of RTN, NF, LoftQ, ApiQ-lw/bw at 2/3/4 bits.")
+@BENCHES.register("quant", help="Output error, perplexity and stored bits per weight of RTN, NF, LoftQ, ApiQ-lw/bw, GPTQ at 2/3/4 bits.")
 class QuantBench:
     Settings = QuantSettings
     run = staticmethod(run)

@@ -289,8 +289,8 @@ class QuantArgs(Section):
     lr_clip: float = option(5e-2, "ApiQ: AdamW learning rate of the clipping logits gamma, beta.", gt=0, le=10)
     weight_decay: float = option(0.0, "ApiQ: AdamW weight decay.", ge=0, le=10)
     aug_loss: StrictBool = option(True, "ApiQ-bw: add ||F(Xq; W) - F(Xq; Q, A, B)||^2 to the loss.")
-    batch_size: Count = option(1, "ApiQ: calibration windows per optimizer step (and per forward when measuring).",
-                               ge=1, le=65536)
+    batch_size: Count = option(4, "ApiQ: calibration windows per optimizer step (and per forward when measuring); 4 halves "
+                                  "the CPU time of an epoch against 1, with fewer steps per epoch.", ge=1, le=65536)
     seed: Count = option(0, "Seed of the LoRA A initialisation and the calibration order.", ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
