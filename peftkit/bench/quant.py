@@ -10,7 +10,10 @@ fine-tuning (non-overlapping windows), the wall seconds the quantizer took, and 
                    + fp16 for every tensor that is not quantized (embeddings, norms, an untied head)
   lora_bytes       A and B of every adapted projection at their stored dtype
   bits_per_weight  8 * (codes + scales + zeros + LoRA bytes) / number of quantized weights
-The "fp" row is the unquantized model in the same run (16 bits per weight, everything in fp16). smollm2-135m's weights were Q4_1-quantized once before we see
+For ApiQ-bw at the lowest bit width (``step_memory``), each rank's output is written as `peftkit quantize` writes it
+and bench/packed_step.py measures, in fresh processes, the packed model's bytes in memory and the peak of a LoRA
+training step on it against the float32 model's (columns packed_* / fp32_* / *_ratio, with and without gradient
+checkpointing). The "fp" row is the unquantized model in the same run (16 bits per weight, everything in fp16). smollm2-135m's weights were Q4_1-quantized once before we see
 them; "fp" is their dequantized fp32 copy.
 
 options (all optional): methods, bits, group_size, calib_windows, calib_seq_len, epochs, ranks,
@@ -25,7 +28,7 @@ import time
 from types import SimpleNamespace
 from typing import Annotated, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from peftkit.config.base import BenchSettings, option
 from peftkit.utils.registry import BENCHES
@@ -41,7 +44,7 @@ LW_LRS = (1e-3, 1e-2)
 def _settings(quick: bool, options: dict) -> dict:
     s = dict(QUICK if quick else FULL)
     s.update(methods=list(METHODS), bits=[2, 3, 4], group_size=64, ranks=[16, 64], lora_alpha=16.0, loftq_iters=[1, 5],
-             model="smollm2-135m", lr_lora=None, lr_clip=None, batch_size=4)
+             model="smollm2-135m", lr_lora=None, lr_clip=None, batch_size=4, step_memory=True)
     s.update({k: v for k, v in (options or {}).items() if v is not None})
     return s
 
@@ -153,6 +156,8 @@ def run(quick: bool, options: dict) -> list[dict]:
                        "rel_output_error": ((y_q - y_fp).norm() / y_fp.norm()).item(),
                        "ppl": perplexity_of_windows(model, ppl_windows)["ppl"], "seconds": round(seconds, 2),
                        **storage(fp_model, result)}
+                if method == "apiq-bw" and bits == min(s["bits"]) and s["step_memory"]:
+                    row.update(_step_memory(fp_model, result, tokenizer, s["model"]))
                 nan_events = sum(len(b.get("nan_events", [])) for b in result.blocks)
                 if nan_events:
                     row["nan_events"] = nan_events
@@ -162,6 +167,22 @@ def run(quick: bool, options: dict) -> list[dict]:
                       f"{row['bits_per_weight']:.3f} bits/weight, {seconds:.1f} s", flush=True)
                 del model
     return rows
+
+
+def _step_memory(fp_model, result, tokenizer, model_name: str) -> dict:
+    """The packed-vs-float32 memory columns of one result, through the directory `peftkit quantize` would write."""
+    import tempfile
+
+    from peftkit.bench.packed_step import packed_vs_full
+    from peftkit.quant.checkpoint import save_quantized
+
+    with tempfile.TemporaryDirectory(prefix="peftkit-quant-bench-") as out:
+        save_quantized(out, fp_model, result, tokenizer)
+        columns = packed_vs_full(out, model_name)
+    print(f"  packed model {columns['model_bytes_ratio']:.3f}x the fp32 model's bytes; LoRA step peak "
+          f"{columns['train_peak_ratio']:.3f}x ({columns['gc_train_peak_ratio']:.3f}x with gradient checkpointing)",
+          flush=True)
+    return columns
 
 
 # ---- settings and registration -----------------------------------------------------------------------
@@ -186,6 +207,9 @@ class QuantSettings(BenchSettings):
     loftq_iters: Optional[list[Annotated[int, Field(ge=1, le=1000)]]] = option(
         None, "LoftQ alternations T, one row per T ([1, 5]; each 1..1000).", min_length=1)
     batch_size: Optional[int] = option(None, "Calibration windows per ApiQ step and per GPTQ forward (4).", ge=1, le=65536)
+    step_memory: Optional[StrictBool] = option(
+        None, "Measure the packed model's memory and a LoRA step's peak against the float32 model, for ApiQ-bw at the "
+              "lowest bit width (true; fresh processes, about a minute per rank).")
 
 
 @BENCHES.register("quant", help="Output error, perplexity and stored bits per weight of RTN, NF, LoftQ, ApiQ-lw/bw, GPTQ at 2/3/4 bits.")

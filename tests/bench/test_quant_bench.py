@@ -13,7 +13,7 @@ def test_rows_have_the_promised_fields(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTKIT_WIKITEXT", str(write_wikitext(tmp_path / "wt", words=2000)))
     rows = run(True, {"model": str(model_dir), "group_size": 16, "bits": [2, 16], "ranks": [4], "calib_windows": 4,
                       "calib_seq_len": 16, "ppl_windows": 2, "ppl_seq_len": 16, "error_windows": 2,
-                      "methods": ["rtn", "nf", "loftq", "apiq-lw", "apiq-bw"]})
+                      "methods": ["rtn", "nf", "loftq", "apiq-lw", "apiq-bw"], "step_memory": False})
     assert [(r["method"], r["bits"]) for r in rows] == [("fp", 16)] + [(m, b) for b in (2, 16) for m in
                                                                        ("rtn", "nf", "loftq", "loftq", "apiq-lw", "apiq-bw")]
     for row in rows:
@@ -50,3 +50,20 @@ def test_budgets_and_the_gptq_row(tmp_path, monkeypatch):
         assert row["bits_per_weight"] == pytest.approx(8 * (quant + lora) / n_weights, abs=1e-4)
     assert rows[3]["bits_per_weight"] == pytest.approx(2 + 16 / 16 + 2 / 16, abs=1e-4)  # GPTQ: no LoRA
     assert rows[3]["rel_output_error"] > 0 and rows[3]["ppl"] > 0
+
+
+@pytest.mark.slow
+def test_step_memory_columns_come_from_the_saved_packed_model(tmp_path, monkeypatch):
+    from peftkit.bench.quant import run
+
+    model_dir = write_model_dir(tmp_path / "model", hidden=256)
+    monkeypatch.setenv("PEFTKIT_WIKITEXT", str(write_wikitext(tmp_path / "wt", words=2000)))
+    rows = run(True, {"model": str(model_dir), "group_size": 32, "bits": [2], "ranks": [4], "calib_windows": 4,
+                      "calib_seq_len": 16, "ppl_windows": 2, "ppl_seq_len": 16, "error_windows": 2,
+                      "methods": ["apiq-bw"]})
+    row = rows[1]
+    # 2-bit codes + float16 scales/zeros per 32 weights vs float32: the projections shrink ~12x; embeddings and
+    # norms (float32 -> bfloat16) 2x
+    assert row["packed_model_bytes"] < 0.5 * row["fp32_model_bytes"]
+    assert row["model_bytes_ratio"] == row["packed_model_bytes"] / row["fp32_model_bytes"]
+    assert 0 < row["packed_train_peak_bytes"] and 0 < row["fp32_train_peak_bytes"]
