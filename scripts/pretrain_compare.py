@@ -54,22 +54,22 @@ def suffix(seed: int) -> str:
     return "" if seed == RECIPE_SEED else f"-seed{seed}"
 
 
-def export_untrained(size: str, seed: int, out_dir: Path) -> Path:
-    """The model pretraining pretrain-mlm-<size> with ``seed`` starts from, before any step, as a checkpoint
-    (RobertaForMaskedLM + the corpus tokenizer) that `peftkit finetune` loads like a pretrained one."""
+def export_untrained(recipe, seed: int, out_dir: Path) -> Path:
+    """The model the pretraining recipe ``recipe`` (name, path or dict) with ``seed`` starts from, before any step,
+    as a checkpoint (RobertaForMaskedLM + the corpus tokenizer) that `peftkit finetune` loads like a pretrained one."""
     from peftkit.config.loader import load_recipe
     from peftkit.pretrain.export import export_encoder
     from peftkit.train.pipeline import create_recipe_method, create_task
     from peftkit.utils.seed import seed_everything
 
-    recipe = load_recipe(f"pretrain-mlm-{size}", [f"train.seed={seed}"], kind="pretrain")
+    recipe = load_recipe(recipe, [f"train.seed={seed}"], kind="pretrain")
     task = create_task(recipe)
     task.read_data()
     tokenizer = task.load_tokenizer()
     seed_everything(seed)  # as run_training does right before building the model
     model = task.build_model(create_recipe_method(recipe), tokenizer)
-    return export_encoder(model, tokenizer, out_dir, {"variant": None, "pretrained": False, "seed": seed,
-                                                      "preset": size, "recipe": f"pretrain-mlm-{size}"})
+    return export_encoder(model, tokenizer, out_dir, {"pretrained": False, "seed": seed, "preset": recipe.model.preset,
+                                                      "recipe": recipe.to_dict()})
 
 
 def run_row(variant: str, seed: int, args) -> tuple[dict, Path | None]:
@@ -78,7 +78,7 @@ def run_row(variant: str, seed: int, args) -> tuple[dict, Path | None]:
         start = ROOT / "runs" / f"scratch-{args.size}{suffix(seed)}"
         if not (start / "config.json").is_file():
             print(f"export the untrained pretrain-mlm-{args.size} model (seed {seed}) -> {start}", flush=True)
-            export_untrained(args.size, seed, start)
+            export_untrained(f"pretrain-mlm-{args.size}", seed, start)
         run, checkpoint = None, start
     else:
         run = ROOT / "runs" / f"pretrain-{variant}-{args.size}{suffix(seed)}"
