@@ -113,7 +113,7 @@ def merged_rows(new: list[dict], old_path: Path, keep: bool) -> list[dict]:
     if keep and old_path.is_file():
         old = json.loads(old_path.read_text())
         for r in old.get("rows", []):
-            r = {"seed": RECIPE_SEED, **r}
+            r = {"variant": r["variant"], "seed": r.get("seed", RECIPE_SEED), **r}
             rows.setdefault((r["variant"], r["seed"]), r)
     order = {v: i for i, v in enumerate((*PRETRAINED, SCRATCH))}
     return [rows[k] for k in sorted(rows, key=lambda k: (order.get(k[0], len(order)), k[1]))]
@@ -176,7 +176,10 @@ def main() -> None:
                      f"held-out MLM loss, comparable across variants).")
     elif args.keep_rows and (ROOT / args.json).is_file():
         old_notes = json.loads((ROOT / args.json).read_text()).get("notes", [])
-        notes += [n for n in old_notes if n.startswith("loss curves")]
+        rerun = ", ".join(f"{v} seed {seed}" for seed in seeds for v in variants if v != SCRATCH)
+        for note in (n for n in old_notes if n.startswith("loss curves")):  # drawn by an earlier invocation
+            notes.append(note if not rerun or "not redrawn" in note
+                         else f"{note.rstrip('.')}; not redrawn for the rerun rows ({rerun}).")
     rows = merged_rows(new, ROOT / args.json, args.keep_rows)
     command = " ".join(["python scripts/pretrain_compare.py", *sys.argv[1:]])
     write_bench("pretrain-compare", rows, ROOT / args.json, {"notes": notes, "command": command})
