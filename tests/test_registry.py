@@ -10,7 +10,7 @@ from peftkit.utils.registry import BENCHES, METHODS, TASKS
 
 
 def test_every_registration_is_found_in_module_order():
-    assert METHODS.names() == ["apiq", "bitfit", "full", "hiwi", "lora", "meft1", "meft2", "meft3", "pafi",
+    assert METHODS.names() == ["apiq", "bitfit", "full", "head-only", "hiwi", "lora", "meft1", "meft2", "meft3", "pafi",
                                "supertuning"]
     assert {"sst2", "mrpc", "wikitext2", "mlm", "calibration", "dataset"} <= set(TASKS.names())
     assert BENCHES.names() == ["flops", "glue", "latency", "memory", "peers", "quant"]

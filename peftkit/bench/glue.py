@@ -55,7 +55,7 @@ from peftkit.utils.registry import BENCHES
 COLUMNS = ("method", "task", "metric", "value", "trainable_pct", "stored_bytes", "saved_bytes", "peak_rss_bytes",
            "step_seconds", "latency_ratio")  # the columns: always present, None where not measured
 # The rows of the grid, baselines first; apiq is left out: it needs a quantized base from `peftkit quantize`.
-DEFAULT_ROWS = ("full", "lora", "bitfit", "pafi", "hiwi", "supertuning", "meft1", "meft2", "meft3")
+DEFAULT_ROWS = ("full", "lora", "bitfit", "head-only", "pafi", "hiwi", "supertuning", "meft1", "meft2", "meft3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
                    "chat_template.jinja", "peftkit.json")

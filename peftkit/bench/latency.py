@@ -1,7 +1,11 @@
-"""Inference latency: base vs merged PaFi / HiWi (weight, bias) vs unmerged LoRA.
+"""Inference latency: base vs merged PaFi / HiWi (weight, bias) / LoRA vs unmerged LoRA and Houlsby adapters.
 
 The claim under test (PaFi/HiWi paper): once merged, these methods leave a plain pretrained-architecture
-model, so their latency ratio to the base is 1.00, while an unmerged LoRA adds work to every forward.
+model, so their latency ratio to the base is 1.00, while an unmerged LoRA adds work to every forward, and so do
+classic Houlsby adapters, which cannot be merged at all: a bottleneck (Linear d->r, the model's activation, Linear
+r->d, added to its input) after the attention output projection and after the FFN output projection of every layer,
+the latency cost HiWi and PaFi were designed to avoid. LoRA merged into the weights is timed too: a merged LoRA
+is again the plain architecture, so it should cost what PaFi and HiWi cost.
 Every adapter gets non-zero values first, so merging writes real changes into the weights. A second copy of
 the unmodified base is timed as one more contender: its distance from 1.00 is the noise of the measurement.
 
@@ -10,7 +14,7 @@ torch.inference_mode(); contenders are interleaved — each round times one forw
 rotated order — so that machine drift hits all alike; median over >= 20 timed rounds after warm-up.
 
 Options (all optional): model (alias or directory, default minilm-l6), batch_size, seq_len,
-repeats, warmup, rho (PaFi), r (HiWi), lora_r, threads, device, seed, and models: directories written by
+repeats, warmup, rho (PaFi), r (HiWi), lora_r, adapter_r (Houlsby bottleneck), threads, device, seed, and models: directories written by
 ``peftkit export --merge`` to time, loaded as a deployer would (plain transformers ``from_pretrained``), in place of
 the synthetic contenders; each row then also names the export's method.
 """
@@ -24,6 +28,37 @@ from peftkit.bench.common import time_interleaved
 from peftkit.config.base import BenchSettings, option
 from peftkit.config.schema import like_train
 from peftkit.utils.registry import BENCHES
+
+
+def add_houlsby_adapters(model, r: int):
+    """Houlsby et al. (2019) adapters, in place: after the attention output projection and after the FFN output
+    projection of every layer, y -> y + up(act(down(y))), before the residual sum and LayerNorm; the bottleneck is
+    MEFT's (peftkit.methods.meft.Adapter) with the model's activation. Returns the model."""
+    from torch import nn
+    from transformers.activations import ACT2FN
+
+    from peftkit.methods.meft import Adapter
+    from peftkit.models.families import family_of, get_path, layers_of
+
+    class ProjectionThenAdapter(nn.Module):
+        def __init__(self, projection, adapter):
+            super().__init__()
+            self.projection, self.adapter = projection, adapter
+
+        def forward(self, x):
+            y = self.projection(x)
+            return y + self.adapter(y)
+
+    family = family_of(model)
+    activation = ACT2FN[getattr(model.config, "hidden_act", "gelu")]
+    for layer in layers_of(model):
+        for path in (family.attention_output, family.ffn_out):
+            parent_path, _, attr = path.rpartition(".")
+            parent = get_path(layer, parent_path) if parent_path else layer
+            projection = getattr(parent, attr)
+            adapter = Adapter(projection.out_features, r, activation, std=1e-3).to(projection.weight.dtype)
+            setattr(parent, attr, ProjectionThenAdapter(projection, adapter))
+    return model
 
 
 def build_contenders(base, opts: dict) -> dict:
@@ -56,6 +91,11 @@ def build_contenders(base, opts: dict) -> dict:
     model = lora.prepare(copy.deepcopy(base))
     perturb([p for n, p in model.named_parameters() if "lora_B" in n], 0.02)
     contenders["lora (unmerged)"] = model
+    contenders["lora (merged)"] = lora.merge(copy.deepcopy(model))
+
+    houlsby = add_houlsby_adapters(copy.deepcopy(base), opts["adapter_r"])
+    perturb([p for n, p in houlsby.named_parameters() if ".adapter.up." in n], 0.02)
+    contenders["houlsby-adapter (unmerged)"] = houlsby
     # A second, identical copy of the base: its ratio is the bench's own noise floor. Any merged method within
     # that distance of 1.00 costs nothing measurable (on 2 shared cores identical copies differ by a few %).
     contenders["base (identical copy)"] = copy.deepcopy(base)
@@ -97,7 +137,7 @@ def run(quick: bool, options: dict) -> list[dict]:
     from peftkit.models.aliases import resolve_model
 
     opts = {"model": "minilm-l6", "batch_size": 8 if quick else 32, "seq_len": 64 if quick else 128,
-            "repeats": 20, "warmup": 3, "rho": 0.005, "r": 8, "lora_r": 8, "threads": None,
+            "repeats": 20, "warmup": 3, "rho": 0.005, "r": 8, "lora_r": 8, "adapter_r": 64, "threads": None,
             "device": "cuda" if torch.cuda.is_available() else "cpu", "seed": 0, **(options or {})}
     if opts["threads"]:
         torch.set_num_threads(int(opts["threads"]))
@@ -140,6 +180,7 @@ class LatencySettings(BenchSettings):
     rho: Optional[float] = option(None, "PaFi's trainable fraction (0.005).", gt=0, lt=1)
     r: Optional[int] = option(None, "HiWi bottleneck (8).", ge=1, le=65536)
     lora_r: Optional[int] = option(None, "LoRA rank (8).", ge=1, le=65536)
+    adapter_r: Optional[int] = option(None, "Bottleneck of the Houlsby adapters (64).", ge=1, le=65536)
     threads: like_train("threads") = option(None, "torch threads (torch's default).")
     device: Optional[Literal["cpu", "cuda"]] = option(None, "Device (cuda when available).")
     seed: like_train("seed") = option(None, "Seed of the inputs and adapters (0).")
@@ -147,7 +188,7 @@ class LatencySettings(BenchSettings):
                                                "base instead of the synthetic contenders.", min_length=1)
 
 
-@BENCHES.register("latency", help="Inference latency of base vs merged PaFi/HiWi vs unmerged LoRA, with an identical copy as noise reference.")
+@BENCHES.register("latency", help="Inference latency of base vs merged PaFi/HiWi/LoRA vs unmerged LoRA and Houlsby adapters, with an identical copy as noise reference.")
 class LatencyBench:
     Settings = LatencySettings
     run = staticmethod(run)

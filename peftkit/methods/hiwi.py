@@ -9,7 +9,9 @@ model is the pretrained architecture with new FFN parameters, at full fine-tunin
 With target="weight" the training forward never assembles P' either: ``row_adapted_forward`` applies the
 adapter like LoRA (x·Pᵀ plus x through the two thin factors), so no weight-sized tensor is kept for backward.
 
-A zero parameter stays zero (f(0) = 0): HiWi needs the non-zero pretrained values it adapts.
+A zero parameter stays zero (f(0) = 0): HiWi needs the non-zero pretrained values it adapts. The bias variant
+warns when a model's FFN biases are zero (a randomly initialised model's are: only the head would train) and refuses
+a model whose FFN layers have no bias at all.
 
 target="bias" adapts only the FFN biases, and ``save`` then stores just the new biases (plus the task
 head): ~0.03% of a RoBERTa-large-sized model, however large the bottleneck. target="weight" adapts
@@ -19,6 +21,7 @@ the FFN weight matrices and saves the adapters, which are far smaller than the m
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -91,6 +94,41 @@ def adapted_tensors(model) -> dict[str, WeightAdapter]:
     return parametrizations_of(model, WeightAdapter)
 
 
+def model_label(model) -> str:
+    """'the bert model all-MiniLM-L6-v2' (the checkpoint's name or path when it has one), for messages."""
+    from peftkit.models.families import family_of
+
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return f"the {family_of(model).name} model" + (f" {source}" if source else " (built from a config, no checkpoint)")
+
+
+def bias_targets(model, targets: list) -> list:
+    """The FFN projections whose bias HiWi can adapt. No bias at all: a UserError (nothing to adapt). Every bias zero:
+    a warning, since f(0) = ReLU(0 · W_down) · W_up = 0 keeps a zero bias at zero and only the head would train.
+    Some zero or absent: a warning naming how many stay as they are."""
+    present = [(name, module) for name, module in targets if isinstance(getattr(module, "bias", None), nn.Parameter)]
+    label = model_label(model)
+    if not present:
+        raise UserError(f"HiWi target='bias': the {len(targets)} FFN projections of {label} have no bias (e.g. "
+                        f"{targets[0][0] if targets else 'no FFN layer found'}), so there is nothing for the adapters "
+                        f"to adapt and only the task head would train. Use method.target: weight to adapt the FFN weight "
+                        f"matrices, or method.name: head-only if training the head alone is what you want.")
+    zero = [name for name, module in present if not bool(module.bias.detach().any())]
+    absent = len(targets) - len(present)
+    if len(zero) == len(present):
+        warnings.warn(f"HiWi target='bias' on {label}: all {len(present)} FFN biases are zero"
+                      + (f" and {absent} FFN projections have none" if absent else "")
+                      + ". HiWi cannot move a zero bias (P + ReLU(P · W_down) · W_up stays 0), so this run trains only "
+                      "the task head, like method.name: head-only. Randomly initialised models start with zero biases: "
+                      "start from a pretrained checkpoint, or use method.target: weight.", UserWarning, stacklevel=3)
+    elif zero or absent:
+        warnings.warn(f"HiWi target='bias' on {label}: {len(zero)} of the {len(present)} FFN biases are zero"
+                      + (f" and {absent} FFN projections have none" if absent else "")
+                      + f"; those stay as they are (HiWi cannot move a zero bias), the other "
+                      f"{len(present) - len(zero)} are adapted.", UserWarning, stacklevel=3)
+    return present
+
+
 @METHODS.register("hiwi", help="HiWi: adapter applied to FFN weights/biases, merged away (no latency).")
 class HiWi(Method):
     name = "hiwi"
@@ -103,6 +141,8 @@ class HiWi(Method):
         from peftkit.models.families import family_of, ffn_modules
 
         targets = ffn_modules(model)
+        if options.target == "bias":
+            targets = bias_targets(model, targets)
         missing = [name for name, module in targets if not isinstance(getattr(module, options.target, None), nn.Parameter)]
         if missing:
             raise UserError(f"HiWi target={options.target!r}: the FFN layers of this {family_of(model).name} model have no "
@@ -156,7 +196,8 @@ class HiWi(Method):
         if self.options.target == "bias":
             from peftkit.models.families import ffn_modules
 
-            values = self.adapted_values(model) or {f"{n}.bias": m.bias.detach() for n, m in ffn_modules(model)}
+            values = self.adapted_values(model) or {f"{n}.bias": m.bias.detach() for n, m in ffn_modules(model)
+                                                    if m.bias is not None}
             delta.update({n: ("replace", {"": v}) for n, v in values.items()})
         delta.update({n: ("replace", {"": v}) for n, v in self.head_state(model).items()})
         return delta

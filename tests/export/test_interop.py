@@ -24,8 +24,9 @@ TOLERANCE = 1e-4
 CASES = {  # matrix row name -> method options of a cheap run that moves more than the head
     "full": {}, "bitfit": {}, "pafi": {"rho": 0.3}, "hiwi-weight": {"target": "weight", "r": 16},
     "hiwi-bias": {"target": "bias", "r": 16}, "lora": {}, "supertuning": {"rho": 0.3}, "meft1": {}, "meft2": {},
-    "meft3": {},
+    "meft3": {}, "head-only": {},
 }
+HEAD_ONLY = ("head-only",)  # cases whose run must leave the body as it was
 LR = {"hiwi": 0.2}
 SENTENCES = ["good movie", "the plot was awful and boring", "a fun story but the ending was bad"]
 
@@ -84,7 +85,7 @@ NEEDS = {"transformers": ("config.json", "model.safetensors"), "peft": ("adapter
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_interop_matrix(case, tiny_run_setup, tmp_path, capsys):
-    method = case.split("-")[0]
+    method = case if case in HEAD_ONLY else case.split("-")[0]
     recipe = tiny_run_setup(method, out=f"run-{case}", max_steps=3, save_every=3, eval_every=3,
                             lr=LR.get(method, 0.03), warmup_ratio=0.0)
     recipe["method"].update(CASES[case])
@@ -97,7 +98,10 @@ def test_interop_matrix(case, tiny_run_setup, tmp_path, capsys):
         import peftkit
 
         merged_run = {k: v.clone() for k, v in peftkit.load(run)[0].state_dict().items()}
-        assert body_moved(recipe["model"]["name"], merged_run) > 1e-3, case  # a lost body change would show
+        if case in HEAD_ONLY:
+            assert body_moved(recipe["model"]["name"], merged_run) == 0, case
+        else:
+            assert body_moved(recipe["model"]["name"], merged_run) > 1e-3, case  # a lost body change would show
     for merge in (True, False):
         row = matrix_row(method, merge)
         out = tmp_path / f"export-{case}-{'merged' if merge else 'unmerged'}"
@@ -187,7 +191,7 @@ def test_every_registered_method_has_both_rows():
     rows = interop_rows()
     for name in METHODS.names():
         assert {r["export"] for r in rows if r["method"] == name} == {"--merge", "--no-merge"}
-    tested = {c.split("-")[0] for c in CASES} | {"apiq"}  # apiq: test_decoders.py
+    tested = {c if c in HEAD_ONLY else c.split("-")[0] for c in CASES} | {"apiq"}  # apiq: test_decoders.py
     assert tested == set(METHODS.names()), "a method without a run in the interop test"
 
 
@@ -195,6 +199,6 @@ def test_every_registered_method_has_both_rows():
     ("full", "transformers", "transformers"), ("bitfit", "transformers", "delta"), ("pafi", "transformers", "delta"),
     ("hiwi", "transformers", "delta"), ("lora", "transformers", "peft"), ("supertuning", "transformers", "peft"),
     ("apiq", "transformers", "peftkit"), ("meft1", "refused", "peftkit"), ("meft2", "refused", "peftkit"),
-    ("meft3", "refused", "peftkit")])
+    ("meft3", "refused", "peftkit"), ("head-only", "transformers", "delta")])
 def test_what_each_method_exports(method, merged, unmerged):
     assert (matrix_row(method, True)["format"], matrix_row(method, False)["format"]) == (merged, unmerged)
