@@ -7,8 +7,6 @@ kind "none":    16 bits, the weight is kept as it is (``weight``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from peftkit.quant.normal_float import nf_dequantize
@@ -16,16 +14,28 @@ from peftkit.quant.packing import pack_codes, unpack_codes
 from peftkit.quant.uniform import dequantize_codes, grouped
 
 
-@dataclass
 class QuantizedWeight:
-    kind: str  # "uniform" | "nf" | "none"
-    bits: int
-    group_size: int
-    shape: tuple[int, int]
-    codes: torch.Tensor | None = None  # uint8 (out, in), unpacked
-    scales: torch.Tensor | None = None  # (out, in / g)
-    zeros: torch.Tensor | None = None  # (out, in / g), integers (uniform only)
-    weight: torch.Tensor | None = None  # kind "none" only
+    """Codes are held packed, b bits each (``packing.pack_codes``): a quantizer keeps every finished matrix until the
+    model is written, and at 1 byte per code that result grew with depth as fast as the model; packed it is
+    b/8 of that. ``codes`` unpacks them (uint8, (out, in)) on each access."""
+
+    def __init__(self, kind: str, bits: int, group_size: int, shape: tuple[int, int], codes: torch.Tensor | None = None,
+                 scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None, weight: torch.Tensor | None = None):
+        self.kind, self.bits, self.group_size, self.shape = kind, bits, group_size, tuple(shape)
+        self.packed_codes = None if codes is None else pack_codes(codes.detach().cpu(), bits)
+        self.scales = scales  # (out, in / g)
+        self.zeros = zeros  # (out, in / g), integers (uniform only)
+        self.weight = weight  # kind "none" only
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        if self.packed_codes is None:
+            return None
+        device = self.scales.device if self.scales is not None else "cpu"
+        return unpack_codes(self.packed_codes, self.bits, self.shape).to(device)
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.kind}, {self.bits} bits, group {self.group_size}, shape {self.shape})"
 
     def dequantize(self) -> torch.Tensor:
         if self.kind == "none":
@@ -37,28 +47,5 @@ class QuantizedWeight:
             return nf_dequantize(self.codes, self.scales, self.bits, self.group_size)
         raise ValueError(f"unknown quantized weight kind {self.kind!r}")
 
-    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors for a safetensors file: packed codes, scales and (uniform) zeros."""
-        if self.kind == "none":
-            return {f"{prefix}.weight": self.weight.detach().cpu().contiguous()}
-        out = {f"{prefix}.qcodes": pack_codes(self.codes.cpu(), self.bits),
-               f"{prefix}.scales": self.scales.detach().float().cpu().contiguous()}
-        if self.zeros is not None:
-            # Zero points are integers; int16 holds them (asymmetric ones are clamped to +-1e4).
-            out[f"{prefix}.zeros"] = self.zeros.detach().round().to(torch.int16).cpu().contiguous()
-        return out
-
     def describe(self) -> dict:
         return {"kind": self.kind, "bits": self.bits, "group_size": self.group_size, "shape": list(self.shape)}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, info: dict) -> "QuantizedWeight":
-        shape = tuple(info["shape"])
-        kind, bits, group = info["kind"], int(info["bits"]), int(info["group_size"])
-        if kind == "none":
-            return cls(kind, bits, group, shape, weight=tensors[f"{prefix}.weight"])
-        zeros = tensors.get(f"{prefix}.zeros")
-        return cls(kind, bits, group, shape,
-                   codes=unpack_codes(tensors[f"{prefix}.qcodes"], bits, shape),
-                   scales=tensors[f"{prefix}.scales"],
-                   zeros=None if zeros is None else zeros.to(torch.float32))

@@ -33,11 +33,11 @@ def test_out_of_range_codes_are_refused():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_quantized_weight_survives_tensors_round_trip(bits):
+def test_quantized_weight_holds_its_codes_packed(bits):
     w = torch.randn(16, 64)
     codes, scale, zero = rtn_quantize(w, bits, 32)
     qw = QuantizedWeight("uniform", bits, 32, (16, 64), codes=codes, scales=scale, zeros=zero)
-    info = qw.describe()
-    back = QuantizedWeight.from_tensors(qw.to_tensors("layer"), "layer", info)
-    assert torch.equal(back.codes, codes)
-    assert torch.equal(back.dequantize(), qw.dequantize())
+    assert qw.packed_codes.dtype == torch.uint8 and qw.packed_codes.numel() == 16 * 64 * bits // 8
+    assert torch.equal(qw.codes, codes)
+    expected = ((codes.float().reshape(16, 2, 32) - zero[..., None]) * scale[..., None]).reshape(16, 64)
+    assert torch.equal(qw.dequantize(), expected)
