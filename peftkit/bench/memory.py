@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 from pydantic import StrictBool
 
-from peftkit.bench.common import training_step
+from peftkit.bench.common import time_interleaved, training_step
 from peftkit.config.base import BenchSettings, option
 from peftkit.utils.env import matmul_peak_flops
 from peftkit.utils.registry import BENCHES
@@ -431,18 +431,12 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
         print(f"[memory] saved bytes: {name}", flush=True)
         torch.manual_seed(0)
         saved[name] = saved_tensor_bytes(model, batch)
-    # Step time: contenders alternate (one step each per round) so that load changes on a shared machine hit all
-    # of them alike; the median of `repeats` rounds after one warm-up round (cf. bench.common.median_seconds).
-    times = {name: [] for name in contenders}
-    for round_ in range(settings["repeats"] + 1):
-        print(f"[memory] step-time round {round_}", flush=True)
-        for name, (model, step) in contenders.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step(batch)
-            synchronize(device)
-            if round_:
-                times[name].append(time.perf_counter() - start)
+    # Step time: contenders alternate (one step each per round, the order rotating by round) so that load changes on
+    # a shared machine hit all of them alike; the median of `repeats` rounds after one warm-up round.
+    print("[memory] step time", flush=True)
+    medians = time_interleaved({name: (lambda step=step: step(batch)) for name, (_, step) in contenders.items()},
+                               repeats=settings["repeats"], warmup=1, sync=lambda: synchronize(device))
+    times = {name: [seconds] for name, seconds in medians.items()}
     rows = []
     for name, (model, _) in contenders.items():
         rows.append({"method": name, "layers": base.config.num_hidden_layers, "hidden": base.config.hidden_size,
