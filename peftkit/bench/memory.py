@@ -22,8 +22,19 @@ Per method, on the same model, batch and sequence length:
                     recomputed forward); flops_per_second = step_flops / step_seconds.
   mfu               the method's FLOPs without recomputation per second of its step, over matmul_peak_flops: the best
                     of five 1024^2 fp32 matmuls on this machine with the same threads (machine limit, not a peer).
+  grad_error        the worst layer's (or the head's) relative error of the trainable gradients of the method's
+                    backward as it trains (MEFT's reconstruction, checkpointing's recomputation) against plain fp32
+                    autograd through the same network and batch (dropout at 0 for the measurement);
+                    grad_error_ref the same measure between plain fp32 and fp64 autograd (fp32's own rounding);
+                    grad_error_flag when grad_error > 10 x grad_error_ref; grad_error_worst names the layer.
+  segment_layers    MEFT's reversible segments (method.segment_layers; null = one segment over all reversible layers).
+Rows: every method above, plus the MEFT configurations the shipped minilm GLUE recipes train when they differ from
+the fully reversible default (MEFT3 with num_rev_layers 3), labelled with their options.
 Depth sweep: saved_bytes for 2, 4, 8, 12 layers of a BERT-base-width model (hidden 768, random init, small
 vocabulary): flat in depth for MEFT, linear for full fine-tuning and LoRA; peak RSS as well at 12 layers.
+Each MEFT variant runs as one segment (flat in depth; its fp32 reconstruction errors grow by ~1/(lambda·beta) per
+layer) and with segments of DEPTH_SEGMENTS layers (gradients at fp32 autograd's level; 2 more saved streams per
+segment); saved_vs_fewest_layers is a row's saved_bytes over the same row's at 2 layers.
 MEFT's peak includes recomputing one layer in the backward pass, so its peak ratio is about 1/layers at best.
 The paper's claim: MEFT's activation memory is <= 16% of full fine-tuning's (84% less).
 """
@@ -45,7 +56,7 @@ from typing import Optional
 import torch
 from pydantic import StrictBool
 
-from peftkit.bench.common import training_step
+from peftkit.bench.common import time_interleaved, training_step
 from peftkit.config.base import BenchSettings, option
 from peftkit.utils.env import matmul_peak_flops
 from peftkit.utils.registry import BENCHES
@@ -54,6 +65,44 @@ from peftkit.utils.registry import BENCHES
 METHODS = ("full", "full+gc", "lora", "lora+gc", "pafi", "hiwi", "meft1", "meft2", "meft3")
 DEPTH_METHODS = ("full", "full+gc", "lora", "meft1", "meft2", "meft3")
 DEPTHS = (2, 4, 8, 12)
+# The depth sweep's MEFT rows also run with reversible segments of this many layers (method.segment_layers): one
+# segment reconstructs through all 12 layers and its fp32 gradients are wrong at the bottom (see grad_error).
+DEPTH_SEGMENTS = {"meft1": 2, "meft2": 2, "meft3": 2}
+GRAD_NOISE_FACTOR = 10  # grad_error_flag: a row's gradient error above this many times fp32 autograd's own
+
+
+def label_of(name: str, options: dict | None) -> str:
+    """A row's method label: the name plus its non-default options, e.g. ``meft3[num_rev_layers=3]``."""
+    if not options:
+        return name
+    return name + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
+
+
+def parse_label(label: str) -> tuple[str, dict]:
+    """(method name with any "+gc", options) of a row label made by ``label_of``."""
+    name, _, rest = label.partition("[")
+    options = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, options
+
+
+def recipe_contenders() -> list[str]:
+    """Labels of the MEFT configurations the shipped minilm recipes train that differ from the bench's own rows
+    (all layers reversible, one segment), e.g. MEFT3 with ``num_rev_layers: 3``."""
+    from peftkit.config.loader import configs_dir
+    from peftkit.utils.safe_yaml import load_yaml_bounded
+
+    labels = []
+    for path in sorted(configs_dir().glob("meft*-minilm-*.yaml")):
+        method = dict(load_yaml_bounded(path.read_text()).get("method") or {})
+        name = method.pop("name")
+        options = {k: v for k, v in method.items() if not (k == "r" and v == 8)}  # r 8 is the default
+        label = label_of(name, options)
+        if options and label not in labels:
+            labels.append(label)
+    return labels
 SETTINGS = {  # quick: a few minutes on 2 shared cores
     True: {"batch": 8, "seq": 64, "repeats": 5, "rss_steps": 1, "sweep_batch": 2, "sweep_seq": 64},
     False: {"batch": 32, "seq": 128, "repeats": 5, "rss_steps": 3, "sweep_batch": 8, "sweep_seq": 128},
@@ -105,8 +154,10 @@ def prepare(method_name: str, model, options: dict | None = None):
     in "+gc" turns on gradient checkpointing, as ``train.gradient_checkpointing`` does in a run."""
     from peftkit.methods import create_method
 
+    method_name, label_options = parse_label(method_name)
+    options = {**label_options, **(options or {})}
     name, _, flag = method_name.partition("+")
-    method = create_method(name, {k: v for k, v in (options or {}).items() if k != "name"})
+    method = create_method(name, {k: v for k, v in options.items() if k != "name"})
     with warnings.catch_warnings():  # meft3's "rounding may be amplified" warning: here memory is measured, not grads
         warnings.simplefilter("ignore", UserWarning)
         model = method.prepare(model)
@@ -133,6 +184,96 @@ def step_flops(method, model, batch: dict) -> tuple[int, str]:
         return 3 * counter.get_total_flops(), "forward x3"
     finally:
         model.zero_grad(set_to_none=True)
+
+
+# ---- gradient error of the method's backward ------------------------------------------------------------
+class _NoDropout:
+    """Context: every nn.Dropout of ``model`` at p = 0 (modules stay in training mode, so checkpointing and the
+    reversible backward run as in training, but both sides of a comparison compute the same function)."""
+
+    def __init__(self, model):
+        self.modules = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+    def __enter__(self):
+        self.saved = [m.p for m in self.modules]
+        for m in self.modules:
+            m.p = 0.0
+
+    def __exit__(self, *exc):
+        for m, p in zip(self.modules, self.saved):
+            m.p = p
+
+
+class _PlainAutograd:
+    """Context: ``model`` trains with ordinary autograd: MEFT's reversible backward and gradient checkpointing off."""
+
+    def __init__(self, method, model):
+        self.method, self.model = method, model
+
+    def __enter__(self):
+        from peftkit.methods.meft import MEFTEncoder
+
+        self.encoders = [m for m in self.model.modules() if isinstance(m, MEFTEncoder)]
+        for encoder in self.encoders:
+            encoder.reversible = False
+        self.checkpointing = bool(getattr(self.model, "is_gradient_checkpointing", False))
+        if self.checkpointing:
+            self.model.gradient_checkpointing_disable()
+
+    def __exit__(self, *exc):
+        for encoder in self.encoders:
+            encoder.reversible = True
+        if self.checkpointing:
+            self.method.enable_gradient_checkpointing(self.model)
+
+
+def _grads_by_group(model, batch) -> dict[str, list[torch.Tensor]]:
+    """Trainable gradients of one loss.backward(), grouped by layer ("layer 3") or "head" (everything else)."""
+    import re
+
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            match = re.search(r"\.(?:layer|layers|adapters)\.(\d+)\.", name)
+            key = f"layer {match.group(1)}" if match else "head"
+            groups.setdefault(key, []).append(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
+    model.zero_grad(set_to_none=True)
+    return groups
+
+
+def _relative_errors(got: dict, want: dict) -> dict[str, float]:
+    out = {}
+    for key, wants in want.items():
+        diff = sum(float((g.double() - w.double()).norm() ** 2) for g, w in zip(got[key], wants)) ** 0.5
+        norm = sum(float(w.double().norm() ** 2) for w in wants) ** 0.5
+        out[key] = diff / max(norm, 1e-300)
+    return out
+
+
+def gradient_errors(method, model, batch: dict) -> dict:
+    """How far the method's backward is from plain autograd, next to plain fp32 autograd's own rounding.
+
+    grad_error: the largest, over layers (and the head), of ||g - g_ref|| / ||g_ref|| where g are the trainable
+    gradients of the model as it trains (reversible backward, checkpointing) and g_ref those of plain fp32
+    autograd through the same network, same batch. grad_error_ref: the same measure between plain fp32 and plain
+    fp64 autograd, the rounding every fp32 run has. grad_error_flag: grad_error > GRAD_NOISE_FACTOR x that.
+    Dropout is set to 0 for the measurement (both sides compute one function)."""
+    model.train()
+    with _NoDropout(model):
+        got = _grads_by_group(model, batch)
+        with _PlainAutograd(method, model):
+            plain = _grads_by_group(model, batch)
+        double = copy.deepcopy(model).double()
+        with _NoDropout(double), _PlainAutograd(method, double):
+            exact = _grads_by_group(double, batch)
+        del double
+    error, reference = _relative_errors(got, plain), _relative_errors(plain, exact)
+    worst, worst_ref = max(error.values()), max(reference.values())
+    return {"grad_error": worst, "grad_error_ref": worst_ref,
+            "grad_error_flag": bool(worst > GRAD_NOISE_FACTOR * worst_ref),
+            "grad_error_worst": max(error, key=error.get)}
 
 
 def bench_device() -> torch.device:
@@ -271,15 +412,18 @@ def fresh_peaks(spec: dict, settings: dict, label: str, methods=METHODS) -> dict
 def main_rows(settings: dict, model_name: str) -> list[dict]:
     device = bench_device()
     spec = {"model": model_name, "batch": settings["batch"], "seq": settings["seq"], "seed": 0, "device": str(device)}
-    peaks = fresh_peaks(spec, settings, "[memory]")  # first, while this process is still small
+    labels = [*METHODS, *recipe_contenders()]
+    peaks = fresh_peaks(spec, settings, "[memory]", labels)  # first, while this process is still small
     peak_rss = {name: p["peak_rss_bytes"] for name, p in peaks.items()}
     base = build_model(spec).to(device)
     batch = to_device(make_batch(base.config.vocab_size, settings["batch"], settings["seq"]), device)
-    contenders, flops = {}, {}
-    for name in METHODS:
+    contenders, flops, grad_errors = {}, {}, {}
+    for name in labels:
         method, model = prepare(name, copy.deepcopy(base))
         model.train()
         flops[name] = step_flops(method, model, batch)
+        print(f"[memory] gradient error: {name}", flush=True)
+        grad_errors[name] = gradient_errors(method, model, batch)
         contenders[name] = (model, training_step(method, model))
     peak = matmul_peak_flops("fp32")  # the machine limit in the dtype these steps run in (fp32)
     saved = {}
@@ -287,18 +431,12 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
         print(f"[memory] saved bytes: {name}", flush=True)
         torch.manual_seed(0)
         saved[name] = saved_tensor_bytes(model, batch)
-    # Step time: contenders alternate (one step each per round) so that load changes on a shared machine hit all
-    # of them alike; the median of `repeats` rounds after one warm-up round (cf. bench.common.median_seconds).
-    times = {name: [] for name in contenders}
-    for round_ in range(settings["repeats"] + 1):
-        print(f"[memory] step-time round {round_}", flush=True)
-        for name, (model, step) in contenders.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step(batch)
-            synchronize(device)
-            if round_:
-                times[name].append(time.perf_counter() - start)
+    # Step time: contenders alternate (one step each per round, the order rotating by round) so that load changes on
+    # a shared machine hit all of them alike; the median of `repeats` rounds after one warm-up round.
+    print("[memory] step time", flush=True)
+    medians = time_interleaved({name: (lambda step=step: step(batch)) for name, (_, step) in contenders.items()},
+                               repeats=settings["repeats"], warmup=1, sync=lambda: synchronize(device))
+    times = {name: [seconds] for name, seconds in medians.items()}
     rows = []
     for name, (model, _) in contenders.items():
         rows.append({"method": name, "layers": base.config.num_hidden_layers, "hidden": base.config.hidden_size,
@@ -311,7 +449,8 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
                      "step_flops": flops[name][0], "flops_counted": flops[name][1],
                      "flops_per_second": flops[name][0] / statistics.median(times[name]),
                      "mfu": flops[name.split("+")[0]][0] / statistics.median(times[name]) / peak,
-                     "matmul_peak_flops": peak, **_cuda_columns(peaks, name), "device": device.type})
+                     "matmul_peak_flops": peak, **_cuda_columns(peaks, name), "device": device.type,
+                     "segment_layers": parse_label(name)[1].get("segment_layers"), **grad_errors[name]})
     return rows
 
 
@@ -327,30 +466,37 @@ def _cuda_columns(peaks: dict, name: str) -> dict:
 def depth_rows(settings: dict) -> list[dict]:
     device = bench_device()
     rows = []
+    labels = [*DEPTH_METHODS, *(label_of(name, {"segment_layers": k}) for name, k in DEPTH_SEGMENTS.items())]
+    shallowest: dict[str, int] = {}
     for layers in DEPTHS:
         config = {"hidden_size": 768, "num_hidden_layers": layers, "num_attention_heads": 12,
                   "intermediate_size": 3072, "vocab_size": 1024, "max_position_embeddings": 512}
         spec = {"model": "config", "config": config, "batch": settings["sweep_batch"], "seq": settings["sweep_seq"],
                 "device": str(device)}
         # peak memory too at full BERT-base depth, where one layer is 1/12 of the stack
-        peaks = fresh_peaks(spec, settings, f"[memory] depth {layers}:", DEPTH_METHODS) if layers == max(DEPTHS) else {}
+        peaks = fresh_peaks(spec, settings, f"[memory] depth {layers}:", labels) if layers == max(DEPTHS) else {}
         peak_rss = {name: p["peak_rss_bytes"] for name, p in peaks.items()}
         base = build_model(spec).to(device)
         batch = to_device(make_batch(base.config.vocab_size, settings["sweep_batch"], settings["sweep_seq"]), device)
         full_bytes = None
-        for name in DEPTH_METHODS:
+        for name in labels:
             print(f"[memory] depth {layers}: {name}", flush=True)
-            _, model = prepare(name, copy.deepcopy(base))
+            method, model = prepare(name, copy.deepcopy(base))
             model.train()
             torch.manual_seed(0)
             saved = saved_tensor_bytes(model, batch)
             full_bytes = saved if name == "full" else full_bytes
+            shallowest.setdefault(name, saved)
+            # the gradient error where the backward differs from autograd's: MEFT's reconstruction
+            errors = gradient_errors(method, model, batch) if name.startswith("meft") else {}
             rows.append({"method": name, "layers": layers, "hidden": 768, "batch": settings["sweep_batch"],
                          "seq": settings["sweep_seq"], "saved_bytes": saved, "peak_rss_bytes": peak_rss.get(name),
                          "step_seconds": None, "trainable_params": trainable_params(model),
                          "saved_ratio_vs_full": saved / full_bytes,
+                         "saved_vs_fewest_layers": saved / shallowest[name],
                          "peak_rss_ratio_vs_full": peak_rss[name] / peak_rss["full"] if peak_rss.get("full") else None,
-                         **_cuda_columns(peaks, name), "device": device.type})
+                         **_cuda_columns(peaks, name), "device": device.type,
+                         "segment_layers": parse_label(name)[1].get("segment_layers"), **errors})
             del model
     return rows
 

@@ -81,8 +81,60 @@ class Adapter(nn.Module):
         return self.up(self.act(self.down(x)))
 
 
+# ---- dropout inside the reversible blocks ----------------------------------------------------------------
+# torch's CPU dropout draws every mask element with bernoulli_, about a fifth of a training step of a BERT layer,
+# and a reversible block draws each mask twice (forward, then the recomputation in backward). On the CPU the
+# blocks draw masks from 64-bit words instead: 4 16-bit lanes per word, an element is dropped when its lane is
+# below round(p * 2^16), so the drop probability is p to within 2^-17 and kept elements are scaled by the exact
+# inverse of their keep probability (the mean is unchanged). Each mask costs one draw of a 63-bit seed from
+# torch's default CPU generator, so the reversible backward's RNG replay (models/reversible.py) regenerates
+# exactly the forward's masks, at a quarter of bernoulli_'s cost and with no per-layer memory.
+_LANES = 1 << 16
+
+
+def _drops_on_cpu(x: torch.Tensor, p: float, training: bool) -> bool:
+    """Whether this dropout is drawn by ``_keep_mask`` (CPU tensors in training with p > 0)."""
+    return training and p > 0 and x.device.type == "cpu"
+
+
+def _keep_mask(shape, p: float) -> tuple[torch.Tensor, float]:
+    """(bool mask of the elements kept, 1 / keep probability); the seed comes from torch's default CPU generator."""
+    threshold = min(max(round(p * _LANES), 1), _LANES - 1)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    numel = 1
+    for size in shape:
+        numel *= size
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64)
+    words.random_(-(1 << 63), None, generator=torch.Generator().manual_seed(seed))
+    lanes = words.view(torch.int16)[:numel].view(shape)
+    return lanes >= threshold - (_LANES // 2), _LANES / (_LANES - threshold)
+
+
+def _dropout(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``module`` (an nn.Dropout) applied to x, with its mask from ``_keep_mask`` on the CPU."""
+    p = float(getattr(module, "p", 0.0))
+    if not _drops_on_cpu(x, p, module.training):
+        return module(x)
+    keep, scale = _keep_mask(x.shape, p)
+    return torch.where(keep, x, 0.0).mul_(scale)
+
+
+def _dropout_add(x: torch.Tensor, module: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """residual + module(x) in as few passes as the dropout allows."""
+    p = float(getattr(module, "p", 0.0))
+    if not _drops_on_cpu(x, p, module.training):
+        return module(x) + residual
+    keep, scale = _keep_mask(x.shape, p)
+    return torch.add(residual, torch.where(keep, x, 0.0), alpha=scale)
+
+
 class PostNormLayerParts:
-    """The two sub-blocks of a post-LayerNorm (BERT-style) layer, found by the family's attribute paths."""
+    """The two sub-blocks of a post-LayerNorm (BERT-style) layer, found by the family's attribute paths.
+
+    In eval mode (and off the CPU) every piece runs as the pretrained modules do. In training on the CPU the
+    dropouts draw their masks with ``_keep_mask`` and the self-attention is written out here (the modules' own
+    query/key/value Linears, scaled dot product, the additive or boolean mask, softmax, dropout of the
+    probabilities), because the attention kernels draw their dropout internally."""
 
     def __init__(self, layer: nn.Module, family: Family):
         self.attention_core = get_path(layer, family.attention_core)
@@ -95,19 +147,44 @@ class PostNormLayerParts:
         self.ffn_dropout = get_path(layer, family.ffn_dropout)
         self.ffn_norm = get_path(layer, family.ffn_norm)
 
+    def self_attention(self, x, attention_mask=None, **kwargs):
+        """The attention core's output (before the output projection)."""
+        core = self.attention_core
+        probs_dropout = getattr(core, "dropout", None)
+        p = float(getattr(probs_dropout, "p", 0.0))
+        if not (_drops_on_cpu(x, p, core.training) and hasattr(core, "query") and hasattr(core, "attention_head_size")):
+            return core(x, attention_mask=attention_mask, **kwargs)[0]
+        batch, length = x.shape[:2]
+        shape = (batch, length, -1, core.attention_head_size)
+        scaling = getattr(core, "scaling", core.attention_head_size ** -0.5)
+        query = (core.query(x) * scaling).view(shape).transpose(1, 2)
+        key = core.key(x).view(shape).transpose(1, 2)
+        value = core.value(x).view(shape).transpose(1, 2)
+        scores = torch.matmul(query, key.transpose(-1, -2))
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:  # True = attend
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            else:  # additive: 0 or a large negative number
+                scores = scores + attention_mask
+        probs = torch.softmax(scores, dim=-1)
+        keep, scale = _keep_mask(probs.shape, p)
+        mixed = torch.matmul(torch.where(keep, probs, 0.0), value).mul_(scale)
+        return mixed.transpose(1, 2).reshape(batch, length, -1)
+
     def attention(self, x, adapter: Adapter | None = None, attention_mask=None, **kwargs):
         """LN(x + drop(proj(attn(x)))); a sequential adapter acts on the projection output before the LN."""
-        out = self.attention_dropout(self.attention_proj(self.attention_core(x, attention_mask=attention_mask, **kwargs)[0]))
-        if adapter is not None:
-            out = out + adapter(out)
-        return self.attention_norm(out + x)
+        projected = self.attention_proj(self.self_attention(x, attention_mask=attention_mask, **kwargs))
+        if adapter is None:
+            return self.attention_norm(_dropout_add(projected, self.attention_dropout, x))
+        out = _dropout(projected, self.attention_dropout)
+        return self.attention_norm(out + adapter(out) + x)
 
     def ffn(self, a, adapter: Adapter | None = None):
         """LN(a + drop(ffn_out(act(ffn_in(a))))); a parallel adapter reads the FFN input a."""
-        out = self.ffn_dropout(self.ffn_out(self.ffn_act(self.ffn_in(a))))
-        if adapter is not None:
-            out = out + adapter(a)
-        return self.ffn_norm(out + a)
+        out = self.ffn_out(self.ffn_act(self.ffn_in(a)))
+        if adapter is None:
+            return self.ffn_norm(_dropout_add(out, self.ffn_dropout, a))
+        return self.ffn_norm(_dropout(out, self.ffn_dropout) + adapter(a) + a)
 
     def layer(self, x, ffn_adapter: Adapter | None = None, **kwargs):
         return self.ffn(self.attention(x, **kwargs), ffn_adapter)

@@ -68,17 +68,17 @@ class ReversibleBlock:
         """(x1, x2) -> streams for the next block; ``rng`` collects the RNG states when given."""
         if rng is not None:
             rng.append(RngState.capture(x2.device))
-        y1 = self.lam * x1 + self.f(x2, **kwargs)
+        y1 = _scaled_add(self.f(x2, **kwargs), x1, self.lam)
         if rng is not None:
             rng.append(RngState.capture(y1.device))
-        y2 = self.beta * x2 + self.g(y1, **kwargs)
+        y2 = _scaled_add(self.g(y1, **kwargs), x2, self.beta)
         return (y2, y1) if self.swap else (y1, y2)
 
     def inverse(self, out1, out2, kwargs):
         """Streams after the block -> (x1, x2) before it (no grad; dropout must be off or replayed)."""
         y1, y2 = (out2, out1) if self.swap else (out1, out2)
-        x2 = (y2 - self.g(y1, **kwargs)) / self.beta
-        x1 = (y1 - self.f(x2, **kwargs)) / self.lam
+        x2 = _unscale(y2, self.g(y1, **kwargs), self.beta)
+        x1 = _unscale(y1, self.f(x2, **kwargs), self.lam)
         return x1, x2
 
     # ---- one step of the memory-free backward pass --------------------------------------------
@@ -94,9 +94,9 @@ class ReversibleBlock:
                 g_out = self.g(y1_leaf, **kwargs)
             g_grads = torch.autograd.grad(g_out, [y1_leaf, *g_params], dy2, allow_unused=True)
         with torch.no_grad():
-            x2 = (y2 - g_out.detach()) / self.beta
-            dy1_total = dy1 + g_grads[0] if g_grads[0] is not None else dy1
-        del g_out
+            x2 = _unscale(y2, g_out.detach(), self.beta)
+            dy1_total = dy1 if g_grads[0] is None else torch.add(dy1, g_grads[0])
+        del g_out, y1_leaf
         _accumulate(grads, g_params, g_grads[1:])
 
         f_params = self.params("f")
@@ -106,11 +106,26 @@ class ReversibleBlock:
                 f_out = self.f(x2_leaf, **kwargs)
             f_grads = torch.autograd.grad(f_out, [x2_leaf, *f_params], dy1_total, allow_unused=True)
         with torch.no_grad():
-            x1 = (y1 - f_out.detach()) / self.lam
-            dx1 = dy1_total * self.lam
-            dx2 = dy2 * self.beta + f_grads[0] if f_grads[0] is not None else dy2 * self.beta
+            x1 = _unscale(y1, f_out.detach(), self.lam)
+            dx1 = dy1_total if self.lam == 1 else dy1_total * self.lam
+            if f_grads[0] is None:
+                dx2 = dy2 if self.beta == 1 else dy2 * self.beta
+            else:
+                dx2 = _scaled_add(f_grads[0], dy2, self.beta)
+        del f_out, x2_leaf
         _accumulate(grads, f_params, f_grads[1:])
         return x1, x2, dx1, dx2
+
+
+def _scaled_add(out: torch.Tensor, stream: torch.Tensor, factor: float) -> torch.Tensor:
+    """out + factor·stream in one pass (the forward's y = factor·x + F(x'), and dx2 = beta·dy2 + dF)."""
+    return out + stream if factor == 1 else torch.add(out, stream, alpha=factor)
+
+
+def _unscale(y: torch.Tensor, out: torch.Tensor, factor: float) -> torch.Tensor:
+    """(y - out) / factor, the inverse of ``_scaled_add``; the division works on the fresh difference in place."""
+    diff = y - out
+    return diff if factor == 1 else diff.div_(factor)
 
 
 def _accumulate(grads: dict[int, torch.Tensor], params, new_grads) -> None:

@@ -59,3 +59,42 @@ def test_step_flops_counts_the_step_and_falls_back_for_meft():
     with counter, torch.no_grad():
         full.prepare(tiny_bert())(**batch)
     assert 2.5 * counter.get_total_flops() < counted < 3.5 * counter.get_total_flops()
+
+
+def test_row_labels_carry_method_options_and_the_recipes_meft3_setting():
+    from peftkit.bench.memory import label_of, parse_label, recipe_contenders
+
+    assert label_of("meft3", {"num_rev_layers": 3, "segment_layers": 2}) == "meft3[num_rev_layers=3,segment_layers=2]"
+    assert parse_label("meft3[num_rev_layers=3,segment_layers=2]") == ("meft3", {"num_rev_layers": 3, "segment_layers": 2})
+    assert parse_label("lora+gc") == ("lora+gc", {})
+    # the shipped MEFT3 GLUE recipes keep the upper three layers out of the reversible stack
+    assert recipe_contenders() == ["meft3[num_rev_layers=3]"]
+
+
+def test_gradient_error_columns_flag_reconstruction_beyond_fp32_rounding():
+    import warnings
+
+    from helpers.tiny import tiny_bert
+
+    from peftkit.bench.memory import gradient_errors, prepare
+
+    batch = {"input_ids": torch.randint(5, 64, (2, 12), generator=torch.Generator().manual_seed(0)),
+             "labels": torch.tensor([0, 1])}
+
+    def errors(label, layers=6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            method, model = prepare(label, tiny_bert(layers=layers, initializer_range=0.2))
+        return gradient_errors(method, model, batch)
+
+    full = errors("full")
+    assert full["grad_error"] == 0 and 0 < full["grad_error_ref"] < 1e-4 and not full["grad_error_flag"]
+    # six fp32 MEFT3 layers reconstructed in one go: rounding divided by 0.01 per layer, far above fp32's own
+    whole = errors("meft3")
+    assert whole["grad_error_flag"] and whole["grad_error"] > 100 * whole["grad_error_ref"]
+    assert whole["grad_error_worst"] == "layer 0"  # reconstruction errors grow from the top down
+    # one layer per segment: no reconstruction through other layers, autograd's level
+    split = errors("meft3[segment_layers=1]")
+    assert not split["grad_error_flag"] and split["grad_error"] < 10 * split["grad_error_ref"]
+    # checkpointing recomputes the same function
+    assert errors("full+gc", layers=2)["grad_error"] < 1e-6
