@@ -240,8 +240,32 @@ VARIANTS = {
 }
 
 
-class MEFTEncoder(nn.Module):
+class TwoStreamStack:
+    """What the encoder and decoder wrappers share: the reversible blocks of their layers and the two-stream run.
+    Each sets ``layer_parts`` (how F and G reach a layer's sub-blocks) and ``stack_layers()``."""
+
+    layer_parts: type
+
+    def blocks(self) -> list[ReversibleBlock]:
+        out = []
+        for layer, adapters in zip(self.stack_layers(), self.adapters):
+            f, g, f_modules, g_modules = self.variant.build(layer, self.layer_parts(layer, self.family), adapters)
+            out.append(ReversibleBlock(f, g, f_modules, g_modules, self.lam, self.beta, self.variant.swap))
+        return out
+
+    def streams(self, hidden_states, **kwargs):
+        """(x1, x2) after the last layer."""
+        blocks = self.blocks()
+        reversible = self.reversible and torch.is_grad_enabled()
+        x1, x2 = run_stack(blocks[: self.num_rev_layers], hidden_states, hidden_states, kwargs, reversible,
+                           segment_layers=self.segment_layers)
+        return run_stack(blocks[self.num_rev_layers:], x1, x2, kwargs, reversible=False)
+
+
+class MEFTEncoder(TwoStreamStack, nn.Module):
     """Stands in for the family's layer container: runs the pretrained layers as a two-stream reversible stack."""
+
+    layer_parts = PostNormLayerParts
 
     def __init__(self, layers_attr: str, layers: nn.ModuleList, family: Family, variant: Variant,
                  options: MEFTOptions, hidden: int, activation: Callable[[], nn.Module]):
@@ -264,20 +288,8 @@ class MEFTEncoder(nn.Module):
     def layers(self) -> nn.ModuleList:
         return getattr(self, self.layers_attr)
 
-    def blocks(self) -> list[ReversibleBlock]:
-        out = []
-        for layer, adapters in zip(self.layers, self.adapters):
-            f, g, f_modules, g_modules = self.variant.build(layer, PostNormLayerParts(layer, self.family), adapters)
-            out.append(ReversibleBlock(f, g, f_modules, g_modules, self.lam, self.beta, self.variant.swap))
-        return out
-
-    def streams(self, hidden_states, **kwargs):
-        """(x1, x2) after the last layer."""
-        blocks = self.blocks()
-        reversible = self.reversible and torch.is_grad_enabled()
-        x1, x2 = run_stack(blocks[: self.num_rev_layers], hidden_states, hidden_states, kwargs, reversible,
-                           segment_layers=self.segment_layers)
-        return run_stack(blocks[self.num_rev_layers:], x1, x2, kwargs, reversible=False)
+    def stack_layers(self) -> nn.ModuleList:
+        return self.layers
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 past_key_values=None, use_cache=None, **kwargs):
@@ -382,7 +394,7 @@ def _opt_output(decoder, hidden):
 DECODER_INPUTS = {"llama": (_llama_inputs, None), "opt": (_opt_inputs, _opt_output)}
 
 
-class MEFTDecoder(nn.Module):
+class MEFTDecoder(TwoStreamStack, nn.Module):
     """Stands in for a pre-norm decoder's layer container (LLaMA's ``model``, OPT's ``model.decoder``).
 
     Holds the container's own children under their names (embeddings, positions, layers, final norm: parameter names
@@ -391,6 +403,8 @@ class MEFTDecoder(nn.Module):
     holding the last pretrained sub-block's output (PRETRAINED_STREAM), x_o the other one, merge_weight a trained
     scalar starting at 0. No KV cache: each call runs the whole sequence.
     """
+
+    layer_parts = PreNormLayerParts
 
     def __init__(self, container: nn.Module, layers_attr: str, family: Family, variant_name: str,
                  options: MEFTOptions, hidden: int, activation: Callable[[], nn.Module]):
@@ -425,20 +439,8 @@ class MEFTDecoder(nn.Module):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def blocks(self) -> list[ReversibleBlock]:
-        out = []
-        for layer, adapters in zip(self.decoder_layers(), self.adapters):
-            f, g, f_modules, g_modules = self.variant.build(layer, PreNormLayerParts(layer, self.family), adapters)
-            out.append(ReversibleBlock(f, g, f_modules, g_modules, self.lam, self.beta, self.variant.swap))
-        return out
-
-    def streams(self, hidden_states, **kwargs):
-        """(x1, x2) after the last layer."""
-        blocks = self.blocks()
-        reversible = self.reversible and torch.is_grad_enabled()
-        x1, x2 = run_stack(blocks[: self.num_rev_layers], hidden_states, hidden_states, kwargs, reversible,
-                           segment_layers=self.segment_layers)
-        return run_stack(blocks[self.num_rev_layers:], x1, x2, kwargs, reversible=False)
+    def stack_layers(self) -> nn.ModuleList:
+        return self.decoder_layers()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
