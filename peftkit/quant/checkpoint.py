@@ -230,14 +230,18 @@ def load_quantized_base(in_dir, task_head: str = "causal_lm", num_labels: int | 
         raise UserError(f"model.task_head {task_head!r} is not available on a quantized base; use causal_lm or seq_cls.")
     with torch.device("meta"):
         model = auto.from_config(config, dtype=dtype)
+    # safetensors maps the file: every tensor is copied out of the mapping, so that no view keeps it (and the pages
+    # read while converting the unpacked tensors) in memory next to the model.
     tensors = _read_tensors(in_dir)
     quantized = info["layers"]
     try:
         for name, layer in quantized.items():
-            replace_module(model, name, _packed_module(layer, _layer_parts(tensors, name), dtype))
+            parts = {k: v.clone() for k, v in _layer_parts(tensors, name).items()}
+            replace_module(model, name, _packed_module(layer, parts, dtype))
     except (AttributeError, KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"{in_dir / BASE_FILE} does not match its {INFO_FILE} ({e}); re-create it with `peftkit quantize`.") from None
-    plain = {k: v.to(dtype) for k, v in tensors.items() if k.rpartition(".")[0] not in quantized}
+    plain = {k: v.to(dtype, copy=True) for k, v in tensors.items() if k.rpartition(".")[0] not in quantized}
+    del tensors
     if task_head != "causal_lm":
         plain = {k: v for k, v in plain.items() if not k.startswith("lm_head.")}
     result = model.load_state_dict(plain, strict=False, assign=True)
