@@ -482,6 +482,17 @@ class _MEFT(Method):
     family_note = ("it re-composes BERT-style post-norm encoder blocks and LLaMA/OPT pre-norm decoder blocks; "
                    "DeBERTa's attention and DistilBERT's blocks differ, and the other decoders' inputs are not wired")
 
+    def _layers_to_wrap(self, container, layers_attr: str):
+        """The layer list MEFT will wrap, after the checks both wrappers need."""
+        if isinstance(container, TwoStreamStack):
+            raise UserError(f"{self.name}: the model is already prepared with MEFT; load a fresh base model.")
+        layers = getattr(container, layers_attr)
+        num_rev_layers = self.options.num_rev_layers
+        if num_rev_layers is not None and num_rev_layers > len(layers):
+            raise UserError(f"method.num_rev_layers: the model has {len(layers)} layers, got {num_rev_layers}; "
+                            f"use at most {len(layers)} (or null for all).")
+        return layers
+
     def prepare(self, model):
         from transformers.activations import ACT2FN
 
@@ -497,12 +508,7 @@ class _MEFT(Method):
             )
         backbone = backbone_of(model)
         container = get_path(backbone, parent_path)
-        if isinstance(container, MEFTEncoder):
-            raise UserError(f"{self.name}: the model is already prepared with MEFT; load a fresh base model.")
-        layers = getattr(container, layers_attr)
-        if options.num_rev_layers is not None and options.num_rev_layers > len(layers):
-            raise UserError(f"method.num_rev_layers: the model has {len(layers)} layers, got {options.num_rev_layers}; "
-                            f"use at most {len(layers)} (or null for all).")
+        layers = self._layers_to_wrap(container, layers_attr)
         mark_only_head_trainable(model)  # freezes embeddings, layers and LayerNorms
         config = model.config
         act = config.hidden_act
@@ -537,12 +543,7 @@ class _MEFT(Method):
             owner = model
             container_attr = next(a for a in family.backbone if getattr(model, a, None) is backbone)
         container = getattr(owner, container_attr)
-        if isinstance(container, MEFTDecoder):
-            raise UserError(f"{self.name}: the model is already prepared with MEFT; load a fresh base model.")
-        layers = getattr(container, layers_attr)
-        if options.num_rev_layers is not None and options.num_rev_layers > len(layers):
-            raise UserError(f"method.num_rev_layers: the model has {len(layers)} layers, got {options.num_rev_layers}; "
-                            f"use at most {len(layers)} (or null for all).")
+        layers = self._layers_to_wrap(container, layers_attr)
         mark_only_head_trainable(model)  # freezes embeddings, layers, norms and the LM head
         act = getattr(config, "hidden_act", None) or config.activation_function
         decoder = MEFTDecoder(container, layers_attr, family, self.name, options, config.hidden_size,
