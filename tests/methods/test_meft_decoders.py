@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.tiny import tiny_llama
+from test_meft import grads_of
 
 from peftkit.bench.memory import saved_tensor_bytes
 from peftkit.errors import UserError
@@ -271,14 +272,6 @@ def test_forward_matches_the_straight_line_equations(variant, family):
 
 
 # ---- (3) reversible backward vs plain autograd ---------------------------------------------------------------
-def grads_of(model, batch, reversible: bool, seed: int = 7):
-    meft_encoder_of(model).reversible = reversible
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    model(**batch).loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_reversible_gradients_equal_autograd(variant, family):
