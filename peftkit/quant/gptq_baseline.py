@@ -46,11 +46,12 @@ def gptq_codes(Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
 def _subsets(block, linears: dict, hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
     """The projections in call order, grouped by the input tensor they share (q, k, v | o | gate, up | down)."""
     order = forward_order(block, linears, hidden, kwargs)
-    inputs: dict[str, int] = {}
+    inputs: dict[str, torch.Tensor] = {}
 
     def record(name):
         def hook(module, args):
-            inputs.setdefault(name, id(args[0]))  # returns None: the input is left as it is
+            # the tensor itself is kept, not its id(): a freed input's id can be reused by a later one
+            inputs.setdefault(name, args[0])  # returns None: the input is left as it is
         return hook
 
     handles = [m.register_forward_pre_hook(record(name)) for name, m in linears.items()]
@@ -61,7 +62,7 @@ def _subsets(block, linears: dict, hidden: torch.Tensor, kwargs: dict) -> list[l
             handle.remove()
     subsets: list[list[str]] = []
     for name in order:
-        if subsets and inputs.get(name) == inputs.get(subsets[-1][0]):
+        if subsets and name in inputs and inputs[name] is inputs.get(subsets[-1][0]):
             subsets[-1].append(name)
         else:
             subsets.append([name])
