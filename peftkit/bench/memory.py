@@ -28,13 +28,16 @@ Per method, on the same model, batch and sequence length:
                     grad_error_ref the same measure between plain fp32 and fp64 autograd (fp32's own rounding);
                     grad_error_flag when grad_error > 10 x grad_error_ref; grad_error_worst names the layer.
   segment_layers    MEFT's reversible segments (method.segment_layers; null = one segment over all reversible layers).
+  stream_arithmetic MEFT's streams: fixed (the default: exact 64-bit fixed point, bit-exact reconstruction) or float
+                    (the paper's arithmetic).
 Rows: every method above, plus the MEFT configurations the shipped minilm GLUE recipes train when they differ from
 the fully reversible default (MEFT3 with num_rev_layers 3), labelled with their options.
 Depth sweep: saved_bytes for 2, 4, 8, 12 layers of a BERT-base-width model (hidden 768, random init, small
 vocabulary): flat in depth for MEFT, linear for full fine-tuning and LoRA; peak RSS as well at 12 layers.
-Each MEFT variant runs as one segment (flat in depth; its fp32 reconstruction errors grow by ~1/(lambda·beta) per
-layer) and with segments of DEPTH_SEGMENTS layers (gradients at fp32 autograd's level; 2 more saved streams per
-segment); saved_vs_fewest_layers is a row's saved_bytes over the same row's at 2 layers.
+Each MEFT variant runs with its default fixed-point streams (one segment: flat in depth, exact reconstruction), and
+with the paper's float streams as one segment (flat, but its fp32 reconstruction errors grow by ~1/(lambda·beta) per
+layer) and in segments of 2 layers (gradients at fp32 autograd's level; 2 more saved streams per segment);
+saved_vs_fewest_layers is a row's saved_bytes over the same row's at 2 layers.
 MEFT's peak includes recomputing one layer in the backward pass, so its peak ratio is about 1/layers at best.
 The paper's claim: MEFT's activation memory is <= 16% of full fine-tuning's (84% less).
 """
@@ -65,9 +68,10 @@ from peftkit.utils.registry import BENCHES
 METHODS = ("full", "full+gc", "lora", "lora+gc", "pafi", "hiwi", "meft1", "meft2", "meft3")
 DEPTH_METHODS = ("full", "full+gc", "lora", "meft1", "meft2", "meft3")
 DEPTHS = (2, 4, 8, 12)
-# The depth sweep's MEFT rows also run with reversible segments of this many layers (method.segment_layers): one
-# segment reconstructs through all 12 layers and its fp32 gradients are wrong at the bottom (see grad_error).
-DEPTH_SEGMENTS = {"meft1": 2, "meft2": 2, "meft3": 2}
+# The depth sweep's MEFT rows run with the default exact fixed-point streams and, for comparison, with the paper's
+# floating-point streams: as one segment (its fp32 gradients are wrong at the bottom of a deep stack, see grad_error)
+# and in reversible segments of 2 layers (method.segment_layers: right, but 2 more saved streams per segment).
+DEPTH_FLOAT_ROWS = tuple({"stream_arithmetic": "float", **extra} for extra in ({}, {"segment_layers": 2}))
 GRAD_NOISE_FACTOR = 10  # grad_error_flag: a row's gradient error above this many times fp32 autograd's own
 
 
@@ -84,7 +88,7 @@ def parse_label(label: str) -> tuple[str, dict]:
     options = {}
     for item in filter(None, rest.rstrip("]").split(",")):
         key, _, value = item.partition("=")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
+        options[key] = int(value) if value.lstrip("-").isdigit() else value  # "float" stays a string
     return name, options
 
 
@@ -450,8 +454,16 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
                      "flops_per_second": flops[name][0] / statistics.median(times[name]),
                      "mfu": flops[name.split("+")[0]][0] / statistics.median(times[name]) / peak,
                      "matmul_peak_flops": peak, **_cuda_columns(peaks, name), "device": device.type,
-                     "segment_layers": parse_label(name)[1].get("segment_layers"), **grad_errors[name]})
+                     **_meft_columns(name), **grad_errors[name]})
     return rows
+
+
+def _meft_columns(label: str) -> dict:
+    """segment_layers and stream_arithmetic of a MEFT row (None for other methods)."""
+    name, options = parse_label(label)
+    if not name.startswith("meft"):
+        return {"segment_layers": None, "stream_arithmetic": None}
+    return {"segment_layers": options.get("segment_layers"), "stream_arithmetic": options.get("stream_arithmetic", "fixed")}
 
 
 def _cuda_columns(peaks: dict, name: str) -> dict:
@@ -466,7 +478,8 @@ def _cuda_columns(peaks: dict, name: str) -> dict:
 def depth_rows(settings: dict) -> list[dict]:
     device = bench_device()
     rows = []
-    labels = [*DEPTH_METHODS, *(label_of(name, {"segment_layers": k}) for name, k in DEPTH_SEGMENTS.items())]
+    labels = [*DEPTH_METHODS, *(label_of(name, extra) for extra in DEPTH_FLOAT_ROWS
+                                for name in DEPTH_METHODS if name.startswith("meft"))]
     shallowest: dict[str, int] = {}
     for layers in DEPTHS:
         config = {"hidden_size": 768, "num_hidden_layers": layers, "num_attention_heads": 12,
@@ -495,8 +508,7 @@ def depth_rows(settings: dict) -> list[dict]:
                          "saved_ratio_vs_full": saved / full_bytes,
                          "saved_vs_fewest_layers": saved / shallowest[name],
                          "peak_rss_ratio_vs_full": peak_rss[name] / peak_rss["full"] if peak_rss.get("full") else None,
-                         **_cuda_columns(peaks, name), "device": device.type,
-                         "segment_layers": parse_label(name)[1].get("segment_layers"), **errors})
+                         **_cuda_columns(peaks, name), "device": device.type, **_meft_columns(name), **errors})
             del model
     return rows
 

@@ -16,10 +16,14 @@ hidden state plus only a 0.1-scaled extra residual: the pretrained starting poin
 The final feature is the average of the two streams, (x1 + x2) / 2, fed to the pooler / task head.
 Only adapters and the task head (classifier + BERT pooler, see base.is_head_parameter) train; embeddings and LayerNorms stay frozen.
 
-Numerics: reconstruction divides rounding by lam·beta per layer, so in fp32 the lowest layers of a deep
-fully reversible stack get wrong gradients (a 12-layer BERT: relative error ~1 at the bottom).
-``MEFTEncoder.segment_layers`` = k runs the stack as segments of k layers that keep the streams at their
-boundaries and reconstruct only inside (2 tensors per segment; k = 2 keeps fp32 errors below 1e-5).
+Numerics: with floating-point streams, reconstruction divides rounding by lam·beta per layer, so in fp32 the
+lowest layers of a deep fully reversible stack get wrong gradients (a 12-layer BERT: relative error ~1 at the
+bottom; the authors' code behaves the same). The default ``stream_arithmetic: fixed`` holds the streams in exact
+64-bit fixed point and keeps the remainders that scaling by lam/beta drops (peftkit/models/reversible.py), so the
+reconstruction is bit-exact and the gradients are plain autograd's at any depth, for two int64 streams plus a few
+bits per element and layer. ``stream_arithmetic: float`` is the paper's arithmetic; with it,
+``segment_layers`` = k runs the stack as segments of k layers that keep the streams at their boundaries and
+reconstruct only inside (2 tensors per segment; k = 2 keeps fp32 errors below 1e-5).
 
 Placement: the family's layer container (BERT/RoBERTa ``encoder``) is replaced by a :class:`MEFTEncoder`
 that keeps the pretrained layers under the same attribute name (parameter names are unchanged) and adds
@@ -36,16 +40,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
 from peftkit.config import MethodArgs, option
 from peftkit.errors import UserError
 from peftkit.methods.base import Method, mark_only_head_trainable
 from peftkit.models.families import Family, backbone_of, family_of, get_path, split_path
-from peftkit.models.reversible import ReversibleBlock, run_stack
+from peftkit.models.reversible import ReversibleBlock, exact_ratio, run_stack
 from peftkit.utils.registry import METHODS
 
 
@@ -62,7 +67,24 @@ class MEFTOptions(MethodArgs):
         None, "Run the reversible layers as segments of this many layers: the streams between segments are kept for "
               "backward and reconstruction stays inside a segment, so fp32 rounding is amplified over at most this many "
               "layers (2 keeps gradient errors below 1e-5). null = one segment, as in the paper.", ge=1, le=100_000)
+    stream_arithmetic: Literal["fixed", "float"] = option(
+        "fixed", "How the reversible layers hold their two streams. fixed: exact 64-bit fixed point that keeps the bits "
+                 "scaling by lambda/beta drops, so backward reconstructs every layer's input bit for bit and gradients "
+                 "equal plain autograd's at any depth (lambda and beta must be fractions with denominators <= 1000). "
+                 "float: the paper's floating-point streams, whose reconstruction amplifies rounding by 1/(lambda·beta) "
+                 "per layer (see segment_layers).")
     init_std: float = option(0.02, "Std of the normal init of the adapter weights (biases start at zero).", ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _factors_are_exact_fractions(self):
+        if self.stream_arithmetic == "fixed":
+            for name in ("lambda_factor", "beta_factor"):
+                if getattr(self, name) is not None:
+                    try:
+                        exact_ratio(getattr(self, name))
+                    except ValueError as e:
+                        raise ValueError(f"{name}: {str(e).replace('floating-point streams', 'set stream_arithmetic: float')}") from None
+        return self
 
 
 class Adapter(nn.Module):
@@ -258,7 +280,7 @@ class TwoStreamStack:
         blocks = self.blocks()
         reversible = self.reversible and torch.is_grad_enabled()
         x1, x2 = run_stack(blocks[: self.num_rev_layers], hidden_states, hidden_states, kwargs, reversible,
-                           segment_layers=self.segment_layers)
+                           segment_layers=self.segment_layers, fixed_point=self.stream_arithmetic == "fixed")
         return run_stack(blocks[self.num_rev_layers:], x1, x2, kwargs, reversible=False)
 
 
@@ -278,6 +300,7 @@ class MEFTEncoder(TwoStreamStack, nn.Module):
         self.num_rev_layers = len(layers) if options.num_rev_layers is None else options.num_rev_layers
         # reversible segments of this many layers (None: the whole reversible part is one segment)
         self.segment_layers = options.segment_layers
+        self.stream_arithmetic = options.stream_arithmetic
         self.adapters = nn.ModuleList(
             nn.ModuleDict({name: Adapter(hidden, options.r, activation(), options.init_std) for name in variant.adapters})
             for _ in layers
@@ -422,6 +445,7 @@ class MEFTDecoder(TwoStreamStack, nn.Module):
         self.beta = self.variant.beta if options.beta_factor is None else options.beta_factor
         self.num_rev_layers = len(layers) if options.num_rev_layers is None else options.num_rev_layers
         self.segment_layers = options.segment_layers
+        self.stream_arithmetic = options.stream_arithmetic
         self.adapters = nn.ModuleList(
             nn.ModuleDict({name: Adapter(hidden, options.r, activation(), options.init_std)
                            for name in self.variant.adapters})
@@ -565,6 +589,8 @@ class _MEFT(Method):
         Measured in fp32, max relative gradient error of a layer vs autograd (gradient_errors_by_block):
         minilm-l6, one segment: meft1 8e-3, meft2 1e-2, meft3 1.0; segments of 2 layers: 3e-6, 2e-6, 1e-5.
         12-layer BERT of width 32, one segment: 1.0, 1.7, 1.0; segments of 2 layers: 4e-7, 6e-7, 4e-6."""
+        if encoder.stream_arithmetic == "fixed":
+            return  # exact reconstruction: nothing is amplified
         span = min(encoder.num_rev_layers, encoder.segment_layers or encoder.num_rev_layers)
         amplification = (1.0 / min(encoder.lam * encoder.beta, 1.0)) ** span
         if amplification * torch.finfo(dtype).eps > 1.0:
@@ -573,7 +599,8 @@ class _MEFT(Method):
                 f"(lambda={encoder.lam}, beta={encoder.beta}), which in {dtype} can amplify rounding up to "
                 f"{amplification:.0e}x, so the lower layers' gradients may be wrong. Set method.segment_layers to 2 or 3 "
                 f"(the streams between segments are then kept), or method.num_rev_layers lower (the layers above keep "
-                f"ordinary activations)" + (", or train in float32." if torch.finfo(dtype).eps > 1e-6 else "."),
+                f"ordinary activations), or method.stream_arithmetic to fixed (exact)" +
+                (", or train in float32." if torch.finfo(dtype).eps > 1e-6 else "."),
                 stacklevel=3)
 
 

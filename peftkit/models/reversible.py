@@ -21,6 +21,16 @@ divides the rounding error by lam·beta, so errors grow by 1/(lam·beta) per blo
 streams at segment boundaries are saved (2 tensors per segment) and reconstruction never crosses a boundary.
 ``gradient_errors_by_block`` measures the per-block gradient error against ordinary autograd.
 
+``run_stack(fixed_point=True)`` removes the rounding instead of bounding it. Inside the stack the streams are
+64-bit fixed-point integers (FRACTION_BITS bits after the point), where addition is exact, and a scale
+lam = num/den is a multiplication by num and a floor division by den whose remainder (log2(den) bits per element)
+is pushed on a :class:`RemainderStack`. The inverse pops it back, so every block's inputs are reconstructed bit
+for bit, F and G are recomputed on exactly the inputs the forward gave them, and the gradients are those of
+ordinary autograd through the same forward at any depth. The cost: the two top streams are kept as int64 instead
+of floats, plus one int64 per element for every ~63/log2(den) scalings (18 at lam = 0.1): constant up to that depth.
+The idea of storing the bits a non-invertible scaling drops is Maclaurin et al.'s exact reversible SGD
+(arXiv 1502.03492); Gomez et al.'s RevNet (arXiv 1707.04585) notes the same floating-point drift.
+
 Dropout replays exactly: the RNG state (CPU and, for CUDA tensors, the device's generator) is
 captured before every F and G call of the forward pass and restored around the recomputation, inside
 ``torch.random.fork_rng`` so that the caller's RNG stream is left untouched by the backward pass.
@@ -34,6 +44,8 @@ require grad.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
@@ -64,49 +76,56 @@ class ReversibleBlock:
         return out
 
     # ---- plain computation (differentiable with ordinary autograd) --------------------------
-    def forward(self, x1, x2, kwargs, rng: list | None = None):
-        """(x1, x2) -> streams for the next block; ``rng`` collects the RNG states when given."""
+    def forward(self, x1, x2, kwargs, rng: list | None = None, arithmetic: "FloatStreams | None" = None):
+        """(x1, x2) -> streams for the next block; ``rng`` collects the RNG states when given. ``arithmetic`` says
+        how the streams are held (floats, or fixed point inside a fixed-point reversible stack)."""
+        arithmetic = arithmetic or FLOAT_STREAMS
+        x2_in = arithmetic.to_input(x2)
         if rng is not None:
-            rng.append(RngState.capture(x2.device))
-        y1 = _scaled_add(self.f(x2, **kwargs), x1, self.lam)
+            rng.append(RngState.capture(x2_in.device))
+        y1 = arithmetic.scaled_add(self.f(x2_in, **kwargs), x1, self.lam)
+        y1_in = arithmetic.to_input(y1)
         if rng is not None:
-            rng.append(RngState.capture(y1.device))
-        y2 = _scaled_add(self.g(y1, **kwargs), x2, self.beta)
+            rng.append(RngState.capture(y1_in.device))
+        y2 = arithmetic.scaled_add(self.g(y1_in, **kwargs), x2, self.beta)
         return (y2, y1) if self.swap else (y1, y2)
 
-    def inverse(self, out1, out2, kwargs):
+    def inverse(self, out1, out2, kwargs, arithmetic: "FloatStreams | None" = None):
         """Streams after the block -> (x1, x2) before it (no grad; dropout must be off or replayed)."""
+        arithmetic = arithmetic or FLOAT_STREAMS
         y1, y2 = (out2, out1) if self.swap else (out1, out2)
-        x2 = _unscale(y2, self.g(y1, **kwargs), self.beta)
-        x1 = _unscale(y1, self.f(x2, **kwargs), self.lam)
+        x2 = arithmetic.unscale(y2, self.g(arithmetic.to_input(y1), **kwargs), self.beta)
+        x1 = arithmetic.unscale(y1, self.f(arithmetic.to_input(x2), **kwargs), self.lam)
         return x1, x2
 
     # ---- one step of the memory-free backward pass --------------------------------------------
-    def backward_step(self, out1, out2, d_out1, d_out2, kwargs, rng_f, rng_g, grads: dict[int, torch.Tensor]):
+    def backward_step(self, out1, out2, d_out1, d_out2, kwargs, rng_f, rng_g, grads: dict[int, torch.Tensor],
+                      arithmetic: "FloatStreams | None" = None):
         """Reconstruct this block's inputs and their gradients; add parameter grads into ``grads``."""
+        arithmetic = arithmetic or FLOAT_STREAMS
         y1, y2 = (out2, out1) if self.swap else (out1, out2)
         dy1, dy2 = (d_out2, d_out1) if self.swap else (d_out1, d_out2)
 
         g_params = self.params("g")
         with torch.enable_grad():
-            y1_leaf = y1.detach().requires_grad_(True)
+            y1_leaf = arithmetic.to_input(y1).detach().requires_grad_(True)
             with rng_g.replay():
                 g_out = self.g(y1_leaf, **kwargs)
             g_grads = torch.autograd.grad(g_out, [y1_leaf, *g_params], dy2, allow_unused=True)
         with torch.no_grad():
-            x2 = _unscale(y2, g_out.detach(), self.beta)
+            x2 = arithmetic.unscale(y2, g_out.detach(), self.beta)
             dy1_total = dy1 if g_grads[0] is None else torch.add(dy1, g_grads[0])
         del g_out, y1_leaf
         _accumulate(grads, g_params, g_grads[1:])
 
         f_params = self.params("f")
         with torch.enable_grad():
-            x2_leaf = x2.detach().requires_grad_(True)
+            x2_leaf = arithmetic.to_input(x2).detach().requires_grad_(True)
             with rng_f.replay():
                 f_out = self.f(x2_leaf, **kwargs)
             f_grads = torch.autograd.grad(f_out, [x2_leaf, *f_params], dy1_total, allow_unused=True)
         with torch.no_grad():
-            x1 = _unscale(y1, f_out.detach(), self.lam)
+            x1 = arithmetic.unscale(y1, f_out.detach(), self.lam)
             dx1 = dy1_total if self.lam == 1 else dy1_total * self.lam
             if f_grads[0] is None:
                 dx2 = dy2 if self.beta == 1 else dy2 * self.beta
@@ -126,6 +145,127 @@ def _unscale(y: torch.Tensor, out: torch.Tensor, factor: float) -> torch.Tensor:
     """(y - out) / factor, the inverse of ``_scaled_add``; the division works on the fresh difference in place."""
     diff = y - out
     return diff if factor == 1 else diff.div_(factor)
+
+
+class FloatStreams:
+    """Streams held as the model's floats: y = factor·x + out, inverted by (y - out) / factor (rounding included)."""
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def leave(self, stream: torch.Tensor) -> torch.Tensor:
+        return stream
+
+    def to_input(self, stream: torch.Tensor) -> torch.Tensor:
+        return stream
+
+    def scaled_add(self, out, stream, factor: float):
+        return _scaled_add(out, stream, factor)
+
+    def unscale(self, y, out, factor: float):
+        return _unscale(y, out, factor)
+
+
+FLOAT_STREAMS = FloatStreams()
+
+FRACTION_BITS = 32  # resolution 2^-32 (2.3e-10): finer than fp32 rounding for any value above 1e-2
+STREAM_LIMIT = 2 ** 52  # |stream| < 2^20 = 1,048,576 in float terms; num·stream and word·den stay below 2^63
+MAX_DENOMINATOR = 1000  # lam and beta must be fractions num/den with den <= 1000 (0.1 = 1/10, 0.05 = 1/20, ...)
+
+
+@lru_cache(maxsize=64)
+def exact_ratio(factor: float) -> tuple[int, int]:
+    """(num, den) with factor = num/den and den <= MAX_DENOMINATOR, or ValueError when there is none."""
+    ratio = Fraction(factor).limit_denominator(MAX_DENOMINATOR)
+    if factor <= 0 or ratio.numerator > MAX_DENOMINATOR or abs(float(ratio) - factor) > 1e-12 * factor:
+        raise ValueError(f"{factor!r} is not a fraction num/den with num and den <= {MAX_DENOMINATOR}, which fixed-point "
+                         f"streams need to scale exactly (0.1, 0.05, 0.25 and 1.5 are). Round it, or use "
+                         f"floating-point streams")
+    return ratio.numerator, ratio.denominator
+
+
+class RemainderStack:
+    """The remainders the fixed-point scalings drop, base-den digits packed into int64 words (one element per stream
+    element), pushed by the forward and popped in reverse order by the inverse. Words are replaced, never modified in
+    place, so a stack built over a copy of the list can be consumed while the original stays whole."""
+
+    def __init__(self, words: list | None = None, capacities: list | None = None):
+        self.words: list[torch.Tensor] = words or []
+        self.capacities: list[int] = capacities or []  # product of the radices packed into each word
+
+    def push(self, remainder: torch.Tensor, radix: int) -> None:
+        if self.words and self.capacities[-1] * radix <= 2 ** 62 and self.words[-1].shape == remainder.shape:
+            self.words[-1] = self.words[-1] * radix + remainder
+            self.capacities[-1] *= radix
+        else:
+            self.words.append(remainder)
+            self.capacities.append(radix)
+
+    def pop(self, radix: int) -> torch.Tensor:
+        word, capacity = self.words[-1], self.capacities[-1]
+        if capacity == radix:
+            self.words.pop()
+            self.capacities.pop()
+            return word
+        self.words[-1] = torch.div(word, radix, rounding_mode="floor")
+        self.capacities[-1] = capacity // radix
+        return word - self.words[-1] * radix
+
+
+class FixedPointStreams:
+    """Streams held as int64 fixed point (value · 2^FRACTION_BITS) with the dropped remainders kept: exactly invertible.
+
+    F and G still compute in ``dtype``: they read ``to_input(stream)``, and their outputs are rounded to the grid once.
+    """
+
+    def __init__(self, dtype: torch.dtype, stack: RemainderStack | None = None):
+        self.dtype = dtype
+        self.stack = stack if stack is not None else RemainderStack()
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return _to_fixed(x)
+
+    def leave(self, stream: torch.Tensor) -> torch.Tensor:
+        return self.to_input(stream)
+
+    def to_input(self, stream: torch.Tensor) -> torch.Tensor:
+        return (stream.double() * 2.0 ** -FRACTION_BITS).to(self.dtype)  # exact below 2^53, then one rounding
+
+    def scaled_add(self, out, stream, factor: float):
+        num, den = exact_ratio(factor)
+        if num != 1:
+            stream = stream * num
+        if den != 1:
+            quotient = torch.div(stream, den, rounding_mode="floor")
+            self.stack.push(stream - quotient * den, den)
+            stream = quotient
+        return _checked(stream + _to_fixed(out))
+
+    def unscale(self, y, out, factor: float):
+        num, den = exact_ratio(factor)
+        stream = y - _to_fixed(out)
+        if den != 1:
+            stream = stream * den + self.stack.pop(den)
+        if num != 1:
+            stream = torch.div(stream, num, rounding_mode="floor")  # exact: the forward multiplied by num
+        return stream
+
+
+def _to_fixed(x: torch.Tensor) -> torch.Tensor:
+    """The nearest grid point of every element (a float's scaling by 2^FRACTION_BITS is exact in float64)."""
+    return _checked(torch.round(x.double() * 2.0 ** FRACTION_BITS).to(torch.int64))
+
+
+def _checked(stream: torch.Tensor) -> torch.Tensor:
+    """``stream``, after making sure it is inside the fixed-point range (an int64 overflow would be silent)."""
+    if stream.numel():
+        largest = stream.abs().max().item()
+        if largest >= STREAM_LIMIT or largest < 0:  # < 0: abs() of int64's minimum (a NaN cast)
+            raise FloatingPointError(
+                f"a reversible layer's stream left the fixed-point range (|value| < {STREAM_LIMIT >> FRACTION_BITS:,} "
+                f"at resolution 2^-{FRACTION_BITS}): the activations are not finite or are exploding. Lower the "
+                f"learning rate, or use floating-point streams")
+    return stream
 
 
 def _accumulate(grads: dict[int, torch.Tensor], params, new_grads) -> None:
@@ -173,36 +313,48 @@ class ReversibleStackFunction(torch.autograd.Function):
     """Runs blocks under no_grad; saves only the top outputs; recomputes block by block in backward."""
 
     @staticmethod
-    def forward(ctx, blocks, kwarg_names, other_kwargs, n_params, x1, x2, *rest):
+    def forward(ctx, blocks, kwarg_names, other_kwargs, fixed_point, n_params, x1, x2, *rest):
         params, kwarg_tensors = rest[:n_params], rest[n_params:]
         kwargs = {**other_kwargs, **dict(zip(kwarg_names, kwarg_tensors))}
         record_rng = any(m.training for b in blocks for m in b.f_modules + b.g_modules)
         rng_states = []
+        arithmetic = FixedPointStreams(x1.dtype) if fixed_point else FLOAT_STREAMS
         with torch.no_grad():
+            s1, s2 = arithmetic.enter(x1), arithmetic.enter(x2)
             for block in blocks:
-                x1, x2 = block.forward(x1, x2, kwargs, rng_states if record_rng else None)
+                s1, s2 = block.forward(s1, s2, kwargs, rng_states if record_rng else None, arithmetic)
+            y1, y2 = arithmetic.leave(s1), arithmetic.leave(s2)
         ctx.blocks, ctx.kwarg_names, ctx.other_kwargs = blocks, kwarg_names, other_kwargs
         ctx.params, ctx.rng_states = params, rng_states
+        ctx.dtype, ctx.fixed_point = x1.dtype, fixed_point
+        words = arithmetic.stack.words if fixed_point else []
+        ctx.n_words, ctx.capacities = len(words), list(arithmetic.stack.capacities) if fixed_point else []
         device_type = x1.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
-        ctx.save_for_backward(x1, x2, *kwarg_tensors)
-        return x1, x2
+        # fixed point: the exact int64 streams and the remainder words (saved like any tensor, so counted as such)
+        ctx.save_for_backward(s1, s2, *words, *kwarg_tensors)
+        return y1, y2
 
     @staticmethod
     def backward(ctx, d_out1, d_out2):
-        out1, out2, *kwarg_tensors = ctx.saved_tensors
+        out1, out2, *rest = ctx.saved_tensors
+        words, kwarg_tensors = rest[:ctx.n_words], rest[ctx.n_words:]
         kwargs = {**ctx.other_kwargs, **dict(zip(ctx.kwarg_names, kwarg_tensors))}
-        d_out1 = torch.zeros_like(out1) if d_out1 is None else d_out1
-        d_out2 = torch.zeros_like(out2) if d_out2 is None else d_out2
+        d_out1 = torch.zeros(out1.shape, dtype=ctx.dtype, device=out1.device) if d_out1 is None else d_out1
+        d_out2 = torch.zeros(out2.shape, dtype=ctx.dtype, device=out2.device) if d_out2 is None else d_out2
         no_replay = _NoReplay()
         grads: dict[int, torch.Tensor] = {}
+        # a fresh stack over the saved words: popping replaces list entries, so a second backward finds them whole
+        arithmetic = (FixedPointStreams(ctx.dtype, RemainderStack(list(words), list(ctx.capacities)))
+                      if ctx.fixed_point else FLOAT_STREAMS)
         device_type, dtype, enabled = ctx.autocast
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # recompute as the forward computed
             for i in reversed(range(len(ctx.blocks))):
                 rng_f, rng_g = (ctx.rng_states[2 * i], ctx.rng_states[2 * i + 1]) if ctx.rng_states else (no_replay, no_replay)
-                out1, out2, d_out1, d_out2 = ctx.blocks[i].backward_step(out1, out2, d_out1, d_out2, kwargs, rng_f, rng_g, grads)
+                out1, out2, d_out1, d_out2 = ctx.blocks[i].backward_step(out1, out2, d_out1, d_out2, kwargs, rng_f, rng_g,
+                                                                         grads, arithmetic)
         param_grads = tuple(grads.get(id(p)) for p in ctx.params)
-        return (None, None, None, None, d_out1, d_out2, *param_grads, *([None] * len(kwarg_tensors)))
+        return (None, None, None, None, None, d_out1, d_out2, *param_grads, *([None] * len(kwarg_tensors)))
 
 
 class _NoReplay:
@@ -213,12 +365,14 @@ class _NoReplay:
 
 
 def run_stack(blocks: list[ReversibleBlock], x1, x2, kwargs: dict[str, Any], reversible: bool = True,
-              segment_layers: int | None = None):
+              segment_layers: int | None = None, fixed_point: bool = False):
     """Run ``blocks`` on the streams; reversible=False is the same network under ordinary autograd.
 
     ``segment_layers`` = k splits the stack into segments of k blocks, each its own reversible Function: the
     streams between segments are kept for backward (2 tensors per segment) and reconstruction runs within a
     segment only, so rounding is amplified over at most k blocks instead of the whole depth. None = one segment.
+    ``fixed_point`` holds the streams of the reversible run in exact fixed point (see the module docstring): the
+    reconstruction is exact at any depth. It changes the forward only by rounding to 2^-FRACTION_BITS.
     """
     if not blocks:
         return x1, x2
@@ -230,11 +384,11 @@ def run_stack(blocks: list[ReversibleBlock], x1, x2, kwargs: dict[str, Any], rev
         raise ValueError(f"segment_layers must be >= 1 (or None for one segment), got {segment_layers}")
     step = segment_layers or len(blocks)
     for start in range(0, len(blocks), step):
-        x1, x2 = _run_segment(blocks[start:start + step], x1, x2, kwargs)
+        x1, x2 = _run_segment(blocks[start:start + step], x1, x2, kwargs, fixed_point)
     return x1, x2
 
 
-def _run_segment(blocks: list[ReversibleBlock], x1, x2, kwargs: dict[str, Any]):
+def _run_segment(blocks: list[ReversibleBlock], x1, x2, kwargs: dict[str, Any], fixed_point: bool = False):
     params, seen = [], set()
     for block in blocks:
         for p in block.params("f") + block.params("g"):
@@ -243,11 +397,12 @@ def _run_segment(blocks: list[ReversibleBlock], x1, x2, kwargs: dict[str, Any]):
                 params.append(p)
     names = tuple(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
     other = {k: v for k, v in kwargs.items() if k not in names}
-    return ReversibleStackFunction.apply(blocks, names, other, len(params), x1, x2, *params, *(kwargs[k] for k in names))
+    return ReversibleStackFunction.apply(blocks, names, other, fixed_point, len(params), x1, x2, *params,
+                                         *(kwargs[k] for k in names))
 
 
 def gradient_errors_by_block(blocks: list[ReversibleBlock], x, kwargs: dict[str, Any],
-                             segment_layers: int | None = None, seed: int = 0) -> list[float]:
+                             segment_layers: int | None = None, seed: int = 0, fixed_point: bool = False) -> list[float]:
     """Relative error, per block, of the reversible backward's parameter gradients against ordinary autograd.
 
     Both runs take the same blocks, the input streams (x, x) and the same random gradient on the final feature
@@ -270,7 +425,8 @@ def gradient_errors_by_block(blocks: list[ReversibleBlock], x, kwargs: dict[str,
 
     def grads(reversible: bool) -> dict[int, torch.Tensor]:
         with torch.enable_grad():
-            y1, y2 = run_stack(blocks, x, x, kwargs, reversible=reversible, segment_layers=segment_layers)
+            y1, y2 = run_stack(blocks, x, x, kwargs, reversible=reversible, segment_layers=segment_layers,
+                               fixed_point=fixed_point)
             feature = (y1 + y2) / 2
             upstream = torch.randn(feature.shape, generator=generator.manual_seed(seed), dtype=feature.dtype).to(feature.device)
             found = torch.autograd.grad(feature, flat, upstream, allow_unused=True)

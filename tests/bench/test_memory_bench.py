@@ -67,8 +67,9 @@ def test_row_labels_carry_method_options_and_the_recipes_meft3_setting():
     assert label_of("meft3", {"num_rev_layers": 3, "segment_layers": 2}) == "meft3[num_rev_layers=3,segment_layers=2]"
     assert parse_label("meft3[num_rev_layers=3,segment_layers=2]") == ("meft3", {"num_rev_layers": 3, "segment_layers": 2})
     assert parse_label("lora+gc") == ("lora+gc", {})
-    # the shipped MEFT3 GLUE recipes keep the upper three layers out of the reversible stack
-    assert recipe_contenders() == ["meft3[num_rev_layers=3]"]
+    assert parse_label("meft3[stream_arithmetic=float]") == ("meft3", {"stream_arithmetic": "float"})
+    # the shipped MEFT GLUE recipes train the default configuration (every layer reversible, fixed-point streams)
+    assert recipe_contenders() == []
 
 
 def test_gradient_error_columns_flag_reconstruction_beyond_fp32_rounding():
@@ -89,12 +90,15 @@ def test_gradient_error_columns_flag_reconstruction_beyond_fp32_rounding():
 
     full = errors("full")
     assert full["grad_error"] == 0 and 0 < full["grad_error_ref"] < 1e-4 and not full["grad_error_flag"]
-    # six fp32 MEFT3 layers reconstructed in one go: rounding divided by 0.01 per layer, far above fp32's own
-    whole = errors("meft3")
+    # six fp32 MEFT3 layers reconstructed in one go in float: rounding divided by 0.01 per layer, far above fp32's own
+    whole = errors("meft3[stream_arithmetic=float]")
     assert whole["grad_error_flag"] and whole["grad_error"] > 100 * whole["grad_error_ref"]
     assert whole["grad_error_worst"] == "layer 0"  # reconstruction errors grow from the top down
+    # the default fixed-point streams reconstruct the same six layers exactly
+    exact = errors("meft3")
+    assert not exact["grad_error_flag"] and exact["grad_error"] < 10 * exact["grad_error_ref"]
     # one layer per segment: no reconstruction through other layers, autograd's level
-    split = errors("meft3[segment_layers=1]")
+    split = errors("meft3[segment_layers=1,stream_arithmetic=float]")
     assert not split["grad_error_flag"] and split["grad_error"] < 10 * split["grad_error_ref"]
     # checkpointing recomputes the same function
     assert errors("full+gc", layers=2)["grad_error"] < 1e-6

@@ -15,8 +15,9 @@ to random, clearly non-zero values, so where each adapter reads from and where i
     MEFT3: y1 = 0.1·x1 + A(x2, ad_attn); y2 = 0.1·x2 + B(y1, ad_ffn);       not swapped
     (x1, x2) = (h0, h0) from the embeddings; the encoder's output is (x1 + x2) / 2.
 
-Also pinned here: the adapters' initialisation (N(0, 0.02²) weights, zero biases, r = 8) and reversible
-segments (``segment_layers``), which keep fp32 gradients at autograd's level in a 12-layer stack.
+Also pinned here: the adapters' initialisation (N(0, 0.02²) weights, zero biases, r = 8), and the two ways of
+keeping fp32 gradients at autograd's level in a 12-layer stack: exact fixed-point streams (the default) and, for
+floating-point streams, reversible segments (``segment_layers``).
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ def test_adapter_init_is_normal_with_std_0_02_and_zero_bias(variant):
     assert all((b == 0).all() for b in biases)
 
 
-# ---- reversible segments: fp32 gradients at depth -----------------------------------------------------
-def _twelve_layer_stack(variant):
-    model = create_method(variant, MEFTOptions()).prepare(tiny_bert(layers=12, vocab_size=1000).float()).eval()
+# ---- fp32 gradients at depth: fixed-point streams, or float streams in segments ------------------------
+def _twelve_layer_stack(variant, **options):
+    model = create_method(variant, MEFTOptions(**options)).prepare(tiny_bert(layers=12, vocab_size=1000).float()).eval()
     encoder = meft_encoder_of(model)
     ids = torch.randint(5, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -179,7 +180,7 @@ def test_segments_keep_fp32_gradients_at_autograd_level_over_twelve_layers(varia
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # prepare warns about the 12-layer reconstruction, which is the point here
-        _, encoder, x = _twelve_layer_stack(variant)
+        _, encoder, x = _twelve_layer_stack(variant, stream_arithmetic="float")
     whole = gradient_errors_by_block(encoder.blocks(), x, {"attention_mask": None})
     segmented = gradient_errors_by_block(encoder.blocks(), x, {"attention_mask": None}, segment_layers=2)
     assert max(whole) > 0.1, whole  # the problem segments solve is real at this depth
@@ -191,7 +192,7 @@ def test_segments_keep_fp32_gradients_at_autograd_level_over_twelve_layers(varia
 def test_segmented_stack_matches_autograd_in_fp64_with_dropout_and_padding(segment_layers):
     import test_meft as base_tests
 
-    model = base_tests.make("meft2", layers=6).train()  # dropout on: RNG replays within every segment
+    model = base_tests.make("meft2", layers=6, stream_arithmetic="float").train()  # dropout on: RNG replays in every segment
     meft_encoder_of(model).segment_layers = segment_layers
     batch = base_tests.batch_of(model)
     got = base_tests.grads_of(model, batch, True)
@@ -203,7 +204,7 @@ def test_segments_keep_their_boundaries_and_nothing_else():
     from peftkit.bench.memory import saved_tensor_bytes
 
     def saved(layers, segment_layers=None, method="meft1"):
-        m = create_method(method)
+        m = create_method(method, stream_arithmetic="float") if method.startswith("meft") else create_method(method)
         model = m.prepare(tiny_bert(layers=layers)).train()
         if segment_layers:
             meft_encoder_of(model).segment_layers = segment_layers
@@ -214,6 +215,102 @@ def test_segments_keep_their_boundaries_and_nothing_else():
     # 3 segments of 2 keep 2 more boundaries than one segment; stored activations of 6 plain layers are far more
     assert saved(6, 2) - one_segment == pytest.approx(2 * stream_pair, rel=0.2)
     assert saved(6, 2) < saved(6, method="lora") / 3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fixed_point_streams_keep_fp32_gradients_at_autograd_level_over_twelve_layers(variant):
+    """No segments: the whole 12-layer stack is reconstructed, exactly, from its top streams."""
+    from peftkit.models.reversible import gradient_errors_by_block
+
+    _, encoder, x = _twelve_layer_stack(variant)
+    assert encoder.stream_arithmetic == "fixed" and encoder.segment_layers is None
+    errors = gradient_errors_by_block(encoder.blocks(), x, {"attention_mask": None}, fixed_point=True)
+    assert max(errors) < 1e-5, errors  # measured 2.5e-7..3.5e-7; float streams: 0.96..1.7 (the test above)
+
+
+def _linear_blocks(layers, lam, beta, width=16, seed=0):
+    """Reversible blocks whose F and G are small tanh-Linear maps (no attention: cheap at any depth)."""
+    from peftkit.models.reversible import ReversibleBlock
+
+    torch.manual_seed(seed)
+    blocks = []
+    for i in range(layers):
+        f, g = torch.nn.Linear(width, width), torch.nn.Linear(width, width)
+        blocks.append(ReversibleBlock(lambda x, f=f: torch.tanh(f(x)), lambda y, g=g: torch.tanh(g(y)), [f], [g],
+                                      lam, beta, swap=bool(i % 2)))
+    return blocks
+
+
+@pytest.mark.parametrize("lam,beta", [(0.1, 0.1), (0.05, 1.0), (1.5, 0.25)])
+def test_fixed_point_inverse_reconstructs_every_layer_bit_for_bit(lam, beta):
+    """40 layers at 0.1·0.1 drop 80 decimal digits per element: more than one int64 remainder word holds, so the
+    stack spills into further words and must unpack them in reverse order."""
+    from peftkit.models.reversible import FixedPointStreams
+
+    blocks = _linear_blocks(40, lam, beta)
+    arithmetic = FixedPointStreams(torch.float32)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        streams = [(arithmetic.enter(x), arithmetic.enter(x * 0.5))]
+        for block in blocks:
+            streams.append(block.forward(*streams[-1], {}, None, arithmetic))
+        if lam * beta < 1:
+            assert len(arithmetic.stack.words) > 1
+        s1, s2 = streams[-1]
+        for block, (want1, want2) in zip(reversed(blocks), reversed(streams[:-1])):
+            s1, s2 = block.inverse(s1, s2, {}, arithmetic)
+            assert torch.equal(s1, want1) and torch.equal(s2, want2)
+    assert arithmetic.stack.words == []
+
+
+def test_fixed_point_stack_matches_autograd_and_saves_one_word_per_eighteen_scalings():
+    from peftkit.bench.memory import saved_tensor_bytes
+    from peftkit.models.reversible import run_stack
+
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    for layers in (9, 10):  # 18 and 20 scalings by 1/10
+        blocks = _linear_blocks(layers, 0.1, 0.1)
+        params = [p for b in blocks for m in b.f_modules + b.g_modules for p in m.parameters()]
+        outputs = {}
+        for fixed in (True, False):
+            y1, y2 = run_stack(blocks, x, x, {}, reversible=fixed, fixed_point=fixed)
+            outputs[fixed] = torch.autograd.grad((y1 * y2).sum(), [x, *params])
+        for got, want in zip(outputs[True], outputs[False]):  # fp32: float reconstruction would be off by ~1e+3 here
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    class Stack(torch.nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.blocks = _linear_blocks(layers, 0.1, 0.1)
+            self.params = torch.nn.ModuleList(m for b in self.blocks for m in b.f_modules + b.g_modules)
+
+        def forward(self, input_ids):
+            from types import SimpleNamespace
+
+            y1, y2 = run_stack(self.blocks, input_ids, input_ids, {}, fixed_point=True)
+            return SimpleNamespace(loss=y1.sum() + y2.sum())  # sums save nothing: only the stack's tensors count
+
+    def saved(layers):
+        return saved_tensor_bytes(Stack(layers), {"input_ids": torch.randn(2, 7, 16)})
+
+    stream = 2 * 7 * 16 * 8  # one int64 per element
+    assert saved(2) == saved(9) == 3 * stream  # two streams and one remainder word
+    assert saved(10) == 4 * stream  # 20 scalings by 1/10 need a second word
+
+
+def test_fixed_point_refuses_inexact_factors_and_non_finite_streams():
+    from peftkit.errors import UserError
+    from peftkit.models.reversible import run_stack
+
+    with pytest.raises(UserError, match=r"method.lambda_factor: 0.1234567 is not a fraction .* stream_arithmetic: float"):
+        create_method("meft3", lambda_factor=0.1234567)
+    MEFTOptions(lambda_factor=0.1234567, stream_arithmetic="float")
+    MEFTOptions(lambda_factor=1 / 3, beta_factor=1.25)  # 1/3 is a small fraction: exact
+    blocks = _linear_blocks(2, 0.1, 0.1)
+    blocks[1].g = lambda y: y * float("inf")
+    x = torch.randn(1, 3, 16, requires_grad=True)
+    with pytest.raises(FloatingPointError, match="fixed-point range"):
+        run_stack(blocks, x, x, {}, fixed_point=True)
 
 
 def test_segment_layers_must_be_positive():
