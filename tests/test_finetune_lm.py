@@ -46,6 +46,7 @@ def test_apiq_fine_tune_lowers_perplexity_and_peftkit_eval_reproduces_it(lm_setu
     assert m["task"] == "wikitext2" and m["method"] == "apiq" and m["steps"] == 24
     assert m["eval_windows"] == 6 and m["eval_seq_len"] == 32 and m["eval_tokens"] == 6 * 31
     assert m["ppl"] < 0.9 * m["ppl_start"], m  # 126 -> 107: LoRA alone, on a frozen random lm_head, in 24 steps
+    assert "gradient checkpointing on" in (run_dir / "train.log").read_text()  # the quantized base's default
     assert 0 < m["trainable_pct"] < 100 and m["train_windows"] > 20
     evals = [json.loads(line)["eval"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert [e["ppl"] for e in evals] and m["ppl"] == pytest.approx(min(e["ppl"] for e in evals))  # lower is better
@@ -90,6 +91,7 @@ def test_fp_reference_methods_fine_tune_a_plain_causal_lm(lm_setup, tmp_path, me
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["ppl"] < m["ppl_start"] and m["steps"] == 12
     assert (m["trainable_pct"] == 100) == (method == "full")
+    assert "gradient checkpointing" not in (run_dir / "train.log").read_text()  # off unless asked for
     again = run(str(run_dir), data_root=str(lm_setup["data"]), seq_len=32, max_windows=6)
     assert again["ppl"] == pytest.approx(m["ppl"], rel=1e-5)
 

@@ -64,8 +64,9 @@ class TrainArgs(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "fp32", "Mixed precision of the forward and backward (autocast; fp16 adds a gradient scaler). 'auto' picks bf16 "
                 "on CUDA devices with bf16 and on CPUs with AMX, else fp32; the run logs what it picked.")
-    gradient_checkpointing: StrictBool = option(
-        False, "Recompute each layer's activations in backward instead of keeping them (less memory, ~1/3 more compute).")
+    gradient_checkpointing: Optional[StrictBool] = option(
+        None, "Recompute each layer's activations in backward instead of keeping them (less memory, ~1/3 more compute). "
+              "null = the method's default: on for a quantized base (method apiq), off otherwise.")
     optimizer: Literal["adamw", "adamw8bit"] = option(
         "adamw", "adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: optimizer state in 8 bits).")
     strategy: Literal["ddp", "fsdp"] = option(

@@ -35,6 +35,7 @@ class QuantizedLoRA(PeftBackedMethod):
     families, family_note = ("llama",), "the base is a `peftkit quantize` output of a LLaMA-family decoder"
     Options = QuantizedLoRAOptions
     can_merge = True  # into the unpacked weights: a full-precision model (see merge)
+    checkpoints_by_default = True  # the packed base is ~1/6 of the float model: activations dominate the step
     unmerged_export = "peftkit"  # the quantize output travels as base/; peft + GPTQModel also load GPTQ-packed ones
     quant_dir: Path | None = None
 

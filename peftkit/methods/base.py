@@ -48,6 +48,9 @@ class Method:
     # family_note says why the others are left out; a model of another family is refused before training.
     families: ClassVar[tuple[str, ...] | None] = None
     family_note: ClassVar[str] = ""
+    # train.gradient_checkpointing: null takes this. On for quantized bases, where the weights are small and the
+    # activations are most of a step's memory (peft's prepare_model_for_kbit_training makes the same choice).
+    checkpoints_by_default: ClassVar[bool] = False
 
     def __init__(self, options: MethodArgs | None = None):
         if options is not None and not isinstance(options, self.Options):

@@ -112,14 +112,16 @@ def run_training(recipe) -> Path:
 
     seed_everything(train.seed)
     model = task.build_model(method, tokenizer)
-    if train.gradient_checkpointing:
+    checkpointing = train.gradient_checkpointing
+    checkpointing = method.checkpoints_by_default if checkpointing is None else checkpointing
+    if checkpointing:
         method.enable_gradient_checkpointing(model)
 
     with open_run(recipe, dist, resume=train.resume != "false") as run:
         trainable, total = count_parameters(model)
         method_name = getattr(recipe, "method_name", "full")
         run.log(f"method {method_name} on {task.describe(data)}: trainable params {trainable:,} of {total:,} "
-                f"({100 * trainable / total:.3f}%)")
+                f"({100 * trainable / total:.3f}%)" + ("; gradient checkpointing on" if checkpointing else ""))
         args = task.train_args(model, run.dir if dist.is_main else None, run.log)
         trainer = Trainer(model, method, args, run.dir, data.train, data.collate, data.eval_fn,
                           best_metric=task.best_metric if data.eval_fn else None,
