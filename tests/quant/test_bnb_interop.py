@@ -9,7 +9,11 @@ from helpers.quant import options, structured_llama, write_model_dir, write_wiki
 
 from peftkit.commands.quantize import quantize
 from peftkit.quant import bnb_format, checkpoint
-from peftkit.quant.checkpoint import load_quantized, load_quantized_weights, save_quantized
+from peftkit.quant.checkpoint import (
+    load_quantized,
+    load_quantized_weights,
+    save_quantized,
+)
 from peftkit.quant.normal_float import nf_dequantize, nf_quantize
 from peftkit.quant.packed_linear import PackedLinear
 from peftkit.quant.pipeline import quantize_model
