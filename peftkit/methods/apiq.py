@@ -5,7 +5,8 @@ model.name is the quantize output directory. ``load_base`` loads its base with e
 ``prepare`` puts peft LoRA on it with the factors the quantizer initialised (ApiQ / LoftQ: calibrated A and B;
 RTN / NF: B = 0) and leaves only LoRA (and a task head, if any) trainable — the quantized base stays frozen.
 ``save`` / ``load`` use peft's adapter format, whose base is the quantize output directory; for GPTQ-packed
-outputs (RTN, ApiQ) peft's AutoPeftModel loads a saved adapter outside peftkit too.
+outputs (RTN, ApiQ, with GPTQModel) and NF4 outputs (with bitsandbytes) peft's AutoPeftModel loads a saved adapter
+outside peftkit too.
 ``model.dtype`` is the dtype of everything that is not packed (embeddings, norms, LoRA inputs): bfloat16 keeps the
 model smallest in memory.
 """
@@ -36,7 +37,7 @@ class QuantizedLoRA(PeftBackedMethod):
     Options = QuantizedLoRAOptions
     can_merge = True  # into the unpacked weights: a full-precision model (see merge)
     checkpoints_by_default = True  # the packed base is ~1/6 of the float model: activations dominate the step
-    unmerged_export = "peftkit"  # the quantize output travels as base/; peft + GPTQModel also load GPTQ-packed ones
+    unmerged_export = "peftkit"  # the quantize output travels as base/; peft loads its GPTQ and NF4 forms too
     quant_dir: Path | None = None
 
     def load_base(self, model_options, task_head="causal_lm", num_labels=None, problem_type=None):

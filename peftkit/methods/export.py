@@ -10,7 +10,8 @@ An export directory holds one of four formats, chosen from the method and ``--me
   ``apply_delta.py``) next to its base;
 * ``peftkit``: the run's own saved state next to its base, which only peftkit loads: MEFT (its reversible
   two-stream network is no transformers architecture) and ApiQ without merging (its base, a quantize output
-  directory, travels as ``base/``; GPTQ-packed ones also load in transformers + GPTQModel and peft).
+  directory, travels as ``base/``; GPTQ-packed ones also load in transformers + GPTQModel and peft, NF4 ones in
+  transformers + bitsandbytes and peft).
 
 Every export also holds ``export.json`` (the run's metadata, the format and the base reference, which
 ``load_export`` and ``peftkit eval`` read) and a model card, ``README.md``.
@@ -65,8 +66,8 @@ LOAD_RECIPES: dict[str, dict[str, tuple[str | None, str]]] = {
     },
     "peftkit": {
         "transformers": (None, "MEFT: no transformers class computes its reversible network; ApiQ: base/ is a "
-                               "quantize output, which transformers + GPTQModel load when it is GPTQ-packed (RTN, "
-                               "ApiQ), NF ones only peftkit"),
+                               "quantize output, which transformers loads with GPTQModel when it is GPTQ-packed "
+                               "(RTN, ApiQ) and with bitsandbytes when it is NF4; NF2/NF3 ones only peftkit"),
         "peft": (None, "see transformers"),
         "peftkit": ("peftkit.load(DIR)", ""),
     },

@@ -1,18 +1,26 @@
 """A quantized model directory (what `peftkit quantize` writes) and how to load it back, packed.
 
   config.json + tokenizer files      the model architecture; for uniform (RTN / ApiQ) quantization also a GPTQ
-                                     ``quantization_config`` (asymmetric, desc_act off, checkpoint_format gptq_v2)
-  model.safetensors                  per quantized Linear the GPTQ tensors <name>.qweight/.qzeros/.scales/.g_idx
-                                     (normal-float: <name>.qweight as uint8 codes and <name>.absmax, a peftkit-only layout), its bias;
+                                     ``quantization_config`` (asymmetric, desc_act off, checkpoint_format gptq_v2);
+                                     for NF4 (nf / LoftQ at 4 bits, group 32..4096) a bitsandbytes one (load_in_4bit,
+                                     nf4, no double quantization)
+  model.safetensors                  per quantized Linear its bias and
+                                       uniform: the GPTQ tensors <name>.qweight/.qzeros/.scales/.g_idx (gptq_format.py)
+                                       NF4: the bitsandbytes tensors <name>.weight (packed codes), .weight.absmax,
+                                            .weight.quant_map, .weight.quant_state.bitsandbytes__nf4 (bnb_format.py)
+                                       NF2/NF3: <name>.qweight (codes packed b bits each) and <name>.absmax, a
+                                            peftkit-only layout;
                                      every other tensor (embeddings, norms, an untied lm_head) in float16
   quantization.json                  method, bits, group size, LoRA settings, per-layer formats, sizes, options
   errors.json                        per-block / per-layer errors and calibration losses
   adapter_config.json + adapter_model.safetensors   the initial LoRA in peft format, whose base is this directory
 
 So for RTN and ApiQ outputs, transformers with GPTQ support (GPTQModel) loads the directory as the quantized model
-with its LoRA (``AutoModelForCausalLM.from_pretrained(dir)``, or ``AutoPeftModelForCausalLM``), and peftkit loads it
-with every quantized Linear kept packed (PackedLinear) — the same numbers either way. NF / LoftQ outputs have no
-``quantization_config``: NF2/NF3 have no format outside peftkit, so only peftkit loads them.
+with its LoRA (``AutoModelForCausalLM.from_pretrained(dir)``, or ``AutoPeftModelForCausalLM``); for NF4 outputs
+transformers with bitsandbytes does; and peftkit loads either with every quantized Linear kept packed
+(PackedLinear) — the same weights either way. NF2/NF3 outputs (and NF4 at a group size bitsandbytes has no block
+for) have no format outside peftkit: their config.json has no ``quantization_config``, so transformers does not
+mistake them for anything, and only peftkit loads them. quantization.json's ``storage`` and ``loads_in`` say which.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 import torch
 
 from peftkit.errors import UserError
+from peftkit.quant import bnb_format
 from peftkit.quant.gptq_format import check_packable, from_gptq, quantization_config
 from peftkit.quant.packed_linear import PackedLinear, register_lora
 from peftkit.quant.pipeline import QuantResult, lora_config
@@ -34,7 +43,13 @@ ERRORS_FILE = "errors.json"
 FORMAT = "peftkit-quantized"
 VERSION = 2
 STORAGE_DTYPE = torch.float16  # GPTQ's convention for every tensor that is not packed
-PACKED_PARTS = ("qweight", "qzeros", "scales", "g_idx", "qweight", "absmax")
+PACKED_PARTS = ("qweight", "qzeros", "scales", "g_idx", "absmax")  # PackedLinear's buffers
+LOADS_IN = {
+    "gptq": "peftkit; transformers with GPTQModel (AutoModelForCausalLM / AutoPeftModelForCausalLM)",
+    "bitsandbytes": "peftkit; transformers with bitsandbytes 4-bit (AutoModelForCausalLM / AutoPeftModelForCausalLM)",
+    "nf": "peftkit only: normal-float codes at these bits / group size have no format outside peftkit",
+    "plain": "peftkit; transformers (16-bit weights, no quantization_config)",
+}
 
 
 def is_quantized_dir(path) -> bool:
@@ -54,9 +69,19 @@ def packing_problems(model, leaves: list[str], bits: int, group_size: int) -> li
     return problems
 
 
+def stored_as_bnb(quantized: QuantizedWeight) -> bool:
+    """Whether this weight is written in the bitsandbytes 4-bit layout (NF4 at a blocksize bitsandbytes has)."""
+    return quantized.kind == "nf" and bnb_format.check_storable(quantized.bits, quantized.group_size,
+                                                                 quantized.shape) is None
+
+
 def _layer_tensors(name: str, quantized: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The file's tensors of one quantized Linear, its bias last."""
     if quantized.kind == "none":
         tensors = {f"{name}.weight": quantized.weight.detach().to(STORAGE_DTYPE).cpu().contiguous()}
+    elif stored_as_bnb(quantized):
+        parts = bnb_format.to_bnb(quantized.codes, quantized.scales, quantized.group_size)
+        tensors = {f"{name}.{key}": value.cpu().contiguous() for key, value in parts.items()}
     else:
         packed = PackedLinear.from_quantized(quantized)
         tensors = {f"{name}.{key}": value.cpu().contiguous() for key, value in packed.named_buffers()}
@@ -73,8 +98,12 @@ def save_quantized(out_dir: Path, model, result: QuantResult, tokenizer=None, ex
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
+    packed_bytes = 0
     for name, quantized in result.weights.items():
-        tensors.update(_layer_tensors(name, quantized, getattr(model.get_submodule(name), "bias", None)))
+        layer = _layer_tensors(name, quantized, getattr(model.get_submodule(name), "bias", None))
+        if quantized.kind != "none":
+            packed_bytes += sum(t.numel() * t.element_size() for k, t in layer.items() if k != f"{name}.bias")
+        tensors.update(layer)
     quantized_keys = {f"{name}.{part}" for name in result.weights for part in ("weight", "bias")}
     seen_storage = set()
     for key, value in model.state_dict().items():
@@ -87,21 +116,23 @@ def save_quantized(out_dir: Path, model, result: QuantResult, tokenizer=None, ex
         tensors[key] = value.detach().to(STORAGE_DTYPE).cpu().contiguous()
     save_file(tensors, str(out_dir / BASE_FILE), metadata={"format": "pt"})
 
-    kinds = {q.kind for q in result.weights.values()}
+    storage = _storage(result.weights)
     config = model.config.to_dict()
     config["torch_dtype"] = config["dtype"] = "float16"
     config.pop("quantization_config", None)
-    if kinds == {"uniform"}:
+    if storage == "gptq":
         config["quantization_config"] = quantization_config(result.bits, result.group_size,
                                                             bool((extra or {}).get("symmetric")), "peftkit")
+    elif storage == "bitsandbytes":
+        # every Linear that is not NF4 (an untied lm_head, say) must be named, or transformers makes it a Linear4bit
+        skip = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in result.weights]
+        config["quantization_config"] = bnb_format.quantization_config(skip)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
-    packed_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rpartition(".")[2] in PACKED_PARTS)
     info = {"format": FORMAT, "version": VERSION, "method": result.method, "bits": result.bits,
-            "group_size": result.group_size,
-            "storage": "gptq" if kinds == {"uniform"} else ("nf" if kinds == {"nf"} else "plain"),
+            "group_size": result.group_size, "storage": storage, "loads_in": LOADS_IN[storage],
             "lora": {"r": result.lora_r, "alpha": result.lora_alpha, "targets": result.lora_targets},
             "layers": {name: q.describe() for name, q in result.weights.items()},
             "packed_bytes": packed_bytes,
@@ -118,6 +149,16 @@ def save_quantized(out_dir: Path, model, result: QuantResult, tokenizer=None, ex
     peft_model = get_peft_model(base, config)
     set_lora(peft_model, result.lora)
     peft_model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def _storage(weights: dict[str, QuantizedWeight]) -> str:
+    """gptq | bitsandbytes | nf (peftkit-only normal-float layout) | plain (16-bit)."""
+    kinds = {q.kind for q in weights.values()}
+    if kinds == {"uniform"}:
+        return "gptq"
+    if kinds == {"nf"}:
+        return "bitsandbytes" if all(stored_as_bnb(q) for q in weights.values()) else "nf"
+    return "plain"
 
 
 @torch.no_grad()
@@ -157,8 +198,32 @@ def _read_tensors(in_dir) -> dict[str, torch.Tensor]:
 
 
 def _layer_parts(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The tensors of one quantized Linear, by the key after ``<name>.`` (bitsandbytes keys have dots of their own:
+    weight.absmax, weight.quant_state.bitsandbytes__nf4)."""
     prefix = name + "."
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _owner(key: str, layers) -> str | None:
+    """The quantized Linear a file key belongs to, or None."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:end])
+        if name in layers:
+            return name
+    return None
+
+
+def _nf_parts(parts: dict[str, torch.Tensor], bits: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (out, in) and absmax (out, in / g) of an NF layer, from either layout it may be stored in."""
+    if bnb_format.is_bnb(parts):
+        codes, absmax, _ = bnb_format.from_bnb(parts)
+        if tuple(codes.shape) != tuple(shape):
+            raise ValueError(f"bitsandbytes shape {tuple(codes.shape)} is not the recorded {tuple(shape)}")
+        return codes, absmax
+    from peftkit.quant.packing import unpack_codes
+
+    return unpack_codes(parts["qweight"], bits, shape), parts["absmax"]
 
 
 def load_quantized_weights(in_dir) -> dict[str, QuantizedWeight]:
@@ -174,10 +239,8 @@ def load_quantized_weights(in_dir) -> dict[str, QuantizedWeight]:
             weights[name] = QuantizedWeight("uniform", bits, group, shape, codes=codes.to(torch.uint8),
                                             scales=scales.float(), zeros=zeros.float())
         elif layer["kind"] == "nf":
-            from peftkit.quant.packing import unpack_codes
-
-            weights[name] = QuantizedWeight("nf", bits, group, shape, codes=unpack_codes(parts["qweight"], bits, shape),
-                                            scales=parts["absmax"])
+            codes, absmax = _nf_parts(parts, bits, shape)
+            weights[name] = QuantizedWeight("nf", bits, group, shape, codes=codes, scales=absmax)
         else:
             weights[name] = QuantizedWeight("none", bits, group, shape, weight=parts["weight"])
     return weights
@@ -194,9 +257,17 @@ def _packed_module(layer: dict, parts: dict[str, torch.Tensor], dtype) -> torch.
             linear.bias.data = bias
         linear.requires_grad_(False)
         return linear
+    bits = int(layer["bits"])
+    if layer["kind"] == "nf" and bnb_format.is_bnb(parts):
+        # held as peftkit's NF buffers at run time (the same 4 bits per code, one float32 absmax per group)
+        from peftkit.quant.packing import pack_codes
+
+        codes, absmax = _nf_parts(parts, bits, layer["shape"])
+        tensors = {"qweight": pack_codes(codes, bits), "absmax": absmax}
+    else:
+        tensors = {k: v for k, v in parts.items() if k in PACKED_PARTS}
     kind = "gptq" if layer["kind"] == "uniform" else "nf"
-    tensors = {k: v for k, v in parts.items() if k in PACKED_PARTS}
-    return PackedLinear(kind, int(layer["bits"]), int(layer["group_size"]), in_features, out_features, tensors, bias)
+    return PackedLinear(kind, bits, int(layer["group_size"]), in_features, out_features, tensors, bias)
 
 
 def load_quantized_base(in_dir, task_head: str = "causal_lm", num_labels: int | None = None,
@@ -240,7 +311,7 @@ def load_quantized_base(in_dir, task_head: str = "causal_lm", num_labels: int | 
             replace_module(model, name, _packed_module(layer, parts, dtype))
     except (AttributeError, KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"{in_dir / BASE_FILE} does not match its {INFO_FILE} ({e}); re-create it with `peftkit quantize`.") from None
-    plain = {k: v.to(dtype, copy=True) for k, v in tensors.items() if k.rpartition(".")[0] not in quantized}
+    plain = {k: v.to(dtype, copy=True) for k, v in tensors.items() if _owner(k, quantized) is None}
     del tensors
     if task_head != "causal_lm":
         plain = {k: v for k, v in plain.items() if not k.startswith("lm_head.")}

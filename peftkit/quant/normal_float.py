@@ -1,9 +1,12 @@
 """Normal-float (NF2/NF3/NF4) group quantization, the data type of QLoRA and LoftQ.
 
 The 2^b levels are quantiles of a standard normal, normalised to [-1, 1], with an exact zero and
-one more positive than negative level (QLoRA's asymmetric construction; at 4 bits this gives
-bitsandbytes' NF4 table exactly, see tests/quant/test_normal_float.py). A group of ``group_size``
-consecutive weights of one row is scaled by its absmax and each weight takes the nearest level.
+one more positive than negative level (QLoRA's asymmetric construction). At 4 bits the levels are QLoRA's
+published NF4 table as float32 (``NF4_LEVELS``), the one bitsandbytes decodes with: the construction below
+lands within one float32 step of it, but bitsandbytes dequantizes with its own fixed table (not the ``quant_map``
+a checkpoint stores), so only these exact values make a bitsandbytes 4-bit checkpoint decode to our weights bit
+for bit (see bnb_format.py and tests/quant/test_normal_float.py). A group of ``group_size`` consecutive
+weights of one row is scaled by its absmax and each weight takes the nearest level.
 """
 
 from __future__ import annotations
@@ -16,9 +19,18 @@ from peftkit.quant.uniform import grouped
 
 NF_OFFSET = 0.9677083  # QLoRA: the outermost quantile, chosen so the extreme levels are not +-inf
 
+# QLoRA's NF4 data type (Dettmers et al., 2023, appendix E), the values bitsandbytes hard-codes for quant_type nf4.
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
 
 @lru_cache(maxsize=None)
-def _levels(bits: int) -> tuple[float, ...]:
+def constructed_levels(bits: int) -> tuple[float, ...]:
+    """The levels from normal quantiles (float64); NF4 uses the published table instead (``NF4_LEVELS``)."""
     from scipy.stats import norm
 
     count = 2 ** bits
@@ -33,7 +45,8 @@ def nf_levels(bits: int, device=None) -> torch.Tensor:
     """The 2^bits sorted NF levels in [-1, 1] (float32)."""
     if bits not in (2, 3, 4):
         raise ValueError(f"normal-float quantization supports 2, 3 or 4 bits, got {bits}")
-    return torch.tensor(_levels(bits), dtype=torch.float32, device=device)
+    levels = NF4_LEVELS if bits == 4 else constructed_levels(bits)
+    return torch.tensor(levels, dtype=torch.float32, device=device)
 
 
 def nf_quantize(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,17 +50,25 @@ def test_saved_model_reloads_packed_to_the_same_outputs(tmp_path, method, bits):
         assert isinstance(layer, torch.nn.Linear)
 
 
-def test_uniform_outputs_declare_gptq_v2_and_nf_outputs_do_not(tmp_path):
+def test_uniform_outputs_declare_gptq_v2_nf4_bitsandbytes_and_nf3_nothing(tmp_path):
     model = structured_llama()
-    for method in ("rtn", "nf"):
-        result = quantize_model(model, options(method, bits=4, group_size=32), None, log=lambda s: None)
-        save_quantized(tmp_path / method, model, result, extra={"symmetric": False})
-    config = json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization_config"]
+    for method, bits in (("rtn", 4), ("nf", 4), ("nf", 3)):
+        result = quantize_model(model, options(method, bits=bits, group_size=32), None, log=lambda s: None)
+        save_quantized(tmp_path / f"{method}{bits}", model, result, extra={"symmetric": False})
+    config = json.loads((tmp_path / "rtn4" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["checkpoint_format"] == "gptq_v2"
     assert config["bits"] == 4 and config["group_size"] == 32 and config["sym"] is False and config["desc_act"] is False
-    assert "quantization_config" not in json.loads((tmp_path / "nf" / "config.json").read_text())
-    adapter = json.loads((tmp_path / "rtn" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str((tmp_path / "rtn").resolve())
+    config = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and config["load_in_4bit"] is True
+    assert config["bnb_4bit_quant_type"] == "nf4" and config["bnb_4bit_use_double_quant"] is False
+    assert config["llm_int8_skip_modules"] == ["lm_head"]  # the one Linear that stays 16-bit
+    assert "quantization_config" not in json.loads((tmp_path / "nf3" / "config.json").read_text())
+    storage = {d: json.loads((tmp_path / d / "quantization.json").read_text()) for d in ("rtn4", "nf4", "nf3")}
+    assert [storage[d]["storage"] for d in ("rtn4", "nf4", "nf3")] == ["gptq", "bitsandbytes", "nf"]
+    assert storage["nf3"]["loads_in"].startswith("peftkit only")
+    for d in ("rtn4", "nf4"):
+        adapter = json.loads((tmp_path / d / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == str((tmp_path / d).resolve())
 
 
 def test_quantize_command_writes_everything_and_reproduces_calibrated_outputs(tmp_path, capsys):
@@ -100,13 +108,16 @@ def test_quantize_command_writes_everything_and_reproduces_calibrated_outputs(tm
         assert measured == pytest.approx(block["rel_output_error"], rel=2e-2)
 
 
-def test_base_without_lora_and_with_a_classification_head(tmp_path):
+@pytest.mark.parametrize("method,bits", [("rtn", 2), ("nf", 4)])
+def test_base_without_lora_and_with_a_classification_head(tmp_path, method, bits):
     model = structured_llama()
-    result = quantize_model(model, options("rtn", group_size=32), None, log=lambda s: None)
+    result = quantize_model(model, options(method, bits=bits, group_size=32), None, log=lambda s: None)
     save_quantized(tmp_path / "q", model, result)
     base = load_quantized_base(tmp_path / "q")
     w = base.model.layers[1].self_attn.o_proj.unpack()
-    assert torch.equal(w, result.weights["model.layers.1.self_attn.o_proj"].dequantize().half().float())
+    expected = result.weights["model.layers.1.self_attn.o_proj"].dequantize()
+    # GPTQ: the float16 product GPTQ kernels compute; NF4 (bitsandbytes layout): levels x float32 absmax, exactly
+    assert torch.equal(w, expected.half().float() if method == "rtn" else expected)
     cls = load_quantized_base(tmp_path / "q", task_head="seq_cls", num_labels=3)
     assert cls.score.out_features == 3 and torch.equal(cls.model.layers[1].self_attn.o_proj.unpack(), w)
     assert not cls.score.weight.is_meta and cls.score.weight.abs().sum() > 0

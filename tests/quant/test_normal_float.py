@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from peftkit.quant.normal_float import (
+    NF4_LEVELS,
     bnb_nf4_fake_quantize,
+    constructed_levels,
     nf_dequantize,
     nf_levels,
     nf_quantize,
@@ -39,3 +41,16 @@ def test_nf4_matches_bitsandbytes():
         pytest.skip("bitsandbytes NF4 not available on this device")
     codes, absmax = nf_quantize(w, 4, 64)
     torch.testing.assert_close(nf_dequantize(codes, absmax, 4, 64), theirs, rtol=0, atol=1e-5)
+
+
+def test_nf4_levels_are_bitsandbytes_table_bit_for_bit():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    # bitsandbytes decodes nf4 with this table whatever quant_map a checkpoint stores, so it must be equal exactly
+    assert torch.equal(nf_levels(4), bnbf.get_4bit_type("nf4", device="cpu").float())
+
+
+def test_nf4_table_is_the_normal_quantile_construction_to_float32_precision():
+    built = torch.tensor(constructed_levels(4), dtype=torch.float64)
+    table = torch.tensor(NF4_LEVELS, dtype=torch.float64)
+    assert torch.equal(nf_levels(4).double(), table.float().double())
+    assert (built - table).abs().max() < 1.2e-7  # within one float32 step at |x| <= 1
