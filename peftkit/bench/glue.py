@@ -18,7 +18,13 @@ Per row (docs/benchmarks.md):
                     unmodified base model in the same run (interleaved rounds, bench.common.time_interleaved).
 The costs are per row (measured on the first task's batch) and repeated on each of its task rows.
 A row is a recipe stem: ``pafi-r0.001`` runs peftkit/recipes/pafi-r0.001-minilm-<task>.yaml (its method section says which
-method and options), so one method can appear at several settings.
+method and options), so one method can appear at several settings. ``stem@key=value,...`` overrides train keys of
+the stem's recipe: ``pafi@lr=3e-3`` is the PaFi recipe at learning rate 3e-3.
+A learning-rate search (option ``lr_search``: row -> learning rates) replaces each named row by one row per rate
+(``row@lr=...``) and adds a selected row per (row, task): the rate whose value (the mean over seeds) is best on the
+validation split, with ``lr`` and ``lr_grid`` (rate -> value) beside it. Selection and score use the same validation
+split (GLUE's test labels are not public): every searched row gets the same advantage, so give each the same number
+of rates.
 Several seeds (option ``seeds``) run the tasks in ``seed_tasks`` (the small ones: mrpc, stsb, rte) once per seed;
 ``value`` is then the mean, ``value_std`` the sample standard deviation, ``values`` the single runs.
 ``jobs`` > 1 runs the fine-tunes as that many parallel `peftkit finetune` processes (a GPU fits many small ones);
@@ -29,7 +35,8 @@ On a CUDA machine models train and are measured there in fp32, and rows add peak
 peak allocated GPU bytes over a few training steps, minus what was allocated before them).
 The full variant runs every recipe as written (hours on CPU); --quick caps steps, rows and sequence length.
 
-options (all optional): methods (list of rows), tasks (list), model, work_dir, data_root, max_steps, limit,
+options (all optional): methods (list of rows), lr_search (row -> list of learning rates), tasks (list), model,
+work_dir, data_root, max_steps, limit,
 eval_limit, max_length, batch_size, step_repeats, latency_repeats, latency_batch, rss (bool), rss_steps, seed,
 seeds (list), seed_tasks (list), jobs, finetune (true | false | missing), costs (bool), threads,
 report (bool: also write <work_dir>/report/ with the PNG plots and report.md, as `peftkit report` does).
@@ -46,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, model_validator
 
 from peftkit.config.base import BenchSettings, option
 from peftkit.config.schema import like_train
@@ -63,7 +70,7 @@ QUICK = dict(tasks=["sst2", "mrpc"], max_steps=20, limit=320, eval_limit=128, ma
              latency_repeats=20, rss_steps=1)
 FULL = dict(tasks=["sst2", "mrpc", "stsb", "rte"], max_steps=None, limit=None, eval_limit=None, max_length=None,
             step_repeats=5, latency_repeats=20, rss_steps=3)
-DEFAULTS = dict(methods=None, model="minilm-l6", work_dir=None, data_root=None, batch_size=16, latency_batch=8,
+DEFAULTS = dict(methods=None, lr_search=None, model="minilm-l6", work_dir=None, data_root=None, batch_size=16, latency_batch=8,
                 rss=True, seed=42, seeds=None, seed_tasks=["mrpc", "stsb", "rte"], jobs=1, finetune=True, costs=True, threads=None,
                 report=True)
 
@@ -95,11 +102,42 @@ def default_data_root() -> str | None:
 
 
 # ---- recipes -----------------------------------------------------------------------------------------
+def split_row(row: str) -> tuple[str, dict]:
+    """(recipe stem, train overrides) of a row label: ``pafi@lr=3e-3,warmup_ratio=0.1`` -> ("pafi", {...})."""
+    stem, _, rest = row.partition("@")
+    overrides = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"row {row!r}: expected stem@key=value[,key=value], got {item!r}")
+        overrides[key.strip()] = _number(value.strip())
+    return stem.strip(), overrides
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def search_rows(rows: list[str], lr_search: dict | None) -> list[str]:
+    """``rows`` with every row named in ``lr_search`` replaced by one row per learning rate."""
+    out = []
+    for row in rows:
+        rates = (lr_search or {}).get(row)
+        out += [f"{row}@lr={lr:g}" for lr in rates] if rates else [row]
+    return out
+
+
 def recipe_for(row: str, task: str, s: dict, run_dir: Path, seed: int | None = None) -> dict:
-    """The recipe dict of (row, task): peftkit/recipes/<row>-minilm-<task>.yaml, else the LoRA recipe with method ``row``'s
-    defaults; ``seed`` (when given) replaces the recipe's train.seed."""
+    """The recipe dict of (row, task): peftkit/recipes/<stem>-minilm-<task>.yaml, else the LoRA recipe with method
+    ``stem``'s defaults, then the row's train overrides (``stem@lr=...``); ``seed`` (when given) replaces train.seed."""
     from peftkit.config.loader import configs_dir, read_yaml
 
+    row, overrides = split_row(row)
     own = configs_dir() / f"{row}-minilm-{task}.yaml"
     if own.is_file():
         raw = read_yaml(own)
@@ -119,6 +157,7 @@ def recipe_for(row: str, task: str, s: dict, run_dir: Path, seed: int | None = N
         if s[key] is not None:
             data[key] = s[key]
     train = raw.setdefault("train", {})
+    train.update(overrides)
     train["threads"] = s["threads"] or _threads()
     if seed is not None:
         train["seed"] = seed
@@ -130,7 +169,28 @@ def recipe_for(row: str, task: str, s: dict, run_dir: Path, seed: int | None = N
 
 
 def methods_to_run(s: dict) -> list[str]:
-    return list(s["methods"] or DEFAULT_ROWS)
+    rows = list(s["methods"] or DEFAULT_ROWS)
+    return search_rows(rows, s["lr_search"])
+
+
+def run_dir_name(row: str) -> str:
+    """A row label as a directory name: ``pafi@lr=3e-3`` -> ``pafi-lr3e-3``."""
+    return row.replace("@", "-").replace("=", "").replace(",", "-")
+
+
+def selected_rows(rows: list[dict], lr_search: dict | None) -> list[dict]:
+    """One row per searched (row, task): the learning rate with the best value, with the whole grid beside it."""
+    out = []
+    for stem in lr_search or {}:
+        for task in dict.fromkeys(r["task"] for r in rows):
+            tried = {split_row(r["method"])[1]["lr"]: r for r in rows
+                     if r["task"] == task and "@" in r["method"] and split_row(r["method"])[0] == stem}
+            if not tried:
+                continue
+            best_lr = max(tried, key=lambda lr: tried[lr]["value"])  # every GLUE headline metric is higher-better
+            out.append({**tried[best_lr], "method": stem, "lr": best_lr,
+                        "lr_grid": {f"{lr:g}": r["value"] for lr, r in sorted(tried.items())}})
+    return out
 
 
 def stored_bytes(final_dir: Path) -> int:
@@ -158,7 +218,7 @@ def planned_runs(rows: list[str], s: dict, work: Path) -> list[tuple[str, str, i
             for task in s["tasks"]:
                 seeds = seeds_for(task, s)
                 if index < len(seeds):
-                    name = f"{row}-{task}" if seeds[index] is None else f"{row}-{task}-seed{seeds[index]}"
+                    name = f"{run_dir_name(row)}-{task}" + ("" if seeds[index] is None else f"-seed{seeds[index]}")
                     plan.append((row, task, seeds[index], work / name))
     return plan
 
@@ -356,7 +416,9 @@ def run(quick: bool, options: dict) -> list[dict]:
     started = time.perf_counter()
     print(f"[glue] methods {methods} x tasks {s['tasks']} on {s['model']}, work dir {work}", flush=True)
 
-    peaks = peak_memory(methods, s) if s["rss"] else {}  # fresh interpreters first, while this process is small
+    # costs do not depend on a row's train overrides (they use the bench's own batch): measured once per stem
+    stems = list(dict.fromkeys(split_row(row)[0] for row in methods))
+    peaks = peak_memory(stems, s) if s["rss"] else {}  # fresh interpreters first, while this process is small
     plan = planned_runs(methods, s, work)
     results = collect_results(run_finetunes(plan, s, work))
 
@@ -369,7 +431,7 @@ def run(quick: bool, options: dict) -> list[dict]:
         torch_seed(s["seed"])
         base = load_model(s["model"], "seq_cls", get_task(first).num_labels).to(device)
         batch = to_device(real_batch(s, first, s["batch_size"]), device)
-        contenders = build_contenders(methods, s, base, first)
+        contenders = build_contenders(stems, s, base, first)
         print("[glue] saved bytes and step time (alternating)", flush=True)
         saved, step = saved_and_step_time(contenders, batch, s["step_repeats"])
         print("[glue] inference latency vs base (interleaved)", flush=True)
@@ -378,16 +440,18 @@ def run(quick: bool, options: dict) -> list[dict]:
 
     rows = []
     for (method, task), r in results.items():
-        peak = peaks.get(method, {})
+        stem = split_row(method)[0]
+        peak = peaks.get(stem, {})
         row = {"method": method, "task": task, "metric": r["metric"], "value": r["value"], "value_std": r["value_std"],
                "trivial_baseline": r["baseline"], "trainable_pct": r["trainable_pct"], "stored_bytes": r["stored_bytes"],
-               "saved_bytes": saved.get(method), "peak_rss_bytes": peak.get("peak_rss_bytes"),
-               "step_seconds": step.get(method), "latency_ratio": latency.get(method), "latency_model": kinds.get(method),
+               "saved_bytes": saved.get(stem), "peak_rss_bytes": peak.get("peak_rss_bytes"),
+               "step_seconds": step.get(stem), "latency_ratio": latency.get(stem), "latency_model": kinds.get(stem),
                "steps": r["steps"],
                "n_eval": r["n_eval"], "train_seconds": r["train_seconds"], "seeds": r["seeds"], "values": r["values"]}
         if peak.get("peak_cuda_bytes") is not None:
             row["peak_cuda_bytes"] = peak["peak_cuda_bytes"]
         rows.append({k: v for k, v in row.items() if v is not None or k in COLUMNS})
+    rows += selected_rows(rows, s["lr_search"])
     notes = [
         f"{'quick' if quick else 'full'} settings: tasks {s['tasks']}, model {s['model']}, "
         + (f"max_steps {s['max_steps']} (eval and checkpoint at the end only), " if s["max_steps"] else "recipe schedules, ")
@@ -395,7 +459,9 @@ def run(quick: bool, options: dict) -> list[dict]:
         f"{s['max_length'] or 'per recipe'}, seed per recipe ({s['seed']} for the cost measurements), "
         f"{s['threads'] or _threads()} torch thread(s) per run, on {device.type}; "
         + (f"seeds {s['seeds']} on {s['seed_tasks']} (value = mean, value_std = sample std), the recipe's seed elsewhere."
-           if s["seeds"] else "one seed per (method, task)."),
+           if s["seeds"] else "one seed per (method, task).")
+        + (f" Learning-rate search {s['lr_search']}: one row per rate (row@lr=...), and per (row, task) a selected row "
+           "with the best rate on the validation split (lr, lr_grid)." if s["lr_search"] else ""),
         "recipes: peftkit/recipes/<method>-minilm-<task>.yaml; methods without one (bitfit, supertuning) use the LoRA recipe's "
         "data/train sections with their own default options.",
         f"costs per method on the first {s['batch_size']} {first} training rows (padded to the longest, max_length "
@@ -423,7 +489,12 @@ def run(quick: bool, options: dict) -> list[dict]:
 
 class GlueSettings(BenchSettings):
     tasks: Optional[list[str]] = option(None, "GLUE tasks (quick: sst2, mrpc; full: sst2, mrpc, stsb, rte).", min_length=1)
-    methods: Optional[list[str]] = option(None, "Rows: method names or recipe stems (every GLUE method).", min_length=1)
+    methods: Optional[list[str]] = option(
+        None, "Rows: method names or recipe stems, optionally with train overrides (stem@lr=3e-3) (every GLUE method).",
+        min_length=1)
+    lr_search: Optional[dict[str, Annotated[list[Annotated[float, Field(gt=0, le=10)]], Field(min_length=1)]]] = option(
+        None, "Learning-rate search: row -> rates; the row runs once per rate, and a selected row per task keeps the "
+              "rate with the best validation value.")
     model: Optional[str] = option(None, "Model alias or directory (default minilm-l6).", min_length=1)
     max_steps: like_train("max_steps") = option(None, "Steps per fine-tune (quick: a fixed budget; full: the recipes').")
     limit: Optional[int] = option(None, "Training rows per task.", ge=1, le=2**31 - 1)
@@ -445,6 +516,15 @@ class GlueSettings(BenchSettings):
     costs: Optional[StrictBool] = option(None, "Measure the cost columns (true).")
     threads: like_train("threads") = option(None, "torch threads per fine-tune.")
     report: Optional[StrictBool] = option(None, "Write the plots of the grid (true).")
+
+    @model_validator(mode="after")
+    def _searched_rows_are_in_the_grid(self):
+        rows = self.methods or list(DEFAULT_ROWS)
+        missing = sorted(set(self.lr_search or {}) - set(rows))
+        if missing:
+            raise ValueError(f"lr_search: {', '.join(missing)} is not a row of the grid (rows: {', '.join(rows)}); "
+                             f"add it to methods or search one of those")
+        return self
 
 
 @BENCHES.register("glue", help="Every method on GLUE with its costs (metric, trainable %, stored bytes, saved bytes, step time, latency).")

@@ -140,3 +140,37 @@ def test_parallel_jobs_give_the_same_metrics_as_in_process_runs(tiny_grid, tmp_p
     again = glue.run(True, {**tiny_grid, "report": False, "costs": False, "jobs": 2, "finetune": "missing",
                             "work_dir": str(tmp_path / "parallel")})
     assert [r["value"] for r in again] == [r["value"] for r in parallel]
+
+
+def test_a_row_can_override_train_keys_and_a_search_runs_each_rate(tmp_path):
+    s = glue.settings(False, {"model": "m", "tasks": ["rte"], "methods": ["lora", "pafi-r0.01"],
+                              "lr_search": {"pafi-r0.01": [1e-3, 3e-4]}})
+    rows = glue.methods_to_run(s)
+    assert rows == ["lora", "pafi-r0.01@lr=0.001", "pafi-r0.01@lr=0.0003"]
+    raw = glue.recipe_for(rows[2], "rte", s, tmp_path / "r")
+    assert raw["method"]["rho"] == 0.01 and raw["train"]["lr"] == 3e-4  # the stem's recipe, the row's rate
+    train = glue.recipe_for("lora@lr=5e-4,warmup_ratio=0.1", "rte", s, tmp_path / "r")["train"]
+    assert train["lr"] == 5e-4 and train["warmup_ratio"] == 0.1
+    assert [d.name for *_, d in glue.planned_runs(rows, s, tmp_path)] == [
+        "lora-rte", "pafi-r0.01-lr0.001-rte", "pafi-r0.01-lr0.0003-rte"]
+    with pytest.raises(ValueError, match="stem@key=value"):
+        glue.split_row("lora@lr")
+
+
+def test_the_selected_row_keeps_the_best_rate_per_task_with_its_grid():
+    def row(method, task, value):
+        return {"method": method, "task": task, "value": value}
+
+    rows = [row("full", "rte", 0.6), row("pafi@lr=0.001", "rte", 0.55), row("pafi@lr=0.003", "rte", 0.62),
+            row("pafi@lr=0.001", "mrpc", 0.88), row("pafi@lr=0.003", "mrpc", 0.85)]
+    picked = {r["task"]: r for r in glue.selected_rows(rows, {"pafi": [1e-3, 3e-3]})}
+    assert picked["rte"]["method"] == "pafi" and picked["rte"]["lr"] == 3e-3 and picked["rte"]["value"] == 0.62
+    assert picked["mrpc"]["lr"] == 1e-3 and picked["mrpc"]["lr_grid"] == {"0.001": 0.88, "0.003": 0.85}
+
+
+def test_searching_a_row_outside_the_grid_is_a_settings_error():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="lr_search: hiwi is not a row of the grid"):
+        glue.GlueSettings(methods=["full", "pafi"], lr_search={"hiwi": [1e-3]})
+    glue.GlueSettings(lr_search={"hiwi": [1e-3]})  # the default rows include hiwi
