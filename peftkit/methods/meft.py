@@ -20,7 +20,7 @@ Numerics: with floating-point streams, reconstruction divides rounding by lam·b
 lowest layers of a deep fully reversible stack get wrong gradients (a 12-layer BERT: relative error ~1 at the
 bottom; the authors' code behaves the same). The default ``stream_arithmetic: fixed`` holds the streams in exact
 64-bit fixed point and keeps the remainders that scaling by lam/beta drops (peftkit/models/reversible.py), so the
-reconstruction is bit-exact and the gradients are plain autograd's at any depth, for two int64 streams plus a few
+reconstruction is bit-exact and the gradients are plain autograd's at any depth, for two 8-byte streams plus a few
 bits per element and layer. ``stream_arithmetic: float`` is the paper's arithmetic; with it,
 ``segment_layers`` = k runs the stack as segments of k layers that keep the streams at their boundaries and
 reconstruct only inside (2 tensors per segment; k = 2 keeps fp32 errors below 1e-5).

@@ -22,12 +22,13 @@ streams at segment boundaries are saved (2 tensors per segment) and reconstructi
 ``gradient_errors_by_block`` measures the per-block gradient error against ordinary autograd.
 
 ``run_stack(fixed_point=True)`` removes the rounding instead of bounding it. Inside the stack the streams are
-64-bit fixed-point integers (FRACTION_BITS bits after the point), where addition is exact, and a scale
-lam = num/den is a multiplication by num and a floor division by den whose remainder (log2(den) bits per element)
-is pushed on a :class:`RemainderStack`. The inverse pops it back, so every block's inputs are reconstructed bit
-for bit, F and G are recomputed on exactly the inputs the forward gave them, and the gradients are those of
-ordinary autograd through the same forward at any depth. The cost: the two top streams are kept as int64 instead
-of floats, plus one int64 per element for every ~63/log2(den) scalings (18 at lam = 0.1): constant up to that depth.
+fixed-point numbers (FRACTION_BITS bits after the point: integers below 2^52, held exactly in float64), where
+addition is exact, and a scale lam = num/den is a multiplication by num and a floor division by den whose
+remainder (log2(den) bits per element) is pushed on a :class:`RemainderStack`. The inverse pops it back, so every
+block's inputs are reconstructed bit for bit, F and G are recomputed on exactly the inputs the forward gave them,
+and the gradients are those of ordinary autograd through the same forward at any depth. The cost: the two top
+streams are kept in 8 bytes per element instead of the model's float, plus one 8-byte word per element for every
+~52/log2(den) scalings (15 at lam = 0.1): constant up to that depth.
 The idea of storing the bits a non-invertible scaling drops is Maclaurin et al.'s exact reversible SGD
 (arXiv 1502.03492); Gomez et al.'s RevNet (arXiv 1707.04585) notes the same floating-point drift.
 
@@ -169,7 +170,8 @@ class FloatStreams:
 FLOAT_STREAMS = FloatStreams()
 
 FRACTION_BITS = 32  # resolution 2^-32 (2.3e-10): finer than fp32 rounding for any value above 1e-2
-STREAM_LIMIT = 2 ** 52  # |stream| < 2^20 = 1,048,576 in float terms; num·stream and word·den stay below 2^63
+GRID = 2.0 ** FRACTION_BITS
+EXACT = 2.0 ** 52  # every integer below 2^53 is a float64; one addition of two values below 2^52 stays exact
 MAX_DENOMINATOR = 1000  # lam and beta must be fractions num/den with den <= 1000 (0.1 = 1/10, 0.05 = 1/20, ...)
 
 
@@ -184,36 +186,50 @@ def exact_ratio(factor: float) -> tuple[int, int]:
     return ratio.numerator, ratio.denominator
 
 
+def _floor_div(value: torch.Tensor, den: int) -> torch.Tensor:
+    """floor(value / den) for integers |value| < 2^52 held in float64, exactly: the division's rounding error is below
+    |quotient|·2^-53 < 1/(2·den), less than the distance 1/den of a non-integral quotient to the next integer."""
+    return torch.div(value, den).floor_()  # in place on the fresh quotient: one allocation, not two
+
+
+# The stream arithmetic below works in place on tensors it has just made: at BERT-base sizes a fresh float64
+# tensor costs more in page faults than the arithmetic on it, and this runs several times per layer.
+
 class RemainderStack:
-    """The remainders the fixed-point scalings drop, base-den digits packed into int64 words (one element per stream
-    element), pushed by the forward and popped in reverse order by the inverse. Words are replaced, never modified in
-    place, so a stack built over a copy of the list can be consumed while the original stays whole."""
+    """The remainders the fixed-point scalings drop, base-den digits packed into words (one element per stream
+    element, integers below 2^52 held in float64), pushed by the forward and popped in reverse order by the inverse.
+    Popping replaces words instead of modifying them, so a stack built over a copy of the saved list can be consumed
+    while the saved words stay whole (a second backward finds them again)."""
 
     def __init__(self, words: list | None = None, capacities: list | None = None):
         self.words: list[torch.Tensor] = words or []
         self.capacities: list[int] = capacities or []  # product of the radices packed into each word
 
-    def push(self, remainder: torch.Tensor, radix: int) -> None:
-        if self.words and self.capacities[-1] * radix <= 2 ** 62 and self.words[-1].shape == remainder.shape:
-            self.words[-1] = self.words[-1] * radix + remainder
+    def push(self, stream: torch.Tensor, quotient: torch.Tensor, radix: int) -> None:
+        """Push the remainder stream - radix·quotient, a digit in [0, radix)."""
+        if self.words and self.capacities[-1] * radix <= EXACT and self.words[-1].shape == stream.shape:
+            # word·radix + remainder; the forward's own words are not saved yet, so in place is safe
+            self.words[-1].mul_(radix).add_(stream).sub_(quotient, alpha=radix)
             self.capacities[-1] *= radix
         else:
-            self.words.append(remainder)
+            self.words.append(torch.add(stream, quotient, alpha=-radix))
             self.capacities.append(radix)
 
-    def pop(self, radix: int) -> torch.Tensor:
+    def pop_into(self, target: torch.Tensor, radix: int) -> torch.Tensor:
+        """``target`` + the last pushed digit (in place), the digit removed from the stack."""
         word, capacity = self.words[-1], self.capacities[-1]
         if capacity == radix:
             self.words.pop()
             self.capacities.pop()
-            return word
-        self.words[-1] = torch.div(word, radix, rounding_mode="floor")
+            return target.add_(word)
+        self.words[-1] = _floor_div(word, radix)
         self.capacities[-1] = capacity // radix
-        return word - self.words[-1] * radix
+        return target.add_(word).sub_(self.words[-1], alpha=radix)
 
 
 class FixedPointStreams:
-    """Streams held as int64 fixed point (value · 2^FRACTION_BITS) with the dropped remainders kept: exactly invertible.
+    """Streams held in fixed point (value · 2^FRACTION_BITS, an integer below 2^52 held exactly in float64, whose
+    elementwise arithmetic is fast where int64's is not) with the dropped remainders kept: exactly invertible.
 
     F and G still compute in ``dtype``: they read ``to_input(stream)``, and their outputs are rounded to the grid once.
     """
@@ -223,48 +239,56 @@ class FixedPointStreams:
         self.stack = stack if stack is not None else RemainderStack()
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
-        return _to_fixed(x)
+        return _checked(_on_grid(x).double())
 
     def leave(self, stream: torch.Tensor) -> torch.Tensor:
         return self.to_input(stream)
 
     def to_input(self, stream: torch.Tensor) -> torch.Tensor:
-        return (stream.double() * 2.0 ** -FRACTION_BITS).to(self.dtype)  # exact below 2^53, then one rounding
+        # one rounding to float32, then an exact scaling (rounding commutes with powers of two); float16 would
+        # overflow before the scaling, so it goes through float32
+        work = torch.float32 if self.dtype == torch.float16 else self.dtype
+        return stream.to(work, copy=True).mul_(1.0 / GRID).to(self.dtype)  # copy: float64 would alias the stream
 
     def scaled_add(self, out, stream, factor: float):
         num, den = exact_ratio(factor)
         if num != 1:
-            stream = stream * num
+            stream = _checked(stream * num)
         if den != 1:
-            quotient = torch.div(stream, den, rounding_mode="floor")
-            self.stack.push(stream - quotient * den, den)
+            quotient = _floor_div(stream, den)
+            self.stack.push(stream, quotient, den)
             stream = quotient
-        return _checked(stream + _to_fixed(out))
+        elif num == 1:
+            stream = stream.clone()  # the caller's stream stays as it was
+        return _checked(stream.add_(_on_grid(out)))  # float32 integers below 2^53 convert to float64 exactly
 
     def unscale(self, y, out, factor: float):
         num, den = exact_ratio(factor)
-        stream = y - _to_fixed(out)
+        stream = torch.sub(y, _on_grid(out))
         if den != 1:
-            stream = stream * den + self.stack.pop(den)
+            stream = self.stack.pop_into(stream.mul_(den), den)  # quotient·den + remainder
         if num != 1:
-            stream = torch.div(stream, num, rounding_mode="floor")  # exact: the forward multiplied by num
+            stream = stream.div_(num)  # exact: the forward multiplied an integer by num
         return stream
 
 
-def _to_fixed(x: torch.Tensor) -> torch.Tensor:
-    """The nearest grid point of every element (a float's scaling by 2^FRACTION_BITS is exact in float64)."""
-    return _checked(torch.round(x.double() * 2.0 ** FRACTION_BITS).to(torch.int64))
+def _on_grid(x: torch.Tensor) -> torch.Tensor:
+    """x · 2^FRACTION_BITS rounded to integers, in float32 (float64 for float64 input). Scaling by a power of two is
+    exact and an integer-valued float32 converts to float64 exactly; bfloat16 and float16 go through float32 (float16
+    would overflow)."""
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return (work * GRID).round_()
 
 
 def _checked(stream: torch.Tensor) -> torch.Tensor:
-    """``stream``, after making sure it is inside the fixed-point range (an int64 overflow would be silent)."""
+    """``stream``, after making sure every element is finite and inside the exact range (past 2^53 float64 rounds)."""
     if stream.numel():
-        largest = stream.abs().max().item()
-        if largest >= STREAM_LIMIT or largest < 0:  # < 0: abs() of int64's minimum (a NaN cast)
+        low, high = torch.aminmax(stream)
+        if not (-EXACT < low.item() and high.item() < EXACT):  # also false for NaN
             raise FloatingPointError(
-                f"a reversible layer's stream left the fixed-point range (|value| < {STREAM_LIMIT >> FRACTION_BITS:,} "
-                f"at resolution 2^-{FRACTION_BITS}): the activations are not finite or are exploding. Lower the "
-                f"learning rate, or use floating-point streams")
+                f"a reversible layer's stream left the fixed-point range (|value| < {EXACT / GRID:,.0f} at resolution "
+                f"2^-{FRACTION_BITS}): the activations are not finite or are exploding. Lower the learning rate, or "
+                f"use floating-point streams")
     return stream
 
 
@@ -331,7 +355,7 @@ class ReversibleStackFunction(torch.autograd.Function):
         ctx.n_words, ctx.capacities = len(words), list(arithmetic.stack.capacities) if fixed_point else []
         device_type = x1.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
-        # fixed point: the exact int64 streams and the remainder words (saved like any tensor, so counted as such)
+        # fixed point: the exact grid streams and the remainder words (saved like any tensor, so counted as such)
         ctx.save_for_backward(s1, s2, *words, *kwarg_tensors)
         return y1, y2
 
