@@ -324,8 +324,9 @@ def load_quantized_base(in_dir, task_head: str = "causal_lm", num_labels: int | 
         raise UserError(f"{in_dir / BASE_FILE} does not match its config.json: missing {sorted(missing)[:5]}, "
                         f"unexpected {sorted(result.unexpected_keys)[:5]}. Re-create it with `peftkit quantize`.")
     _materialize_meta(model)
-    # peft records this as base_model_name_or_path, so an adapter saved on this base finds it again.
-    model.config._name_or_path = str(in_dir.resolve())
+    # peft records the model's name_or_path (set from the config when the model was built, so both are replaced) as
+    # base_model_name_or_path: an adapter saved on this base finds it again from any working directory.
+    model.config._name_or_path = model.name_or_path = str(in_dir.resolve())
     return model.eval()
 
 

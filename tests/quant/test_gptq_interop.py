@@ -47,3 +47,25 @@ def test_auto_model_gives_peftkits_base_and_lora(quantize_output):
         theirs.disable_adapters()
         with ours.disable_adapter():
             torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_an_output_written_to_a_relative_directory_loads_from_anywhere(tmp_path, monkeypatch):
+    """The adapter names its base by absolute path: written from one directory, AutoPeftModel loads it from another."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers.quant import options
+    from peftkit.quant.checkpoint import save_quantized
+    from peftkit.quant.pipeline import quantize_model
+
+    model_dir = write_model_dir(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    result = quantize_model(model, options("rtn", bits=4, group_size=16), None, log=lambda s: None)
+    monkeypatch.chdir(tmp_path)
+    save_quantized(__import__("pathlib").Path("out"), model, result, AutoTokenizer.from_pretrained(model_dir))
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (tmp_path / "out").resolve())
+    monkeypatch.chdir(tmp_path / "model")
+    AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32, device_map="cpu")
