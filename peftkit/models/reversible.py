@@ -287,8 +287,8 @@ def _checked(stream: torch.Tensor) -> torch.Tensor:
         if not (-EXACT < low.item() and high.item() < EXACT):  # also false for NaN
             raise FloatingPointError(
                 f"a reversible layer's stream left the fixed-point range (|value| < {EXACT / GRID:,.0f} at resolution "
-                f"2^-{FRACTION_BITS}): the activations are not finite or are exploding. Lower the learning rate, or "
-                f"use floating-point streams")
+                f"2^-{FRACTION_BITS}), so its activations are not finite or are exploding (MEFT: method.stream_arithmetic "
+                f"float holds the streams as floats)")
     return stream
 
 

@@ -408,9 +408,12 @@ class Trainer:
                 self.model.set_requires_gradient_sync(sync)
             with (contextlib.nullcontext() if sync or self.sharded else self.model.no_sync()):
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                    loss = self.method.compute_loss(self.model, batch)
+                    try:
+                        loss = self.method.compute_loss(self.model, batch)
+                    except FloatingPointError as e:  # a model that checks its own activations (MEFT's exact streams)
+                        raise RunFailed(self._nan_message(str(e))) from None
                 if not torch.isfinite(loss):
-                    raise RunFailed(self._nan_message(float(loss)))
+                    raise RunFailed(self._nan_message(f"the loss is {float(loss)} (not finite)"))
                 scaled = loss / self.opt.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_total += loss.item() / self.opt.grad_accum
@@ -421,7 +424,7 @@ class Trainer:
         if self.opt.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.opt.max_grad_norm)
             if not torch.isfinite(norm) and not self.scaler:  # with a scaler, an overflow only skips this step
-                raise RunFailed(self._nan_message(float(norm), what="gradient norm"))
+                raise RunFailed(self._nan_message(f"the gradient norm is {float(norm)} (not finite)"))
             self.grad_norm = float(norm)  # before clipping, as the clipping saw it
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -490,9 +493,9 @@ class Trainer:
         return {"steps": self.step, "epochs": self.step * self.opt.grad_accum / self.batches_per_epoch,
                 "train_seconds": seconds, "best_step": self.best_step, "best_value": self.best_value}
 
-    def _nan_message(self, value: float, what: str = "loss") -> str:
+    def _nan_message(self, what: str) -> str:
         last = self.last_checkpoint or "none yet"
-        return (f"training stopped at step {self.step + 1}: the {what} is {value} (not finite). "
+        return (f"training stopped at step {self.step + 1}: {what}. "
                 f"The last good checkpoint is {last}. Lower train.lr, enable train.max_grad_norm, or use float32.")
 
 

@@ -311,3 +311,15 @@ def test_shared_trainer_runs_and_reloads(variant, task, tiny_run_setup, tmp_path
         assert torch.equal(params[name].detach(), tensor), name
     with torch.no_grad():
         assert torch.isfinite(loaded(**batch_of(loaded)).logits).all()
+
+
+def test_exploding_fixed_point_streams_stop_the_run_cleanly(tiny_run_setup, tmp_path):
+    """lambda = beta = 1000 multiply both streams by 1000 per layer: the fixed-point range (2^20) is left within two
+    layers. The forward refuses to wrap around, and the trainer turns that into a run failure naming it (exit 1)."""
+    from peftkit.commands.train import finetune
+    from peftkit.errors import RunFailed
+
+    recipe = tiny_run_setup("meft1", out="exploding", max_steps=2)
+    recipe["method"].update(lambda_factor=1000, beta_factor=1000)
+    with pytest.raises(RunFailed, match="training stopped at step 1: a reversible layer's stream left the fixed-point"):
+        finetune(recipe, [])
