@@ -7,8 +7,8 @@ bitsandbytes NF4 one (LoftQ 4-bit, LoRA from its SVD); missing ones are made wit
 case and loader a fresh interpreter computes the logits of the same WikiText-2 test windows:
   peftkit       peftkit.quant.checkpoint.load_quantized(dir) (packed base + LoRA, float32 compute)
   peft          AutoPeftModelForCausalLM.from_pretrained(dir), with `import peftkit` made to fail
-  peft-float32  the same model with its float tensors cast to float32 (and bitsandbytes' bfloat16 CPU kernel off),
-                i.e. the same arithmetic as peftkit's
+  peft-float32  the same load with its float tensors cast to float32 and bitsandbytes' bfloat16 CPU kernel off
+                (peftkit.quant.bnb_format.compute_in_float32), i.e. the same arithmetic as peftkit's
 Rows: perplexity of each loader on the windows, and the largest absolute logit difference to peftkit's, relative to
 the largest peftkit logit.
 """
@@ -35,18 +35,14 @@ windows = torch.load(windows_path)
 if loader == "peftkit":
     from peftkit.quant.checkpoint import load_quantized
     model = load_quantized(quant_dir, with_lora=True)
-else:
+elif loader == "peft":
     sys.modules["peftkit"] = None  # the output must load without peftkit
     from peft import AutoPeftModelForCausalLM
     model = AutoPeftModelForCausalLM.from_pretrained(quant_dir, dtype=torch.float32, device_map="cpu")
-    if loader == "peft-float32":  # transformers keeps the file's float16 tensors; bitsandbytes has a bf16 CPU kernel
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dtype == torch.float16:
-                    p.data = p.data.float()
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+else:  # the same load, computing in float32 as peftkit does (only the dtype helper comes from peftkit)
+    from peft import AutoPeftModelForCausalLM
+    from peftkit.quant.bnb_format import compute_in_float32
+    model = compute_in_float32(AutoPeftModelForCausalLM.from_pretrained(quant_dir, dtype=torch.float32, device_map="cpu"))
 model.eval()
 with torch.inference_mode():
     logits = torch.cat([model(input_ids=w[None]).logits.float() for w in windows])

@@ -125,3 +125,19 @@ def quantization_config(skip_modules: list[str], compute_dtype: str = "float32")
         "llm_int8_has_fp16_weight": False,
         "llm_int8_enable_fp32_cpu_offload": False,
     }
+
+
+def compute_in_float32(model):
+    """``model`` (transformers' load of a bitsandbytes 4-bit file) made to compute in float32, as peftkit does.
+
+    transformers keeps a pre-quantized bitsandbytes checkpoint's float tensors (embeddings, norms) in the file's
+    float16 whatever dtype is asked for, and bitsandbytes runs eval forwards through a bfloat16 kernel on CPUs with
+    AVX512-BF16. Both are compute-dtype choices, not the stored model: undone here, the logits equal peftkit's."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype == torch.float16:
+                p.data = p.data.float()
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model

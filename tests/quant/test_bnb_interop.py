@@ -71,17 +71,9 @@ def outputs(tmp_path_factory):
 
 
 def _like_peftkit(model):
-    """transformers keeps a pre-quantized bitsandbytes checkpoint's float tensors (embeddings, norms) in the file's
-    float16 whatever dtype is asked for, and bitsandbytes runs an eval forward through a bfloat16 kernel on CPUs
-    with AVX512-BF16. Both are compute-dtype choices: undone here, the model computes in float32 as peftkit's does."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dtype == torch.float16:
-                p.data = p.data.float()
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
+    from peftkit.quant.bnb_format import compute_in_float32
+
+    return compute_in_float32(model)
 
 
 def test_auto_model_loads_nf4_output_with_peftkits_weights_and_logits(outputs):
