@@ -174,3 +174,17 @@ def test_searching_a_row_outside_the_grid_is_a_settings_error():
     with pytest.raises(ValidationError, match="lr_search: hiwi is not a row of the grid"):
         glue.GlueSettings(methods=["full", "pafi"], lr_search={"hiwi": [1e-3]})
     glue.GlueSettings(lr_search={"hiwi": [1e-3]})  # the default rows include hiwi
+
+
+@pytest.mark.slow
+def test_a_learning_rate_search_runs_end_to_end(tiny_grid, tmp_path):
+    rows = glue.run(True, {**tiny_grid, "methods": ["lora"], "lr_search": {"lora": [1e-4, 1e-2]}, "latency_repeats": 1,
+                           "step_repeats": 1, "report": False})
+    assert [r["method"] for r in rows] == ["lora@lr=0.0001", "lora@lr=0.01", "lora"]
+    tried, selected = rows[:2], rows[2]
+    for r in tried:  # each rate trained with its own learning rate, in its own run dir
+        recipe = (tmp_path / "work" / glue.run_dir_name(r["method"] + "-sst2") / "config.yaml").read_text()
+        assert f"lr: {glue.split_row(r['method'])[1]['lr']}" in recipe
+    assert selected["lr_grid"] == {"0.0001": tried[0]["value"], "0.01": tried[1]["value"]}
+    assert selected["value"] == max(r["value"] for r in tried) and selected["lr"] in (1e-4, 1e-2)
+    assert tried[0]["saved_bytes"] == tried[1]["saved_bytes"] == selected["saved_bytes"] > 0  # costs once per stem
