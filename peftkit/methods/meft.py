@@ -83,7 +83,7 @@ class MEFTOptions(MethodArgs):
                     try:
                         exact_ratio(getattr(self, name))
                     except ValueError as e:
-                        raise ValueError(f"{name}: {str(e).replace('floating-point streams', 'set stream_arithmetic: float')}") from None
+                        raise ValueError(f"{name}: {e}. Round it, or set stream_arithmetic: float") from None
         return self
 
 

@@ -181,8 +181,7 @@ def exact_ratio(factor: float) -> tuple[int, int]:
     ratio = Fraction(factor).limit_denominator(MAX_DENOMINATOR)
     if factor <= 0 or ratio.numerator > MAX_DENOMINATOR or abs(float(ratio) - factor) > 1e-12 * factor:
         raise ValueError(f"{factor!r} is not a fraction num/den with num and den <= {MAX_DENOMINATOR}, which fixed-point "
-                         f"streams need to scale exactly (0.1, 0.05, 0.25 and 1.5 are). Round it, or use "
-                         f"floating-point streams")
+                         f"streams need to scale exactly (0.1, 0.05, 0.25 and 1.5 are)")
     return ratio.numerator, ratio.denominator
 
 
@@ -351,8 +350,8 @@ class ReversibleStackFunction(torch.autograd.Function):
         ctx.blocks, ctx.kwarg_names, ctx.other_kwargs = blocks, kwarg_names, other_kwargs
         ctx.params, ctx.rng_states = params, rng_states
         ctx.dtype, ctx.fixed_point = x1.dtype, fixed_point
-        words = arithmetic.stack.words if fixed_point else []
-        ctx.n_words, ctx.capacities = len(words), list(arithmetic.stack.capacities) if fixed_point else []
+        words, capacities = (arithmetic.stack.words, arithmetic.stack.capacities) if fixed_point else ([], [])
+        ctx.n_words, ctx.capacities = len(words), list(capacities)
         device_type = x1.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
         # fixed point: the exact grid streams and the remainder words (saved like any tensor, so counted as such)
