@@ -24,7 +24,8 @@ A learning-rate search (option ``lr_search``: row -> learning rates) replaces ea
 (``row@lr=...``) and adds a selected row per (row, task): the rate whose value (the mean over seeds) is best on the
 validation split, with ``lr`` and ``lr_grid`` (rate -> value) beside it. Selection and score use the same validation
 split (GLUE's test labels are not public): every searched row gets the same advantage, so give each the same number
-of rates.
+of rates. With ``search_seeds`` (a part of ``seeds``) the search runs those seeds only, and the selected rate then
+runs the other seeds: the rate is chosen on the search seeds' mean, the selected row reports every seed.
 Several seeds (option ``seeds``) run the tasks in ``seed_tasks`` (the small ones: mrpc, stsb, rte) once per seed;
 ``value`` is then the mean, ``value_std`` the sample standard deviation, ``values`` the single runs.
 ``jobs`` > 1 runs the fine-tunes as that many parallel `peftkit finetune` processes (a GPU fits many small ones);
@@ -38,7 +39,7 @@ The full variant runs every recipe as written (hours on CPU); --quick caps steps
 options (all optional): methods (list of rows), lr_search (row -> list of learning rates), tasks (list), model,
 work_dir, data_root, max_steps, limit,
 eval_limit, max_length, batch_size, step_repeats, latency_repeats, latency_batch, rss (bool), rss_steps, seed,
-seeds (list), seed_tasks (list), jobs, finetune (true | false | missing), costs (bool), threads,
+seeds (list), search_seeds (list), seed_tasks (list), jobs, finetune (true | false | missing), costs (bool), threads,
 report (bool: also write <work_dir>/report/ with the PNG plots and report.md, as `peftkit report` does).
 """
 
@@ -70,7 +71,7 @@ QUICK = dict(tasks=["sst2", "mrpc"], max_steps=20, limit=320, eval_limit=128, ma
              latency_repeats=20, rss_steps=1)
 FULL = dict(tasks=["sst2", "mrpc", "stsb", "rte"], max_steps=None, limit=None, eval_limit=None, max_length=None,
             step_repeats=5, latency_repeats=20, rss_steps=3)
-DEFAULTS = dict(methods=None, lr_search=None, model="minilm-l6", work_dir=None, data_root=None, batch_size=16, latency_batch=8,
+DEFAULTS = dict(methods=None, lr_search=None, search_seeds=None, model="minilm-l6", work_dir=None, data_root=None, batch_size=16, latency_batch=8,
                 rss=True, seed=42, seeds=None, seed_tasks=["mrpc", "stsb", "rte"], jobs=1, finetune=True, costs=True, threads=None,
                 report=True)
 
@@ -86,11 +87,12 @@ class BenchRows(list):
 def settings(quick: bool, options: dict) -> dict:
     s = {**DEFAULTS, **(QUICK if quick else FULL)}
     s.update({k: v for k, v in (options or {}).items() if v is not None})
-    for key in ("methods", "tasks", "seeds", "seed_tasks"):
+    for key in ("methods", "tasks", "seeds", "search_seeds", "seed_tasks"):
         if isinstance(s[key], str):
             s[key] = [p.strip() for p in s[key].split(",") if p.strip()]
-    if s["seeds"]:
-        s["seeds"] = [int(seed) for seed in s["seeds"]]
+    for key in ("seeds", "search_seeds"):
+        if s[key]:
+            s[key] = [int(seed) for seed in s[key]]
     return s
 
 
@@ -178,8 +180,10 @@ def run_dir_name(row: str) -> str:
     return row.replace("@", "-").replace("=", "").replace(",", "-")
 
 
-def selected_rows(rows: list[dict], lr_search: dict | None) -> list[dict]:
-    """One row per searched (row, task): the learning rate with the best value, with the whole grid beside it."""
+def selected_rows(rows: list[dict], lr_search: dict | None, search_values: dict | None = None) -> list[dict]:
+    """One row per searched (row, task): the learning rate with the best value, with the whole grid beside it.
+    ``search_values`` ((row label, task) -> value on the search seeds) is what the choice and the grid use when the
+    selected rate ran more seeds than the others; a row's own value otherwise."""
     out = []
     for stem in lr_search or {}:
         for task in dict.fromkeys(r["task"] for r in rows):
@@ -187,10 +191,22 @@ def selected_rows(rows: list[dict], lr_search: dict | None) -> list[dict]:
                      if r["task"] == task and "@" in r["method"] and split_row(r["method"])[0] == stem}
             if not tried:
                 continue
-            best_lr = max(tried, key=lambda lr: tried[lr]["value"])  # every GLUE headline metric is higher-better
+            searched = {lr: (search_values or {}).get((r["method"], task), r["value"]) for lr, r in tried.items()}
+            best_lr = max(searched, key=searched.get)  # every GLUE headline metric is higher-better
             out.append({**tried[best_lr], "method": stem, "lr": best_lr,
-                        "lr_grid": {f"{lr:g}": r["value"] for lr, r in sorted(tried.items())}})
+                        "lr_grid": {f"{lr:g}": value for lr, value in sorted(searched.items())}})
     return out
+
+
+def best_rates(results: dict, lr_search: dict | None) -> dict[tuple[str, str], str]:
+    """(stem, task) -> the row label (stem@lr=...) with the best value among the searched rates in ``results``."""
+    best = {}
+    for (row, task), r in results.items():
+        stem = split_row(row)[0]
+        if "@" in row and stem in (lr_search or {}):
+            if (stem, task) not in best or r["value"] > results[(best[(stem, task)], task)]["value"]:
+                best[(stem, task)] = row
+    return best
 
 
 def stored_bytes(final_dir: Path) -> int:
@@ -209,18 +225,43 @@ def seeds_for(task: str, s: dict) -> list[int | None]:
     return list(s["seeds"]) if s["seeds"] and task in s["seed_tasks"] else [None]
 
 
-def planned_runs(rows: list[str], s: dict, work: Path) -> list[tuple[str, str, int | None, Path]]:
+def planned_runs(rows: list[str], s: dict, work: Path,
+                 seeds_of=None) -> list[tuple[str, str, int | None, Path]]:
     """(row, task, seed, run_dir) for every fine-tune of the grid: every cell's first seed before any cell's
-    second, so that a grid stopped early still has one run per cell."""
+    second, so that a grid stopped early still has one run per cell. ``seeds_of(row, task)`` gives a cell's seeds
+    (default: ``first_pass_seeds``)."""
+    seeds_of = seeds_of or (lambda row, task: first_pass_seeds(row, task, s))
     plan = []
-    for index in range(max(len(seeds_for(task, s)) for task in s["tasks"])):
+    for index in range(max((len(seeds_of(row, task)) for row in rows for task in s["tasks"]), default=0)):
         for row in rows:
             for task in s["tasks"]:
-                seeds = seeds_for(task, s)
+                seeds = seeds_of(row, task)
                 if index < len(seeds):
                     name = f"{run_dir_name(row)}-{task}" + ("" if seeds[index] is None else f"-seed{seeds[index]}")
                     plan.append((row, task, seeds[index], work / name))
     return plan
+
+
+def first_pass_seeds(row: str, task: str, s: dict) -> list[int | None]:
+    """A cell's seeds in the first pass: a searched rate runs only the search seeds when ``search_seeds`` is set."""
+    seeds = seeds_for(task, s)
+    if s.get("search_seeds") and "@" in row and split_row(row)[0] in (s["lr_search"] or {}):
+        seeds = [seed for seed in seeds if seed is None or seed in s["search_seeds"]]
+    return seeds
+
+
+def more_seeds_of_the_best_rates(searched: dict, s: dict, work: Path) -> list:
+    """The second pass of a search on ``search_seeds``: the best rate of each (stem, task) on the other seeds."""
+    if not s.get("search_seeds"):
+        return []
+    best = {(row, task) for (_, task), row in best_rates(searched, s["lr_search"]).items()}
+
+    def other_seeds(row, task):
+        if (row, task) not in best:
+            return []
+        return [seed for seed in seeds_for(task, s) if seed is not None and seed not in s["search_seeds"]]
+
+    return planned_runs(list(dict.fromkeys(row for row, _ in best)), s, work, seeds_of=other_seeds)
 
 
 def run_finetunes(plan: list, s: dict, work: Path) -> list:
@@ -419,8 +460,10 @@ def run(quick: bool, options: dict) -> list[dict]:
     # costs do not depend on a row's train overrides (they use the bench's own batch): measured once per stem
     stems = list(dict.fromkeys(split_row(row)[0] for row in methods))
     peaks = peak_memory(stems, s) if s["rss"] else {}  # fresh interpreters first, while this process is small
-    plan = planned_runs(methods, s, work)
-    results = collect_results(run_finetunes(plan, s, work))
+    runs = run_finetunes(planned_runs(methods, s, work), s, work)
+    searched = collect_results(runs)  # with search_seeds: the search seeds' values, which choose the rates
+    runs += run_finetunes(more_seeds_of_the_best_rates(searched, s, work), s, work)
+    results = collect_results(runs)
 
     from peftkit.bench.memory import bench_device, to_device
 
@@ -451,7 +494,7 @@ def run(quick: bool, options: dict) -> list[dict]:
         if peak.get("peak_cuda_bytes") is not None:
             row["peak_cuda_bytes"] = peak["peak_cuda_bytes"]
         rows.append({k: v for k, v in row.items() if v is not None or k in COLUMNS})
-    rows += selected_rows(rows, s["lr_search"])
+    rows += selected_rows(rows, s["lr_search"], {cell: r["value"] for cell, r in searched.items()})
     notes = [
         f"{'quick' if quick else 'full'} settings: tasks {s['tasks']}, model {s['model']}, "
         + (f"max_steps {s['max_steps']} (eval and checkpoint at the end only), " if s["max_steps"] else "recipe schedules, ")
@@ -461,7 +504,9 @@ def run(quick: bool, options: dict) -> list[dict]:
         + (f"seeds {s['seeds']} on {s['seed_tasks']} (value = mean, value_std = sample std), the recipe's seed elsewhere."
            if s["seeds"] else "one seed per (method, task).")
         + (f" Learning-rate search {s['lr_search']}: one row per rate (row@lr=...), and per (row, task) a selected row "
-           "with the best rate on the validation split (lr, lr_grid)." if s["lr_search"] else ""),
+           "with the best rate on the validation split (lr, lr_grid)." if s["lr_search"] else "")
+        + (f" The search ran seeds {s['search_seeds']}; the selected rate then ran the other seeds (lr_grid: the "
+           "search seeds' mean; value: every seed)." if s["search_seeds"] else ""),
         "recipes: peftkit/recipes/<method>-minilm-<task>.yaml; methods without one (bitfit, supertuning) use the LoRA recipe's "
         "data/train sections with their own default options.",
         f"costs per method on the first {s['batch_size']} {first} training rows (padded to the longest, max_length "
@@ -510,6 +555,9 @@ class GlueSettings(BenchSettings):
     rss: Optional[StrictBool] = option(None, "Measure peak RSS in fresh processes (true).")
     seed: like_train("seed") = option(None, "Seed of the cost columns (42).")
     seeds: Optional[list[Annotated[int, Field(ge=0, le=2**32 - 1)]]] = option(None, "Seeds of the seed_tasks (mean and std).", min_length=1)
+    search_seeds: Optional[list[Annotated[int, Field(ge=0, le=2**32 - 1)]]] = option(
+        None, "Seeds the learning-rate search runs (a part of seeds); the selected rate then runs the others (all seeds).",
+        min_length=1)
     seed_tasks: Optional[list[str]] = option(None, "Tasks that run every seed (mrpc, stsb, rte).")
     jobs: Optional[int] = option(None, "Parallel fine-tune processes (1).", ge=1, le=1024)
     finetune: Optional[Union[StrictBool, Literal["missing"]]] = option(None, "Fine-tune (true), only the missing runs (missing), or report what is there (false).")
@@ -524,6 +572,13 @@ class GlueSettings(BenchSettings):
         if missing:
             raise ValueError(f"lr_search: {', '.join(missing)} is not a row of the grid (rows: {', '.join(rows)}); "
                              f"add it to methods or search one of those")
+        if self.search_seeds:
+            if not self.lr_search:
+                raise ValueError("search_seeds: set lr_search too; the search seeds are the seeds its rates run")
+            outside = sorted(set(self.search_seeds) - set(self.seeds or []))
+            if outside:
+                raise ValueError(f"search_seeds: {outside} are not in seeds ({self.seeds or 'unset'}); the search "
+                                 "seeds are a part of the grid's seeds")
         return self
 
 

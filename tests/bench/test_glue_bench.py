@@ -188,3 +188,37 @@ def test_a_learning_rate_search_runs_end_to_end(tiny_grid, tmp_path):
     assert selected["lr_grid"] == {"0.0001": tried[0]["value"], "0.01": tried[1]["value"]}
     assert selected["value"] == max(r["value"] for r in tried) and selected["lr"] in (1e-4, 1e-2)
     assert tried[0]["saved_bytes"] == tried[1]["saved_bytes"] == selected["saved_bytes"] > 0  # costs once per stem
+
+
+def test_a_search_on_search_seeds_runs_only_the_best_rate_on_the_other_seeds(tmp_path):
+    s = glue.settings(False, {"model": "m", "tasks": ["rte", "sst2"], "methods": ["full", "pafi"], "seeds": [1, 2, 3],
+                              "seed_tasks": ["rte"], "search_seeds": [1], "lr_search": {"pafi": [1e-3, 3e-3]}})
+    rows = glue.methods_to_run(s)
+    first = [(row, task, seed) for row, task, seed, _ in glue.planned_runs(rows, s, tmp_path)]
+    # the unsearched row runs every seed, the rates only the search seed; sst2 is not a seed task
+    assert sorted(first) == sorted([("full", "rte", 1), ("full", "rte", 2), ("full", "rte", 3), ("full", "sst2", None),
+                                    ("pafi@lr=0.001", "rte", 1), ("pafi@lr=0.003", "rte", 1),
+                                    ("pafi@lr=0.001", "sst2", None), ("pafi@lr=0.003", "sst2", None)])
+    searched = {("full", "rte"): {"value": 0.6}, ("full", "sst2"): {"value": 0.9},
+                ("pafi@lr=0.001", "rte"): {"value": 0.55}, ("pafi@lr=0.003", "rte"): {"value": 0.62},
+                ("pafi@lr=0.001", "sst2"): {"value": 0.88}, ("pafi@lr=0.003", "sst2"): {"value": 0.85}}
+    second = glue.more_seeds_of_the_best_rates(searched, s, tmp_path)
+    assert [(row, task, seed, d.name) for row, task, seed, d in second] == [
+        ("pafi@lr=0.003", "rte", 2, "pafi-lr0.003-rte-seed2"), ("pafi@lr=0.003", "rte", 3, "pafi-lr0.003-rte-seed3")]
+    # after the other seeds the best rate's mean may fall below another rate's: the choice stays the search's
+    rows_out = [{"method": "pafi@lr=0.001", "task": "rte", "value": 0.55},
+                {"method": "pafi@lr=0.003", "task": "rte", "value": 0.50}]
+    picked = glue.selected_rows(rows_out, s["lr_search"], {cell: r["value"] for cell, r in searched.items()})
+    assert picked[0]["lr"] == 3e-3 and picked[0]["value"] == 0.50
+    assert picked[0]["lr_grid"] == {"0.001": 0.55, "0.003": 0.62}
+    assert glue.more_seeds_of_the_best_rates(searched, {**s, "search_seeds": None}, tmp_path) == []
+
+
+def test_search_seeds_must_be_seeds_of_a_search():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="search_seeds: set lr_search"):
+        glue.GlueSettings(seeds=[1, 2], search_seeds=[1])
+    with pytest.raises(ValidationError, match=r"search_seeds: \[5\] are not in seeds"):
+        glue.GlueSettings(seeds=[1, 2], search_seeds=[5], lr_search={"hiwi": [1e-3]})
+    glue.GlueSettings(seeds=[1, 2], search_seeds=[1], lr_search={"hiwi": [1e-3]})
