@@ -404,7 +404,8 @@ def plot_memory(rows: list[dict], out: Path) -> Path | None:
 
 def accuracy_rows(sources: Sources) -> list[dict]:
     """(method, task, metric, value, trainable_pct): the glue bench's rows, else the runs' metrics.json."""
-    rows = [r for r in sources.bench_rows("glue") if r.get("value") is not None]
+    # a row per trained cell; the bench's task-average rows have no run of their own (no trainable_pct)
+    rows = [r for r in sources.bench_rows("glue") if r.get("value") is not None and r.get("trainable_pct") is not None]
     if rows:
         return rows
     from peftkit.tasks.glue import TASKS_BY_NAME as TASKS

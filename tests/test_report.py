@@ -17,6 +17,7 @@ def glue_payload():
             for m, v, pct, stored, saved, rss, lat in [("full", 0.80, 100.0, 90_000_000, 5 * 2**20, 6 * 2**20, 1.0),
                                                         ("lora", 0.83, 1.4, 1_300_000, 4 * 2**20, 5 * 2**20, 1.3),
                                                         ("meft1", 0.78, 0.9, 900_000, 2**19, 2**20, 1.1)]]
+    rows.append({"method": "lora", "task": "average", "metric": "mean of sst2 accuracy", "value": 0.99})  # no run
     return {"bench": "glue", "command": "peftkit bench glue --quick --json glue.json", "rows": rows,
             "notes": ["quick settings: max_steps 30"]}
 
@@ -53,7 +54,7 @@ def test_collect_finds_every_kind_of_input(inputs):
     assert finished["lora-sst2"].method == "lora" and finished["lora-sst2"].task == "sst2"
     assert [row["step"] for row in finished["lora-sst2"].log if "loss" in row] == [1, 2, 3, 4]
     assert list(sources.quantized) == ["rtn 2-bit (quant-rtn)"]
-    assert [r["method"] for r in sources.bench_rows("glue")] == ["full", "lora", "meft1"]
+    assert [r["method"] for r in sources.bench_rows("glue")] == ["full", "lora", "meft1", "lora"]
 
 
 def test_report_writes_all_plots_and_a_summary_that_shows_them(inputs):
@@ -67,6 +68,7 @@ def test_report_writes_all_plots_and_a_summary_that_shows_them(inputs):
     for name in names:
         assert f"]({name})" in text
     assert "best is **lora** at 0.830" in text  # the best sst2 row of the glue bench, not the first one
+    assert "**average**" not in text  # the task-average row is a summary of trained cells, not a cell
     baseline = json.loads((inputs / "runs" / "lora-sst2" / "metrics.json").read_text())["baseline"]["accuracy"]
     assert f"the trivial baseline (always the training-set majority class) scores {baseline:.3f}" in text
     assert "| lora | 0.830 | 1.4% | 1.2 MiB | 4.0 MiB | 5.0 MiB | 250 ms | 1.30x |" in text

@@ -16,6 +16,8 @@ Per row (docs/benchmarks.md):
   step_seconds      median seconds of forward + backward + AdamW step on that batch, contenders alternating;
   latency_ratio     median inference forward of the method's model (merged where the method can merge) over the
                     unmodified base model in the same run (interleaved rounds, bench.common.time_interleaved).
+With two or more tasks, each row label that ran them all also gets a row of task ``average``: the mean of its tasks'
+headline values (with several seeds on every task, the std of the per-seed averages).
 The costs are per row (measured on the first task's batch) and repeated on each of its task rows.
 A row is a recipe stem: ``pafi-r0.001`` runs peftkit/recipes/pafi-r0.001-minilm-<task>.yaml (its method section says which
 method and options), so one method can appear at several settings. ``stem@key=value,...`` overrides train keys of
@@ -195,6 +197,30 @@ def selected_rows(rows: list[dict], lr_search: dict | None, search_values: dict 
             best_lr = max(searched, key=searched.get)  # every GLUE headline metric is higher-better
             out.append({**tried[best_lr], "method": stem, "lr": best_lr,
                         "lr_grid": {f"{lr:g}": value for lr, value in sorted(searched.items())}})
+    return out
+
+
+def average_rows(rows: list[dict], tasks: list[str]) -> list[dict]:
+    """One row per row label that has every task (two or more): task ``average``, value the mean of the tasks'
+    headline values (the GLUE average). When every task ran the same seeds, ``values`` holds the average of each
+    seed and ``value_std`` their sample std."""
+    if len(tasks) < 2:
+        return []
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = {r["task"]: r for r in rows if r["method"] == method}
+        if not all(task in cells for task in tasks):
+            continue
+        row = {"method": method, "task": "average", "metric": "mean of " + ", ".join(
+            f"{task} {cells[task]['metric']}" for task in tasks),
+            "value": statistics.mean(cells[task]["value"] for task in tasks)}
+        seeds = [cells[task].get("seeds") for task in tasks]
+        if seeds[0] and all(s == seeds[0] for s in seeds):
+            per_seed = [statistics.mean(cells[task]["values"][i] for task in tasks) for i in range(len(seeds[0]))]
+            row.update(value_std=statistics.stdev(per_seed), seeds=seeds[0], values=per_seed)
+        if "lr" in cells[tasks[0]]:
+            row["lr"] = {task: cells[task]["lr"] for task in tasks}
+        out.append(row)
     return out
 
 
@@ -527,7 +553,7 @@ def run(quick: bool, options: dict) -> list[dict]:
 
         make_report([str(work)], str(work / "report"), {"glue": {"bench": "glue", "command": " ".join(
             ["peftkit", *sys.argv[1:]]), "rows": rows, **extra}})
-    return BenchRows(rows, extra)
+    return BenchRows(rows + average_rows(rows, s["tasks"]), extra)
 
 
 # ---- settings and registration -----------------------------------------------------------------------

@@ -222,3 +222,19 @@ def test_search_seeds_must_be_seeds_of_a_search():
     with pytest.raises(ValidationError, match=r"search_seeds: \[5\] are not in seeds"):
         glue.GlueSettings(seeds=[1, 2], search_seeds=[5], lr_search={"hiwi": [1e-3]})
     glue.GlueSettings(seeds=[1, 2], search_seeds=[1], lr_search={"hiwi": [1e-3]})
+
+
+def test_the_average_row_is_the_mean_of_the_tasks_and_of_each_seed():
+    rows = [{"method": "full", "task": "rte", "metric": "accuracy", "value": 0.6, "seeds": [1, 2], "values": [0.5, 0.7]},
+            {"method": "full", "task": "mrpc", "metric": "f1", "value": 0.8, "seeds": [1, 2], "values": [0.9, 0.7]},
+            {"method": "pafi", "task": "rte", "metric": "accuracy", "value": 0.55, "lr": 1e-3},
+            {"method": "pafi", "task": "mrpc", "metric": "f1", "value": 0.85, "lr": 3e-3},
+            {"method": "lora", "task": "rte", "metric": "accuracy", "value": 0.5}]  # lora lacks mrpc: no average
+    averages = {r["method"]: r for r in glue.average_rows(rows, ["rte", "mrpc"])}
+    assert set(averages) == {"full", "pafi"}
+    assert averages["full"]["value"] == pytest.approx(0.7) and averages["full"]["task"] == "average"
+    assert averages["full"]["values"] == pytest.approx([0.7, 0.7]) and averages["full"]["value_std"] == pytest.approx(0)
+    assert averages["pafi"]["value"] == pytest.approx(0.7) and "value_std" not in averages["pafi"]
+    assert averages["pafi"]["lr"] == {"rte": 1e-3, "mrpc": 3e-3}
+    assert averages["full"]["metric"] == "mean of rte accuracy, mrpc f1"
+    assert glue.average_rows(rows, ["rte"]) == []
