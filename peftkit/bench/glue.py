@@ -201,9 +201,10 @@ def selected_rows(rows: list[dict], lr_search: dict | None, search_values: dict 
 
 
 def average_rows(rows: list[dict], tasks: list[str]) -> list[dict]:
-    """One row per row label that has every task (two or more): task ``average``, value the mean of the tasks'
-    headline values (the GLUE average). When every task ran the same seeds, ``values`` holds the average of each
-    seed and ``value_std`` their sample std."""
+    """One row per row label that has every task (two or more) with the same seeds on each: task ``average``, value
+    the mean of the tasks' headline values (the GLUE average). With several seeds, ``values`` holds the average of
+    each seed and ``value_std`` their sample std. A label whose tasks ran different seeds (a searched rate that was
+    chosen on some tasks and so ran more seeds there) gets none: its mean would mix seeds."""
     if len(tasks) < 2:
         return []
     out = []
@@ -211,11 +212,13 @@ def average_rows(rows: list[dict], tasks: list[str]) -> list[dict]:
         cells = {r["task"]: r for r in rows if r["method"] == method}
         if not all(task in cells for task in tasks):
             continue
+        seeds = [cells[task].get("seeds") for task in tasks]
+        if any(s != seeds[0] for s in seeds):
+            continue
         row = {"method": method, "task": "average", "metric": "mean of " + ", ".join(
             f"{task} {cells[task]['metric']}" for task in tasks),
             "value": statistics.mean(cells[task]["value"] for task in tasks)}
-        seeds = [cells[task].get("seeds") for task in tasks]
-        if seeds[0] and all(s == seeds[0] for s in seeds):
+        if seeds[0]:
             per_seed = [statistics.mean(cells[task]["values"][i] for task in tasks) for i in range(len(seeds[0]))]
             row.update(value_std=statistics.stdev(per_seed), seeds=seeds[0], values=per_seed)
         if "lr" in cells[tasks[0]]:

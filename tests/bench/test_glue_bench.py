@@ -229,7 +229,10 @@ def test_the_average_row_is_the_mean_of_the_tasks_and_of_each_seed():
             {"method": "full", "task": "mrpc", "metric": "f1", "value": 0.8, "seeds": [1, 2], "values": [0.9, 0.7]},
             {"method": "pafi", "task": "rte", "metric": "accuracy", "value": 0.55, "lr": 1e-3},
             {"method": "pafi", "task": "mrpc", "metric": "f1", "value": 0.85, "lr": 3e-3},
-            {"method": "lora", "task": "rte", "metric": "accuracy", "value": 0.5}]  # lora lacks mrpc: no average
+            {"method": "lora", "task": "rte", "metric": "accuracy", "value": 0.5},  # lora lacks mrpc: no average
+            # a rate that ran three seeds on rte and one on mrpc: no average that would mix them
+            {"method": "bitfit", "task": "rte", "metric": "accuracy", "value": 0.6, "seeds": [1, 2], "values": [0.5, 0.7]},
+            {"method": "bitfit", "task": "mrpc", "metric": "f1", "value": 0.8}]
     averages = {r["method"]: r for r in glue.average_rows(rows, ["rte", "mrpc"])}
     assert set(averages) == {"full", "pafi"}
     assert averages["full"]["value"] == pytest.approx(0.7) and averages["full"]["task"] == "average"
