@@ -16,8 +16,8 @@ Per row (docs/benchmarks.md):
   step_seconds      median seconds of forward + backward + AdamW step on that batch, contenders alternating;
   latency_ratio     median inference forward of the method's model (merged where the method can merge) over the
                     unmodified base model in the same run (interleaved rounds, bench.common.time_interleaved).
-With two or more tasks, each row label that ran them all also gets a row of task ``average``: the mean of its tasks'
-headline values (with several seeds on every task, the std of the per-seed averages).
+With two or more tasks, each row label that ran them all with the same seeds also gets a row of task ``average``:
+the mean of its tasks' headline values (with several seeds, the std of the per-seed averages).
 The costs are per row (measured on the first task's batch) and repeated on each of its task rows.
 A row is a recipe stem: ``pafi-r0.001`` runs peftkit/recipes/pafi-r0.001-minilm-<task>.yaml (its method section says which
 method and options), so one method can appear at several settings. ``stem@key=value,...`` overrides train keys of
