@@ -186,17 +186,14 @@ def selected_rows(rows: list[dict], lr_search: dict | None, search_values: dict 
     """One row per searched (row, task): the learning rate with the best value, with the whole grid beside it.
     ``search_values`` ((row label, task) -> value on the search seeds) is what the choice and the grid use when the
     selected rate ran more seeds than the others; a row's own value otherwise."""
+    by_cell = {(r["method"], r["task"]): r for r in rows}
+    values = {cell: (search_values or {}).get(cell, r["value"]) for cell, r in by_cell.items()}
     out = []
-    for stem in lr_search or {}:
-        for task in dict.fromkeys(r["task"] for r in rows):
-            tried = {split_row(r["method"])[1]["lr"]: r for r in rows
-                     if r["task"] == task and "@" in r["method"] and split_row(r["method"])[0] == stem}
-            if not tried:
-                continue
-            searched = {lr: (search_values or {}).get((r["method"], task), r["value"]) for lr, r in tried.items()}
-            best_lr = max(searched, key=searched.get)  # every GLUE headline metric is higher-better
-            out.append({**tried[best_lr], "method": stem, "lr": best_lr,
-                        "lr_grid": {f"{lr:g}": value for lr, value in sorted(searched.items())}})
+    for (stem, task), label in best_rates(values, lr_search).items():
+        grid = {split_row(row)[1]["lr"]: value for (row, t), value in values.items()
+                if t == task and "@" in row and split_row(row)[0] == stem}
+        out.append({**by_cell[(label, task)], "method": stem, "lr": split_row(label)[1]["lr"],
+                    "lr_grid": {f"{lr:g}": value for lr, value in sorted(grid.items())}})
     return out
 
 
@@ -227,13 +224,14 @@ def average_rows(rows: list[dict], tasks: list[str]) -> list[dict]:
     return out
 
 
-def best_rates(results: dict, lr_search: dict | None) -> dict[tuple[str, str], str]:
-    """(stem, task) -> the row label (stem@lr=...) with the best value among the searched rates in ``results``."""
+def best_rates(values: dict, lr_search: dict | None) -> dict[tuple[str, str], str]:
+    """(stem, task) -> the row label (stem@lr=...) with the best value among the searched rates; ``values`` maps
+    (row label, task) to a value. The first rate wins a tie. Every GLUE headline metric is higher-better."""
     best = {}
-    for (row, task), r in results.items():
+    for (row, task), value in values.items():
         stem = split_row(row)[0]
         if "@" in row and stem in (lr_search or {}):
-            if (stem, task) not in best or r["value"] > results[(best[(stem, task)], task)]["value"]:
+            if (stem, task) not in best or value > values[(best[(stem, task)], task)]:
                 best[(stem, task)] = row
     return best
 
@@ -283,7 +281,8 @@ def more_seeds_of_the_best_rates(searched: dict, s: dict, work: Path) -> list:
     """The second pass of a search on ``search_seeds``: the best rate of each (stem, task) on the other seeds."""
     if not s.get("search_seeds"):
         return []
-    best = {(row, task) for (_, task), row in best_rates(searched, s["lr_search"]).items()}
+    values = {cell: r["value"] for cell, r in searched.items()}
+    best = {(row, task) for (_, task), row in best_rates(values, s["lr_search"]).items()}
 
     def other_seeds(row, task):
         if (row, task) not in best:
