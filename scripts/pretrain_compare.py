@@ -119,6 +119,17 @@ def merged_rows(new: list[dict], old_path: Path, keep: bool) -> list[dict]:
     return [rows[k] for k in sorted(rows, key=lambda k: (order.get(k[0], len(order)), k[1]))]
 
 
+NOT_REDRAWN = "; not redrawn for the rerun rows ("
+
+
+def curve_note(note: str, rerun: list[str]) -> str:
+    """The loss-curve note of an earlier invocation, naming every row run since that its curves do not show."""
+    head, _, listed = note.rstrip(".").partition(NOT_REDRAWN)
+    names = [n for n in listed.rstrip(")").split(", ") if n] if listed else []
+    names += [n for n in rerun if n not in names]
+    return f"{head}{NOT_REDRAWN}{', '.join(names)})." if names else note
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small")
@@ -176,10 +187,8 @@ def main() -> None:
                      f"held-out MLM loss, comparable across variants).")
     elif args.keep_rows and (ROOT / args.json).is_file():
         old_notes = json.loads((ROOT / args.json).read_text()).get("notes", [])
-        rerun = ", ".join(f"{v} seed {seed}" for seed in seeds for v in variants if v != SCRATCH)
-        for note in (n for n in old_notes if n.startswith("loss curves")):  # drawn by an earlier invocation
-            notes.append(note if not rerun or "not redrawn" in note
-                         else f"{note.rstrip('.')}; not redrawn for the rerun rows ({rerun}).")
+        rerun = [f"{v} seed {seed}" for seed in seeds for v in variants if v != SCRATCH]
+        notes += [curve_note(n, rerun) for n in old_notes if n.startswith("loss curves")]  # drawn earlier
     rows = merged_rows(new, ROOT / args.json, args.keep_rows)
     command = " ".join(["python scripts/pretrain_compare.py", *sys.argv[1:]])
     write_bench("pretrain-compare", rows, ROOT / args.json, {"notes": notes, "command": command})

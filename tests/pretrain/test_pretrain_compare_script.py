@@ -81,3 +81,13 @@ def test_partial_rerun_keeps_the_other_rows_with_their_commit(tmp_path):
         ("mlm", 42, "aaa"), ("3ml-cross", 42, "bbb"), ("scratch", 42, "bbb"), ("scratch", 43, "bbb")]
     assert rows[1]["sst2_accuracy"] == 0.8  # the rerun replaces the old row
     assert [r["variant"] for r in compare.merged_rows(new, old, keep=False)] == ["3ml-cross", "scratch", "scratch"]
+
+
+def test_curve_note_names_every_row_the_curves_do_not_show():
+    compare = script()
+    drawn = "loss curves: docs/results/pretrain-compare/loss_curves.png (pretraining loss per step of each variant)."
+    assert compare.curve_note(drawn, []) == drawn
+    once = compare.curve_note(drawn, ["3ml-cross seed 42"])
+    assert once == drawn[:-1] + "; not redrawn for the rerun rows (3ml-cross seed 42)."
+    twice = compare.curve_note(once, ["mlm seed 43", "3ml-cross seed 42"])
+    assert twice == drawn[:-1] + "; not redrawn for the rerun rows (3ml-cross seed 42, mlm seed 43)."
