@@ -18,7 +18,7 @@ from peftkit.config.base import Section, describe_errors, suggest, validate_sect
 from peftkit.config.schema import KINDS, MethodArgs, Recipe, plain_name
 from peftkit.errors import UserError, did_you_mean
 from peftkit.utils.registry import METHODS
-from peftkit.utils.safe_yaml import load_yaml_bounded
+from peftkit.utils.safe_yaml import DuplicateKeyError, load_yaml_bounded
 
 # YAML 1.1 (PyYAML) reads 1e-3 as a string: only numbers with a dot count as floats. Recipes follow YAML 1.2 here.
 _FLOAT = re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+)$"
@@ -93,6 +93,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, raw = text.partition("=")
     try:
         value = parse_yaml(raw, f'override "{text}"') if raw.strip() else ""
+    except DuplicateKeyError:  # a flow mapping naming a key twice is no plain string either
+        raise
     except UserError:
         value = raw
     if isinstance(value, str) and value in ("none", "None"):
@@ -103,9 +105,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(tree: dict, overrides: Iterable[str], need_section: bool = True) -> None:
+def parsed_overrides(overrides: Iterable[str]) -> list[tuple[str, list[str], Any]]:
+    """(text, key path, value) of each override, refusing a key given twice: the later one would silently win."""
+    parsed, given = [], {}
     for text in overrides:
         parts, value = parse_override(text)
+        key = ".".join(parts)
+        if key in given:
+            raise UserError(f'the key {key} is set twice, by "{given[key]}" and by "{text}"; only one value can '
+                            f"hold. Give it once.")
+        given[key] = text
+        parsed.append((text, parts, value))
+    return parsed
+
+
+def apply_overrides(tree: dict, overrides: Iterable[str], need_section: bool = True) -> None:
+    for text, parts, value in parsed_overrides(overrides):
         if need_section and len(parts) < 2 and parts[0] not in ("name", "kind"):
             raise UserError(f'override "{text}": the key needs a section, e.g. train.lr=3e-4 or method.rho=0.005.')
         node = tree
@@ -210,8 +225,7 @@ def plugin_problems(recipe: Recipe) -> list[str]:
 def load_settings(cls: type[Section], items: Iterable[str], where: str) -> Section:
     """Bench settings from ``--set key=value`` items, validated like a recipe section (exit 2 on any problem)."""
     raw: dict = {}
-    for item in items:
-        parts, value = parse_override(item)
+    for _, parts, value in parsed_overrides(items):
         node = raw
         for p in parts[:-1]:
             node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else {}
