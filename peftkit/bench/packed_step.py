@@ -96,9 +96,14 @@ def measure(spec: dict, timeout: float = 1800) -> dict:
 
 
 def packed_vs_full(quant_dir, source_model: str, batch: int = 1, seq: int = 128, steps: int = 2,
-                   dtype: str = "bfloat16", threads: int = 1) -> dict:
+                   dtype: str | None = None, threads: int = 1) -> dict:
     """Columns for a quant bench row: the packed model and its LoRA step against the float32 model's, each without
-    and with gradient checkpointing (which removes most activations and leaves the weights to dominate)."""
+    and with gradient checkpointing (which removes most activations and leaves the weights to dominate). The packed
+    side unpacks into ``dtype``: by default bfloat16 where this machine's bf16 kernels run, else float32."""
+    if dtype is None:
+        from peftkit.utils.env import bf16_or_fp32_dtype_name
+
+        dtype = bf16_or_fp32_dtype_name()
     spec = {"quant_dir": str(quant_dir), "source_model": source_model, "batch": batch, "seq": seq, "steps": steps,
             "threads": threads}
     runs = {(side, gc): measure({**spec, "side": side, "dtype": dtype, "gradient_checkpointing": gc})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -41,14 +42,47 @@ def matmul_kind() -> str:
     return "cpu-avx2" if "avx2" in flags else "cpu"
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_failure() -> str | None:
+    """Why this process's CPU kernels cannot train in bf16, or None where they can. Tried, not read from flags:
+    torch picks its bf16 kernels by what the hardware reports (AMX, VNNI packing) but compiles them for the
+    dispatched capability, so with ``ATEN_CPU_CAPABILITY=avx2`` on an AMX machine a bf16 attention of real sizes
+    raises ("pack_vnni2 is only supported when avx512 is supported") while small shapes still run. One attention
+    forward and backward at a shape that takes the blocked path (64 tokens, head size 32) and one matmul: a few ms."""
+    import torch
+
+    try:
+        q = torch.randn(1, 2, 64, 32, dtype=torch.bfloat16, requires_grad=True)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+        w = torch.randn(64, 64, dtype=torch.bfloat16)
+        torch.nn.functional.linear(w, w)
+    except RuntimeError as err:
+        return str(err).splitlines()[0]
+    return None
+
+
+def bf16_or_fp32_dtype_name() -> str:
+    """'bfloat16' where bf16 kernels run on this device, else 'float32' (see cpu_bf16_failure)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "float32" if cpu_bf16_failure() else "bfloat16"
+
+
 def resolve_precision(precision: str) -> tuple[str, str]:
     """(fp32 | bf16 | fp16, why) for ``train.precision``. 'auto' picks bf16 only where it is fast: a CUDA device with
-    bf16, or a CPU with AMX tiles (a 1024^2 bf16 matmul ~10x fp32 there); elsewhere bf16 matmuls are slower than
-    fp32 (0.7x measured on an AVX512-BF16 CPU without AMX, ~100x slower on AVX2-only CPUs), so fp32."""
+    bf16, or a CPU with AMX tiles (a 1024^2 bf16 matmul ~10x fp32 there), and only where this process's bf16
+    kernels actually run (cpu_bf16_failure); elsewhere fp32 (bf16 matmuls are ~100x slower on AVX2-only CPUs)."""
     if precision != "auto":
         return precision, "set by train.precision"
     kind = matmul_kind()
-    if kind in ("cuda-bf16", "cpu-amx-bf16"):
+    if kind == "cuda-bf16":
+        return "bf16", f"auto: {kind} runs bf16 matmuls fast"
+    if kind == "cpu-amx-bf16":
+        failure = cpu_bf16_failure()
+        if failure:
+            return "fp32", f"auto: {kind}, but this process's bf16 kernels fail ({failure})"
         return "bf16", f"auto: {kind} runs bf16 matmuls fast"
     return "fp32", f"auto: {kind} has no fast bf16 matmul"
 

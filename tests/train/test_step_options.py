@@ -46,8 +46,37 @@ def test_auto_precision_follows_the_machine(monkeypatch):
     monkeypatch.setattr(env, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     assert env.resolve_precision("auto")[0] == "fp32"
     monkeypatch.setattr(env, "cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(env, "cpu_bf16_failure", lambda: None)
     assert env.resolve_precision("auto") == ("bf16", "auto: cpu-amx-bf16 runs bf16 matmuls fast")
     assert env.resolve_precision("fp16")[0] == "fp16"
+    # the kernels this process would use fail (an AMX machine run with ATEN_CPU_CAPABILITY=avx2): fp32, with why
+    monkeypatch.setattr(env, "cpu_bf16_failure", lambda: "pack_vnni2 is only supported when avx512 is supported")
+    precision, why = env.resolve_precision("auto")
+    assert precision == "fp32" and "pack_vnni2" in why
+    assert env.resolve_precision("bf16")[0] == "bf16"  # an explicit choice is the user's
+
+
+def test_bf16_probe_reports_a_kernel_that_raises(monkeypatch):
+    from peftkit.utils import env
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("pack_vnni2 is only supported when avx512 is supported\nmore detail")
+
+    env.cpu_bf16_failure.cache_clear()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", refuse)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        assert env.cpu_bf16_failure() == "pack_vnni2 is only supported when avx512 is supported"
+        assert env.bf16_or_fp32_dtype_name() == "float32"
+    finally:
+        env.cpu_bf16_failure.cache_clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # where the probe's kernels run, they are the ones a bf16 step uses: it then reports no failure
+    if env.cpu_bf16_failure() is None:
+        q = torch.randn(1, 2, 64, 32, dtype=torch.bfloat16, requires_grad=True)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+        assert env.bf16_or_fp32_dtype_name() == "bfloat16"
 
 
 @pytest.mark.parametrize("method_name", ["full", "lora"])
