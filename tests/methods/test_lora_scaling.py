@@ -93,3 +93,34 @@ def test_quant_linear_scaling_is_what_the_pipeline_passes(r, alpha, monkeypatch)
     pipeline.quantize_model(structured_llama(layers=1), options("rtn", lora_r=r, lora_alpha=alpha), None,
                             log=lambda s: None)
     assert seen and all(s == pytest.approx(alpha / r) for _, s in seen)
+
+
+def test_quantized_lora_merge_folds_alpha_over_r_times_BA_into_the_weight(tmp_path):
+    """The apiq method's merge: each unpacked weight plus (alpha / r) * B A, so the merged model computes what the
+    LoRA model computed."""
+    from types import SimpleNamespace
+
+    from helpers.quant import windows
+
+    from peftkit.quant.checkpoint import save_quantized
+    from peftkit.quant.pipeline import quantize_model
+
+    model = structured_llama()
+    result = quantize_model(model, options("rtn", bits=4, lora_r=R, lora_alpha=ALPHA), None, log=lambda s: None)
+    save_quantized(tmp_path / "q", model, result)
+    method = create_method("apiq")
+    peft_model = method.prepare(method.load_base(SimpleNamespace(name=str(tmp_path / "q"), task_head="causal_lm"),
+                                                 "causal_lm", None, None)).eval()
+    layers = [m for m in peft_model.modules() if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {})]
+    for i, module in enumerate(layers):
+        _random_(module.lora_B["default"].weight, seed=20 + i)
+        with torch.no_grad():
+            module.lora_B["default"].weight.mul_(0.05)
+    module = layers[0]
+    _peft_delta_matches(module, torch.randn(2, 5, module.in_features, generator=torch.Generator().manual_seed(6)), ALPHA / R)
+    ids = windows(2, seed=3)
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=ids).logits
+        merged = method.merge(peft_model).eval()(input_ids=ids).logits
+    assert (unmerged - model(input_ids=ids).logits).abs().max() > 1e-2  # the LoRA update changes the logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
