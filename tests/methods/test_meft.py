@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers.tiny import tiny_bert
@@ -150,12 +152,12 @@ def _starting_point_gap(variant, factor):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_starting_point_is_preserved_up_to_the_scaled_residual(variant):
     errors, cosine = _starting_point_gap(variant, None)
-    assert max(errors) < 0.35, errors  # of order 0.1 (it compounds a little with depth), not 1
+    assert all(e < 0.35 for e in errors), errors  # of order 0.1 (it compounds a little with depth), not 1; nan fails
     assert errors[1] == pytest.approx(0.1, abs=0.02) or errors[2] == pytest.approx(0.1, abs=0.02)
     assert cosine > 0.75
     # the paper's point: without the 0.1 factors the pretrained sub-blocks see a very different input
     errors_1, cosine_1 = _starting_point_gap(variant, 1.0)
-    assert max(errors_1) > 0.7, errors_1
+    assert any(not math.isfinite(e) or e > 0.7 for e in errors_1), errors_1
     assert cosine_1 < 0.5
 
 

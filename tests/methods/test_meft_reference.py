@@ -183,9 +183,12 @@ def test_segments_keep_fp32_gradients_at_autograd_level_over_twelve_layers(varia
         _, encoder, x = _twelve_layer_stack(variant, stream_arithmetic="float")
     whole = gradient_errors_by_block(encoder.blocks(), x, {"attention_mask": None})
     segmented = gradient_errors_by_block(encoder.blocks(), x, {"attention_mask": None}, segment_layers=2)
-    assert max(whole) > 0.1, whole  # the problem segments solve is real at this depth
-    assert max(segmented) < 1e-4, segmented  # measured 2e-7..4e-6; fp32 autograd vs fp64 is ~1e-7
-    assert whole[-1] < 1e-5  # the top layer needs no reconstruction either way
+    # The problem segments solve is real at this depth. On some CPUs (AMD Zen 4) the rebuilt float stream overflows
+    # and the bottom layers' errors are nan: a gradient that is not a number is as wrong as one can get, so a
+    # non-finite error counts as large; whether it overflows or only drifts does not matter here.
+    assert any(not math.isfinite(e) or e > 0.1 for e in whole), whole
+    assert all(math.isfinite(e) and e < 1e-4 for e in segmented), segmented  # measured 2e-7..4e-6; fp32 vs fp64: 1e-7
+    assert math.isfinite(whole[-1]) and whole[-1] < 1e-5  # the top layer needs no reconstruction either way
 
 
 @pytest.mark.parametrize("segment_layers", [1, 2, 5])
@@ -225,7 +228,8 @@ def test_fixed_point_streams_keep_fp32_gradients_at_autograd_level_over_twelve_l
     _, encoder, x = _twelve_layer_stack(variant)
     assert encoder.stream_arithmetic == "fixed" and encoder.segment_layers is None
     errors = gradient_errors_by_block(encoder.blocks(), x, {"attention_mask": None}, fixed_point=True)
-    assert max(errors) < 1e-5, errors  # measured 2.5e-7..3.5e-7; float streams: 0.96..1.7 (the test above)
+    # measured 2.5e-7..3.5e-7; float streams: 0.96..1.7, or nan where they overflow (the test above)
+    assert all(math.isfinite(e) and e < 1e-5 for e in errors), errors
 
 
 def _linear_blocks(layers, lam, beta, width=16, seed=0):

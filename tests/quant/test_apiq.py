@@ -58,7 +58,7 @@ def test_apiq_beats_loftq_beats_rtn_on_held_out_windows(bits):
     calib, held_out = windows(32, seed=1), windows(4, seed=2)
     err = {m: _held_out_error(model, options(m, bits=bits, epochs=4, batch_size=1), calib, held_out)[0]
            for m in ("rtn", "loftq", "apiq-lw", "apiq-bw")}
-    assert max(err["apiq-lw"], err["apiq-bw"]) <= err["loftq"] <= err["rtn"], err
+    assert err["apiq-lw"] <= err["loftq"] and err["apiq-bw"] <= err["loftq"] <= err["rtn"], err  # nan fails
 
 
 def test_model_is_left_full_precision():
