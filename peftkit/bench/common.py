@@ -7,14 +7,13 @@ reference are the result, absolute seconds are context.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from peftkit.utils.output_paths import write_result_json
 from peftkit.utils.tables import format_table, machine_info
 
 
@@ -58,17 +57,14 @@ def time_interleaved(contenders: dict, repeats: int, warmup: int, sync) -> dict:
 
 
 def write_bench(name: str, rows: list[dict], json_path: str | Path | None, extra: dict | None = None) -> dict:
-    """Print the table and write {"bench", "machine", "command", "rows", ...} to ``json_path`` atomically."""
+    """Print the table and write {"bench", "machine", "command", "rows", ...} to ``json_path`` atomically (never
+    over a file peftkit did not write)."""
     payload = {"bench": name, "machine": machine_info(), "command": " ".join(["peftkit", *sys.argv[1:]]), "rows": rows}
     extra = {**getattr(rows, "extra", {}), **(extra or {})}  # a bench may return a list with .extra (e.g. notes)
     if extra:
         payload.update(extra)
     print(format_table(rows))
     if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        os.replace(tmp, path)
+        path = write_result_json(json_path, payload, "--json")
         print(f"wrote {path}")
     return payload

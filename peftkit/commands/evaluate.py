@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -12,18 +10,19 @@ from peftkit.errors import UserError
 
 def write_results(payload: dict, model_dirs: list[str], json_path: str | None) -> dict:
     """The table's JSON to ``--json`` and to eval/results-<time>[-N].json of each run directory (never colliding,
-    written whole or not at all)."""
-    from peftkit.utils.output_paths import unique_result_path
+    written whole or not at all, never over a file peftkit did not write)."""
+    from peftkit.train.rundir import record_written
+    from peftkit.utils.atomic import refuse_symlink
+    from peftkit.utils.output_paths import unique_result_path, write_result_json
 
     targets = [Path(json_path)] if json_path else []
     for model_dir in model_dirs:
         if (Path(model_dir) / "final").is_dir():
+            refuse_symlink(Path(model_dir) / "eval", "the results folder")
+            record_written(Path(model_dir), ["eval"])
             targets.append(unique_result_path(Path(model_dir) / "eval", f"results-{time.strftime('%Y%m%d-%H%M%S')}"))
     for target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, target)
+        write_result_json(target, payload, "--json" if json_path and target == Path(json_path) else "result file")
     return payload
 
 
@@ -38,7 +37,7 @@ def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str
                   limit: int | None = None, json_path: str | None = None, trust_remote_code: bool = False) -> dict:
     """Evaluate each model on its own GLUE task (or on ``tasks`` for a plain checkpoint); print and save a table.
     Each run directory keeps its own results file (eval/results-<time>[-N].json: two evaluations never collide)."""
-    from peftkit.methods.trained import load_trained
+    from peftkit.methods.trained import check_head_fits, load_trained
     from peftkit.tasks.glue import (
         PadCollator,
         get_task,
@@ -63,6 +62,8 @@ def evaluate_glue(model_dirs: list[str], tasks: list[str] | None, data_root: str
             if own_task and name != own_task:
                 raise UserError(f"{model_dir} was fine-tuned on {own_task}, not {name}; its head does not fit {name}. "
                                 f"Evaluate it with --task glue:{own_task}.")
+            if not own_task:  # a plain checkpoint: its config's head must fit the task
+                check_head_fits(model, task, model_dir)
             split = task.validation_splits[0]
             rows = load_rows(name, split, data_root, limit)
             data = tokenize_rows(task, rows, tokenizer, info.get("max_length", 128))
@@ -109,8 +110,9 @@ def run_cli(models: list[str] | str, seq_len: int = 512, max_windows: int | None
     for row in rows:
         print(f"wikitext2 {row['model']}: ppl {row['ppl']:.3f} (nll {row['nll']:.4f}, {row['windows']} windows x {row['seq_len']} tokens)")
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps({"task": "wikitext2", "rows": rows}, indent=2))
+        from peftkit.utils.output_paths import write_result_json
+
+        write_result_json(json_out, {"task": "wikitext2", "rows": rows}, "--json")
     return rows
 
 
@@ -156,8 +158,8 @@ def evaluate_own(model_dirs: list[str], spec: str, batch_size: int = 128, limit:
     from peftkit.utils.output_paths import check_output_file
     from peftkit.utils.tables import format_table, machine_info
 
-    if json_path:
-        json_path = str(check_output_file(json_path, "--json"))
+    if json_path:  # never the labeled rows themselves
+        json_path = str(check_output_file(json_path, "--json", inputs=(spec,)))
     table = read_labeled(spec, limit)  # a bad file fails before any model loads
     rows_out = []
     for model_dir in model_dirs:

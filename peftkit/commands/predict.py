@@ -1,45 +1,35 @@
 """`peftkit predict` (labels or scores for new rows) and `peftkit generate` (text from a causal-LM or SFT run).
 
 Both read rows from a CSV / JSONL / JSON / Parquet file and write one JSON object per row, to --output or stdout.
-An existing --output is replaced only when it is a JSON-lines file (a result of an earlier run), never another file.
+An existing --output is replaced only when it holds predictions peftkit wrote (one JSON object a line, of the
+shapes predict and generate write), never another file, and never the --input file itself.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from peftkit.errors import UserError
 
 
-def check_jsonl_output(path: str | None) -> Path | None:
-    """The --output file, refused before any model loads when it is not ours to write."""
+def check_jsonl_output(path: str | None, input_file: str | None = None) -> Path | None:
+    """The --output file, refused before any model loads when it is not ours to write: the input file itself,
+    or an existing file that is not predictions peftkit wrote (see output_paths.is_peftkit_jsonl)."""
     from peftkit.utils.output_paths import check_output_file
 
     if not path:
         return None
-    out = check_output_file(path, "--output", must_be_json=False)
-    if out.is_file() and out.stat().st_size:
-        try:
-            for line in out.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    json.loads(line)
-        except (UnicodeDecodeError, ValueError):
-            raise UserError(f"--output {out} exists and is not a JSON-lines result file, so peftkit will not replace "
-                            f"it. Choose another path, or move that file away.") from None
-    return out
+    return check_output_file(path, "--output", must_be_json=False, inputs=(input_file,) if input_file else ())
 
 
 def write_jsonl(records: list[dict], out: Path | None) -> None:
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    from peftkit.utils.output_paths import write_result_jsonl
+
     if out is None:
-        print(text, end="")
+        print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), end="")
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    write_result_jsonl(out, records)
 
 
 def predict(run: str, input_file: str, output: str | None = None, batch_size: int = 64,
@@ -47,7 +37,7 @@ def predict(run: str, input_file: str, output: str | None = None, batch_size: in
     """`label` and `probabilities` (classification) or `value` (regression) for every row of ``input_file``."""
     from peftkit.tasks.tabular import read_file
 
-    out = check_jsonl_output(output)
+    out = check_jsonl_output(output, input_file)
     table = read_file(input_file)  # a bad file fails before the model loads
     from peftkit.methods.trained import load_trained
     from peftkit.tasks.dataset import RunReading, logits_of
@@ -82,7 +72,7 @@ def generate(run: str, prompts: list[str] | None = None, input_file: str | None 
         raise UserError(f"--top-p {top_p} must be in (0, 1]: the share of probability mass sampled from.")
     if bool(prompts) == bool(input_file):
         raise UserError("give the prompts either with --prompt (repeatable) or with --input FILE, one of the two.")
-    out = check_jsonl_output(output)
+    out = check_jsonl_output(output, input_file)
     info = run_info(run)
     if input_file:
         table = read_file(input_file)

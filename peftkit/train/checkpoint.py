@@ -16,6 +16,7 @@ are not named ``step-NNNNNN`` (notes, copies, half-written temp dirs) are never 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from peftkit.errors import RunFailed
+from peftkit.utils.atomic import fsync_dir, io_error_of, refuse_symlink, replace_dir
 
 MANIFEST = "manifest.json"
 FILES = ("trainable.safetensors", "optimizer.pt", "state.json")
@@ -53,15 +55,36 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _torch_save(obj, path: Path) -> None:
+    """torch.save into ``path``; a failing write raises its OSError (torch reports it as a RuntimeError that
+    names neither the errno nor the cause, e.g. "unexpected pos 704 vs 598" on a full disk)."""
+    import torch
+
+    with open(path, "wb") as f:
+        sink = _ErrorKeepingFile(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
+class _ErrorKeepingFile(io.RawIOBase):
+    """A writable file that remembers the OSError of a failed write (torch swallows it)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
 
 def write_checkpoint(target: Path, tensors: dict, torch_state: dict, state: dict) -> Path:
@@ -72,21 +95,24 @@ def write_checkpoint(target: Path, tensors: dict, torch_state: dict, state: dict
     """
     try:
         return _write_checkpoint(Path(target), tensors, torch_state, state)
-    except OSError as e:
-        raise RunFailed(f"could not write checkpoint {target}: {e.strerror or e}. The checkpoints already complete "
-                        f"in {Path(target).parent} are intact; free disk space (or fix permissions) and continue "
-                        f"with train.resume=auto.") from e
+    except Exception as e:
+        cause = io_error_of(e)
+        if cause is None:
+            raise
+        raise RunFailed(f"could not write checkpoint {target}: {cause.strerror or cause}. The checkpoints already "
+                        f"complete in {Path(target).parent} are intact; free disk space (or fix permissions) and "
+                        f"continue with train.resume=auto.") from e
 
 
 def _write_checkpoint(target: Path, tensors: dict, torch_state: dict, state: dict) -> Path:
-    import torch
     from safetensors.torch import save_file
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    refuse_symlink(target.parent, "the checkpoints folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(torch_state, tmp / "optimizer.pt")
+        _torch_save(torch_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         files = {}
         for name in ("trainable.safetensors", "optimizer.pt", "state.json"):
@@ -95,16 +121,8 @@ def _write_checkpoint(target: Path, tensors: dict, torch_state: dict, state: dic
                 os.fsync(f.fileno())
             files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
-        _fsync_dir(tmp)
-        if target.exists():
-            old = target.with_name(f".old-{target.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(tmp)
+        replace_dir(tmp, target, aside=target.with_name(f".old-{target.name}"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -87,6 +87,15 @@ class MLflow:
 
 
 BACKENDS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+# The folder each backend writes inside the run directory (declared to the run's marker before the run writes
+# them, so that output.overwrite removes them and a symbolic link there is refused).
+RUN_DIR_ENTRIES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlruns"}
+
+
+def run_dir_entries(names: list[str]) -> tuple[str, ...]:
+    """The top-level entries of the run directory that the trackers ``names`` write."""
+    return tuple(RUN_DIR_ENTRIES[n] for n in names if n in RUN_DIR_ENTRIES
+                 and not (n == "mlflow" and os.environ.get("MLFLOW_TRACKING_URI")))
 
 
 class Reporters:

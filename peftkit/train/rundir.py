@@ -7,7 +7,12 @@ from writing into a directory that a live run holds.
 A run writes only into a new or empty directory, or one carrying the marker file ``.peftkit-run``
 (JSON naming what peftkit wrote there). A non-empty directory without the marker is someone else's and is
 refused whatever the recipe asks, and ``output.overwrite`` removes only the entries peftkit wrote: a user
-who points ``output.dir`` at a folder of their own loses nothing.
+who points ``output.dir`` at a folder of their own loses nothing. The marker lists names as peftkit writes
+them (the run layout, the outputs a command declares, ``record_written``), never what a listing of the
+directory shows: a file the user saves into a run directory while it trains stays the user's.
+
+Nothing is written through a symbolic link: a link at any name peftkit writes in the directory is refused
+before anything is written.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import yaml
 
 from peftkit.errors import UserError
+from peftkit.utils.atomic import atomic_write_json, atomic_write_text
 from peftkit.utils.output_paths import check_output_dir
 
 LOCK = ".lock"
@@ -31,6 +38,9 @@ MARKER = ".peftkit-run"
 RUN_LAYOUT = ("config.yaml", "checkpoints", "final", "metrics.jsonl", "metrics.json", "train.log", "env.json",
               "plan.json")
 TEMP_PREFIXES = (".final-", ".tmp-")
+# Markers before version 2 listed whatever the directory held when the run ended, a user's files included, so
+# only the names of the run layout are trusted from them.
+MARKER_VERSION = 2
 
 
 def _comparable(config: dict) -> dict:
@@ -56,8 +66,28 @@ def read_marker(path: Path) -> dict | None:
 
 def _written_names(marker: dict) -> set[str]:
     names = marker.get("written", [])
-    return {n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")} \
-        if isinstance(names, list) else set()
+    if not isinstance(names, list) or marker.get("version") != MARKER_VERSION:
+        return set()
+    return {n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..", LOCK, MARKER)}
+
+
+def _marker_content(marker: dict, written: Iterable[str]) -> dict:
+    return {"tool": "peftkit", "kind": "run directory", "version": MARKER_VERSION,
+            "created": marker.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "written": sorted(set(written)),
+            "note": "peftkit writes into and deletes from this directory only the entries listed in 'written'."}
+
+
+def record_written(run_dir: Path, names: Iterable[str]) -> None:
+    """Add ``names`` (top-level entries peftkit is about to write into the run directory ``run_dir``) to its
+    marker, so that an overwrite removes them; nothing happens in a directory without a marker."""
+    marker = read_marker(run_dir)
+    if not marker:
+        return
+    written = _written_names(marker) | set(RUN_LAYOUT)
+    new = {n for n in names if n not in written}
+    if new:
+        atomic_write_json(Path(run_dir) / MARKER, _marker_content(marker, written | new))
 
 
 class RunDir:
@@ -66,25 +96,30 @@ class RunDir:
     The lock is an flock on ``.lock`` (it holds the pid, for the message): the kernel drops it when the
     process dies, even by SIGKILL, so a stale lock never blocks a resume. A directory this attempt
     created is removed again when the attempt fails with a UserError (nothing half-written is left).
-    ``outputs`` names further top-level entries the caller will write (beyond RUN_LAYOUT), so that an
-    overwrite may remove them even if the process dies before the marker records them.
+    ``outputs`` names further top-level entries the caller will write (beyond RUN_LAYOUT): the marker lists
+    them from the start, so that an overwrite may remove them even if the process dies before it ends.
+    ``before_write(path)`` runs under the lock after every check of the directory and before anything is
+    written into it (the marker, config.yaml): a check that fails there leaves the directory as it was.
     """
 
     def __init__(self, path: Path, config: dict, resume: bool, overwrite: bool, is_main: bool = True,
-                 outputs: tuple[str, ...] = ()):
+                 outputs: tuple[str, ...] = (), before_write: Callable[[Path], None] | None = None):
         self.path, self.config, self.resume, self.overwrite, self.is_main = Path(path), config, resume, overwrite, is_main
         self.outputs = tuple(outputs)
+        self.before_write = before_write
         self._lock_fd: int | None = None
         self._created = False
-        self._kept: set[str] = set()  # entries of a marked directory that peftkit did not write
 
     def __enter__(self) -> Path:
         if not self.is_main:
+            if self.before_write is not None:
+                self.before_write(self.path)
             return self.path
         check_output_dir(self.path)
         try:
             if self.path.is_dir():
-                self._refuse_foreign_content()  # before the lock file: nothing is written into a folder not ours
+                marker = self._refuse_foreign_content()  # before the lock file: nothing is written into a folder not ours
+                self._refuse_links(marker or {})
             self._created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self._take_lock()
@@ -94,16 +129,29 @@ class RunDir:
                             f"Choose a writable output.dir.") from None
         try:
             marker = self._refuse_foreign_content()  # again under the lock: the folder may have changed meanwhile
+            self._refuse_links(marker or {})
             self._check_previous_run()
+            if self.before_write is not None:
+                self.before_write(self.path)
             if self.overwrite and not self.resume:
                 self._remove_previous_run(marker or {})
                 marker = {}
-            self._write_marker(marker or {}, self._entries())
-            (self.path / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+            self._write_marker(marker or {})
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
         except BaseException:
             self._release(remove=self._created)
             raise
         return self.path
+
+    def _refuse_links(self, marker: dict) -> None:
+        """A UserError when an entry peftkit writes (or deletes) here is a symbolic link: writing through it would
+        change a file outside the run directory."""
+        for child in sorted(self.path.iterdir()):
+            if child.is_symlink() and (child.name in (LOCK, MARKER) or self._ours(child.name, marker)):
+                raise UserError(
+                    f"{child} is a symbolic link (to {os.readlink(child)}), in the place of a file peftkit writes in "
+                    f"its run directory. peftkit never writes through a link: it would change the file the link "
+                    f"points to. Remove the link (or put the file itself there), or choose another output.dir.")
 
     def _entries(self) -> set[str]:
         return {child.name for child in self.path.iterdir()} - {LOCK}
@@ -117,7 +165,6 @@ class RunDir:
         entries = self._entries()
         marker = read_marker(self.path)
         if marker is not None:
-            self._kept = {n for n in entries if not self._ours(n, marker)}
             return marker
         if not entries:
             return None
@@ -145,16 +192,10 @@ class RunDir:
             else:
                 child.unlink()
 
-    def _write_marker(self, marker: dict, present: set[str]) -> None:
-        """Record in the marker what peftkit wrote here: RUN_LAYOUT, ``outputs`` and whatever new is ``present``."""
-        written = _written_names(marker) | set(RUN_LAYOUT) | set(self.outputs) | (present - self._kept - {MARKER})
-        content = {"tool": "peftkit", "kind": "run directory",
-                   "created": marker.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "written": sorted(written),
-                   "note": "peftkit writes into and deletes from this directory only the entries listed in 'written'."}
-        tmp = self.path / f"{MARKER}.tmp"
-        tmp.write_text(json.dumps(content, indent=2) + "\n")
-        os.replace(tmp, self.path / MARKER)
+    def _write_marker(self, marker: dict) -> None:
+        """Record in the marker what peftkit writes here: RUN_LAYOUT, ``outputs`` and what earlier runs recorded."""
+        written = _written_names(marker) | set(RUN_LAYOUT) | set(self.outputs)
+        atomic_write_json(self.path / MARKER, _marker_content(marker, written))
 
     def _check_previous_run(self) -> None:
         saved = self.path / "config.yaml"
@@ -183,7 +224,7 @@ class RunDir:
 
         lock = self.path / LOCK
         while True:
-            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -211,10 +252,5 @@ class RunDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb):
-        if self._lock_fd is not None and self.path.is_dir():
-            try:  # record what the run wrote; the marker already names the usual layout if this fails
-                self._write_marker(read_marker(self.path) or {}, self._entries())
-            except OSError:
-                pass
         self._release(remove=self._created and exc_type is not None and issubclass(exc_type, UserError))
         return False

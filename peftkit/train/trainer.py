@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -34,6 +35,7 @@ from peftkit.train.distributed import (
     shard_model,
 )
 from peftkit.train.schedule import make_scheduler
+from peftkit.utils.atomic import atomic_write_text, open_append
 from peftkit.utils.env import resolve_precision
 
 
@@ -52,6 +54,104 @@ def make_optimizer(options, groups):
                             f"Install it (pip install bitsandbytes) or use train.optimizer=adamw.") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+RESUME_KEYS = ("step", "epoch", "batch_in_epoch", "best_value", "best_step", "python_rng")
+
+
+def _read_resume_checkpoint(path: Path) -> tuple:
+    from peftkit.errors import UserError
+
+    try:
+        return ckpt.read_checkpoint(path, RESUME_KEYS)
+    except ckpt.CheckpointDamaged as e:
+        raise UserError(f"cannot resume from {path}: {e}. Use train.resume=auto to continue from the newest "
+                        f"good checkpoint, or point train.resume at another one.") from None
+
+
+def find_resume_checkpoint(ckpt_dir: Path, spec: str, log: Callable[[str], None]) -> tuple | None:
+    """(path, tensors, torch_state, state) of the checkpoint ``train.resume`` names, or None: 'auto' = the newest
+    good one in ``ckpt_dir`` (damaged newer ones are passed over with a log line), 'false' = none, else a path
+    (damaged: a UserError)."""
+    if spec == "false":
+        return None
+    if spec == "auto":
+        return ckpt.read_latest_good(ckpt_dir, log, RESUME_KEYS)
+    return (Path(spec), *_read_resume_checkpoint(Path(spec)))
+
+
+def check_resumable(found: tuple, *, settings_hash: str | None, allow_foreign: bool, world_size: int,
+                    trainable: dict, groups: list[dict], run_dir: Path | None = None,
+                    method_now: dict | None = None) -> bool:
+    """Refuse a checkpoint this run cannot continue from, before anything is loaded or written; return True
+    when it was written with other result-changing settings (allowed by ``allow_foreign``).
+
+    Exit 2 (UserError): other settings without ``allow_foreign``; trained state of another method or
+    another shape (``trainable``: this run's method state, ``groups``: its optimizer parameter groups),
+    which even train.resume_any cannot continue. Exit 1 (RunFailed): another number of processes.
+    """
+    from peftkit.errors import UserError
+
+    path, tensors, torch_state, state = found
+    theirs = state.get("settings_hash")
+    foreign = bool(settings_hash and theirs and theirs != settings_hash)
+    if foreign and not allow_foreign:
+        raise UserError(f"cannot resume from {path}: it was written with different result-changing settings "
+                        f"(checkpoint settings {theirs}, this recipe {settings_hash}). Resume with the "
+                        f"recipe that wrote it, start a new output.dir, or set train.resume_any=true to "
+                        f"continue anyway.")
+    misfit = _state_misfit(tensors, trainable) or _groups_misfit(torch_state.get("optimizer"), groups)
+    if misfit:
+        method_then = _previous_method(run_dir)
+        changed = [f"method.{k}: {method_then.get(k)!r} in that run, {method_now.get(k)!r} now"
+                   for k in sorted(set(method_then) | set(method_now or {}))
+                   if method_now is not None and method_then and method_then.get(k) != method_now.get(k)]
+        raise UserError(
+            f"cannot resume from {path}: its trained state does not fit this recipe's model and method ({misfit}"
+            + (f"; {', '.join(changed)}" if changed else "") + "). train.resume_any continues a run with other "
+            f"training settings (learning rate, schedule, steps), not with another method or another shape of "
+            f"trained state. Resume with the method options that wrote it, or start a new output.dir "
+            f"(output.overwrite=true replaces this run).")
+    if state.get("world_size", 1) != world_size:
+        raise RunFailed(f"checkpoint {path} was written by {state.get('world_size')} processes, this run has "
+                        f"{world_size}; resume with the same number of processes.")
+    return foreign
+
+
+def _state_misfit(tensors: dict, trainable: dict) -> str | None:
+    """What keeps a checkpoint's trained tensors from loading into this model's trainable state, or None."""
+    extra = sorted(set(tensors) - set(trainable))
+    missing = sorted(set(trainable) - set(tensors))
+    if extra or missing:
+        parts = []
+        if extra:
+            parts.append(f"{len(extra)} tensor(s) of the checkpoint are not trained here, e.g. {extra[0]}")
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) trained here are not in the checkpoint, e.g. {missing[0]}")
+        return "; ".join(parts)
+    for name in sorted(tensors):
+        theirs, ours = tuple(tensors[name].shape), tuple(trainable[name].shape)
+        if theirs != ours:
+            return f"{name} has shape {list(theirs)} in the checkpoint and {list(ours)} here"
+    return None
+
+
+def _groups_misfit(optimizer_state, groups: list[dict]) -> str | None:
+    if not isinstance(optimizer_state, dict) or "param_groups" not in optimizer_state:
+        return None
+    theirs = [len(g.get("params", ())) for g in optimizer_state["param_groups"]]
+    ours = [len(g["params"]) for g in groups]
+    if theirs != ours:
+        return f"the checkpoint's optimizer has parameter groups of {theirs} tensors, this run's of {ours}"
+    return None
+
+
+def _previous_method(run_dir: Path | None) -> dict:
+    """The method section of the config.yaml the run directory holds (what wrote its checkpoints), or {}."""
+    if run_dir is None:
+        return {}
+    method = _read_config(Path(run_dir) / "config.yaml").get("method")
+    return method if isinstance(method, dict) else {}
 
 
 class Interrupted(Exception):
@@ -221,36 +321,31 @@ class Trainer:
         barrier(self.dist)
         return self.last_checkpoint
 
-    RESUME_KEYS = ("step", "epoch", "batch_in_epoch", "best_value", "best_step", "python_rng")
+    RESUME_KEYS = RESUME_KEYS
 
     def resume_from(self, path: Path, allow_foreign: bool = False, loaded: tuple | None = None) -> None:
         """Continue from checkpoint ``path`` (``loaded``: its already verified contents). A checkpoint written
-        with other result-changing settings (settings_hash) is refused unless ``allow_foreign``."""
+        with other result-changing settings (settings_hash) is refused unless ``allow_foreign``; then the run
+        continues with this recipe's optimizer settings and schedule (learning rate, betas, weight decay,
+        warmup, decay), applied to the loaded optimizer and scheduler state."""
         import torch
 
-        from peftkit.errors import UserError
-
         if loaded is None:
-            try:
-                loaded = ckpt.read_checkpoint(path, self.RESUME_KEYS)
-            except ckpt.CheckpointDamaged as e:
-                raise UserError(f"cannot resume from {path}: {e}. Use train.resume=auto to continue from the newest "
-                                f"good checkpoint, or point train.resume at another one.") from None
+            loaded = _read_resume_checkpoint(Path(path))
         tensors, torch_state, state = loaded
-        theirs = state.get("settings_hash")
-        if self.settings_hash and theirs and theirs != self.settings_hash:
-            if not allow_foreign:
-                raise UserError(f"cannot resume from {path}: it was written with different result-changing settings "
-                                f"(checkpoint settings {theirs}, this recipe {self.settings_hash}). Resume with the "
-                                f"recipe that wrote it, start a new output.dir, or set train.resume_any=true to "
-                                f"continue anyway.")
-            self.log(f"warning: resuming from {path}, written with other settings ({theirs}, now "
-                     f"{self.settings_hash}), because train.resume_any=true")
-        if state.get("world_size", 1) != self.dist.world_size:
-            raise RunFailed(f"checkpoint {path} was written by {state.get('world_size')} processes, this run has "
-                            f"{self.dist.world_size}; resume with the same number of processes.")
+        foreign = check_resumable((Path(path), *loaded), settings_hash=self.settings_hash,
+                                  allow_foreign=allow_foreign, world_size=self.dist.world_size,
+                                  trainable=self.method.trainable_state(self.raw_model),
+                                  groups=self.optimizer.param_groups, run_dir=self.run_dir)
+        if foreign:
+            self.log(f"warning: resuming from {path}, written with other settings ({state.get('settings_hash')}, now "
+                     f"{self.settings_hash}), because train.resume_any=true; continuing with this recipe's settings")
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
         self._load_state(tensors, torch_state["optimizer"])
         self.scheduler.load_state_dict(torch_state["scheduler"])
+        if foreign:  # the checkpoint's state (moments, step counts) with this recipe's settings
+            self._apply_settings(settings, base_lrs)
         if self.scaler and "scaler" in torch_state:
             self.scaler.load_state_dict(torch_state["scaler"])
         torch.set_rng_state(torch_state["rng_cpu"])
@@ -263,6 +358,18 @@ class Trainer:
         self.last_checkpoint = Path(path)
         self._truncate_metrics_log()
         self.log(f"resumed from {path} at step {self.step}/{self.total_steps}")
+
+    def _apply_settings(self, settings: list[dict], base_lrs: list[float]) -> None:
+        """Put this recipe's optimizer hyperparameters and peak learning rates back after loading a checkpoint's
+        state, and set each group's learning rate to what this recipe's schedule gives at the loaded step
+        (loading restores the checkpoint's: the run would train at the old rate while config.yaml says the new)."""
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+        self.scheduler.base_lrs = base_lrs
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _load_state(self, tensors: dict, optimizer_state: dict | None) -> None:
         """Put a checkpoint's method state (and optimizer state) back; under FSDP each process keeps its shard."""
@@ -290,17 +397,16 @@ class Trainer:
                     for k, v in moments.items()}
             self.optimizer.load_state_dict(optimizer_state)
 
-    def resume(self, spec: str, allow_foreign: bool = False) -> None:
+    def resume(self, spec: str, allow_foreign: bool = False, found: tuple | None | object = ...) -> None:
         """Apply ``train.resume``: 'auto' = the latest good checkpoint if any (damaged newer ones are passed over
-        with a warning), 'false' = none, else a path. ``allow_foreign``: see resume_from."""
-        if spec == "auto":
-            found = ckpt.read_latest_good(self.ckpt_dir, self.log, self.RESUME_KEYS)
-            if found is not None:
-                self.resume_from(found[0], allow_foreign, loaded=found[1:])
-            else:
-                self.log("train.resume=auto: no usable checkpoint yet, starting fresh")
-        elif spec != "false":
-            self.resume_from(Path(spec), allow_foreign)
+        with a warning), 'false' = none, else a path. ``allow_foreign``: see resume_from. ``found``: what
+        find_resume_checkpoint already returned for ``spec`` (the run pipeline reads it before writing)."""
+        if found is ...:
+            found = find_resume_checkpoint(self.ckpt_dir, spec, self.log)
+        if found is not None:
+            self.resume_from(found[0], allow_foreign, loaded=found[1:])
+        elif spec == "auto":
+            self.log("train.resume=auto: no usable checkpoint yet, starting fresh")
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete step checkpoint (sizes checked, checksums not: see ckpt.read_latest_good)."""
@@ -309,7 +415,7 @@ class Trainer:
 
     def _truncate_metrics_log(self) -> None:
         path = self.run_dir / "metrics.jsonl"
-        if not self.dist.is_main or not path.exists():
+        if not self.dist.is_main or not os.path.lexists(path):
             return
         keep = []
         for line in path.read_text().splitlines():
@@ -319,12 +425,12 @@ class Trainer:
                 continue
             if isinstance(row, dict) and row.get("step", 0) <= self.step:
                 keep.append(line)
-        path.write_text("".join(line + "\n" for line in keep))
+        atomic_write_text(path, "".join(line + "\n" for line in keep), what="the metrics log")
 
     # ---- logging -------------------------------------------------------------------------------
     def _record(self, row: dict) -> None:
         if self.dist.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open_append(self.run_dir / "metrics.jsonl", "the metrics log") as f:
                 f.write(json.dumps(row) + "\n")
             if self._reporters is not None:
                 self._reporters.record(row)
@@ -468,6 +574,9 @@ class Trainer:
                                   "elapsed": elapsed, "eta": eta})
                     progress.update(self.step, f"loss {loss_total:.4f}  lr {self.scheduler.get_last_lr()[0]:.2e}  "
                                                f"{examples / elapsed:.1f} ex/s  eta {eta:.0f}s")
+                    note = self.method.training_note(self.raw_model, self.step)
+                    if note and self.dist.is_main:
+                        self.log(f"warning: {note}")
                 else:
                     progress.update(self.step)
 

@@ -101,16 +101,25 @@ def _nearest_existing(path: Path) -> Path:
     return Path(path.anchor or ".")
 
 
-def check_output_file(path: str | os.PathLike, what: str = "output file", must_be_json: bool = True) -> Path:
+RESULT_KEY = "written_by"  # top-level key of every JSON result peftkit writes: how it knows the file is its own
+# The objects `peftkit predict` / `generate` write, one a line: a JSON-lines file of only these is a result of theirs.
+PREDICTION_SHAPES = (frozenset({"label", "probabilities"}), frozenset({"value"}), frozenset({"prompt", "generation"}))
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file", must_be_json: bool = True,
+                      inputs: tuple[str | os.PathLike, ...] = (), is_ours=None) -> Path:
     """The result file ``path`` names, expanded and checked before any work is done.
 
-    Refused: an existing directory; a parent that is not a directory or cannot be written; an existing
-    path that is not a regular file or cannot be written; and (``must_be_json``) an existing non-empty file
-    that is not JSON, which cannot be a result peftkit wrote and is not ours to replace.
-    Nothing is created here.
+    Refused: an existing directory or symbolic link; a parent that is not a directory or cannot be written;
+    the same file as one of ``inputs`` (also through a link or a hard link); and an existing non-empty file
+    that peftkit did not write: ``is_ours(path)`` decides, by default ``is_peftkit_json`` (``must_be_json``)
+    or ``is_peftkit_jsonl``. Nothing is created here.
     """
     path = expand_path(path, what)
     shown = f"{what} {path}"
+    if path.is_symlink():
+        raise UserError(f"{shown} is a symbolic link (to {os.readlink(path)}); peftkit does not write through or "
+                        f"replace links. Give the path of a regular file.")
     if path.is_dir():
         raise UserError(f"{shown} is a directory; give a file name inside it, e.g. {path / 'results.json'}.")
     existing = _nearest_existing(path.parent if str(path.parent) else Path("."))
@@ -121,23 +130,79 @@ def check_output_file(path: str | os.PathLike, what: str = "output file", must_b
     if os.path.lexists(path):
         if not path.is_file():
             raise UserError(f"{shown} exists and is not a regular file. Choose another path.")
+        for source in inputs:
+            if source and _same_file(path, source):
+                raise UserError(f"{shown} is the input file {source}; writing the results there would replace the "
+                                f"rows they were computed from. Choose another output path.")
         if not os.access(path, os.W_OK):
             raise UserError(f"{shown} exists and is not writable. Choose another path.")
-        if must_be_json and path.stat().st_size:
-            if not _is_json_file(path):
-                raise UserError(f"{shown} exists and is not a JSON result file, so peftkit will not replace it. "
-                                f"Choose another path, or move that file away.")
+        is_ours = is_ours or (is_peftkit_json if must_be_json else is_peftkit_jsonl)
+        if path.stat().st_size and not is_ours(path):
+            kind = "JSON result file" if must_be_json else "JSON-lines result file"
+            raise UserError(f"{shown} exists and is not a {kind} peftkit wrote, so peftkit will not replace it. "
+                            f"Write to another path, or remove that file yourself if you no longer need it.")
     return path
 
 
-def _is_json_file(path: Path) -> bool:
+def _same_file(a: Path, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, os.path.expanduser(os.fspath(b)))
+    except (OSError, ValueError):
+        return False
+
+
+def is_peftkit_json(path: Path) -> bool:
+    """True for a JSON result peftkit wrote: an object with ``written_by: peftkit``, or the shape results had
+    before that key (a ``bench`` name and its ``rows``; a ``wikitext2`` evaluation's ``rows``)."""
     if path.stat().st_size > _MAX_RESULT_FILE_BYTES:
         return False
     try:
-        json.loads(path.read_bytes())
+        content = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return False
+    if not isinstance(content, dict):
+        return False
+    if content.get(RESULT_KEY) == "peftkit":
+        return True
+    return isinstance(content.get("rows"), list) and (isinstance(content.get("bench"), str)
+                                                      or content.get("task") == "wikitext2")
+
+
+def is_peftkit_jsonl(path: Path) -> bool:
+    """True for predictions peftkit wrote: every line a JSON object with exactly the keys of one of
+    PREDICTION_SHAPES (``label`` + ``probabilities``, ``value``, or ``prompt`` + ``generation``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or frozenset(row) not in PREDICTION_SHAPES:
+                    return False
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
     return True
+
+
+def write_result_json(path: str | os.PathLike, payload: dict, what: str = "result file") -> Path:
+    """Write ``payload`` (with ``written_by: peftkit`` first) to ``path`` whole, never over a file peftkit did
+    not write (checked again here: the file may have appeared while the work ran)."""
+    from peftkit.utils.atomic import atomic_write_json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(path, {RESULT_KEY: "peftkit", **payload}, default=str, may_replace=is_peftkit_json,
+                             what=what)
+
+
+def write_result_jsonl(path: str | os.PathLike, records: list[dict], what: str = "--output") -> Path:
+    """Write predictions to ``path`` as JSON lines, whole, never over a file peftkit did not write."""
+    from peftkit.utils.atomic import atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return atomic_write_text(path, text, may_replace=is_peftkit_jsonl, what=what)
 
 
 def unique_result_path(directory: str | os.PathLike, stem: str, suffix: str = ".json") -> Path:

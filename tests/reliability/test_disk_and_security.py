@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 from pathlib import Path
 
@@ -88,15 +89,18 @@ def test_disk_full_during_the_final_save(setup, tmp_path, monkeypatch):
 
 def test_disk_full_elsewhere_is_exit_1_with_a_message(setup, tmp_path, monkeypatch):
     """Any ENOSPC (here: writing the run's env.json) ends as one message and exit 1, never a traceback."""
+    from peftkit.utils import atomic
+
     path = write_recipe(tmp_path / "r.yaml", recipe(setup, "full-env"))
-    original = Path.write_text
+    original = atomic._write_file  # every file peftkit writes whole goes through it
 
-    def write_text(self, *args, **kwargs):
-        if self.name == "env.json":
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
-        return original(self, *args, **kwargs)
+    def write_file(fd, tmp, data, fsync):
+        if tmp.name.startswith(".env.json.tmp-"):
+            os.close(fd)
+            raise _disk_full()
+        return original(fd, tmp, data, fsync)
 
-    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(atomic, "_write_file", write_file)
     result = invoke("finetune", path)
     assert result.exit_code == 1 and "No space left on device" in result.output and "env.json" in result.output
 

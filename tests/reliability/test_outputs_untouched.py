@@ -57,10 +57,10 @@ def test_a_users_folder_is_refused_and_left_byte_identical(tmp_path, resume, ove
 
 def test_overwrite_removes_only_what_peftkit_wrote(tmp_path):
     run = tmp_path / "run"
-    with RunDir(run, CONFIG, resume=False, overwrite=False) as d:
+    with RunDir(run, CONFIG, resume=False, overwrite=False, outputs=("summary.csv",)) as d:
         (d / "checkpoints" / "step-000002").mkdir(parents=True)
         (d / "train.log").write_text("log\n")
-        (d / "summary.csv").write_text("a,b\n")  # a file the command wrote beyond the usual layout
+        (d / "summary.csv").write_text("a,b\n")  # a file the command declared it writes beyond the usual layout
     marker = json.loads((run / MARKER).read_text())
     assert {"config.yaml", "train.log", "checkpoints", "summary.csv"} <= set(marker["written"])
 
@@ -146,7 +146,7 @@ def test_result_files_are_checked_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not a JSON result file"):
         check_output_file(essay)
     assert essay.read_text() == "Chapter 1\n"
-    (tmp_path / "old.json").write_text('{"accuracy": 0.5}')
+    (tmp_path / "old.json").write_text('{"written_by": "peftkit", "accuracy": 0.5}')
     assert check_output_file("~/old.json") == tmp_path / "old.json"  # a previous result may be replaced
     assert check_output_file("~/new/dir/r.json") == tmp_path / "new" / "dir" / "r.json"
     assert not (tmp_path / "new").exists()  # checking creates nothing
