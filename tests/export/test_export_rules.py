@@ -13,7 +13,7 @@ import torch
 
 from peftkit.commands.export import export
 from peftkit.commands.train import finetune
-from peftkit.errors import UserError
+from peftkit.errors import RunFailed, UserError
 from peftkit.methods.trained import load_trained
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def test_an_empty_folder_is_used_and_a_failure_leaves_nothing(pafi_run, tmp_path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(delta_format, "write_delta", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(RunFailed, match="could not write the export .*No space left on device"):
         export(str(pafi_run), str(tmp_path / "second"), False)
     assert not (tmp_path / "second").exists() and not list(tmp_path.glob(".export-*"))
 
