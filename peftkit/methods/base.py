@@ -11,10 +11,13 @@ fields carry defaults, ranges and help) and a :class:`Method` subclass registere
                                     weight decay on biases and LayerNorm weights).
 * ``compute_loss(model, batch)``    the loss of one batch (default: ``model(**batch).loss``).
 * ``after_optimizer_step(model)``   a hook after every optimizer step (default: nothing).
+* ``training_note(model, step)``    at every logged step: a warning line for train.log, or None (default).
 * ``trainable_state(model)``        the tensors that define the fine-tuned model beyond the base:
                                     what checkpoints and ``save`` store (default: params that require grad).
 * ``save(model, dir)`` / ``load(base, dir)``  the method's compact format (safetensors); the options are
                                     recorded once, in the run's ``final/peftkit.json``.
+* ``check_saved(dir, what, remedy)``  the files ``load`` reads, checked before it opens any (present, not a
+                                    pickle, not truncated, finite; default: adapter.safetensors).
 * ``merge(model)``                  a plain transformers model, where the method allows it.
 * ``unmerged_export`` / ``export_delta(model)``  what ``peftkit export --no-merge`` writes: "peftkit" (the run's
                                     own format, the default), "transformers", "peft", or "delta" (the compact
@@ -92,6 +95,11 @@ class Method:
     def after_optimizer_step(self, model) -> None:
         """Called after every optimizer step (e.g. to re-apply a sparse update)."""
 
+    def training_note(self, model, step: int) -> str | None:
+        """Called at every logged step (train.log_every): a warning about the method's own state for the run's log
+        (e.g. parts of it that stopped learning), or None. Raises RunFailed when the method can no longer learn."""
+        return None
+
     # ---- state -----------------------------------------------------------------------------
     def trainable_state(self, model) -> dict[str, Any]:
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -113,6 +121,13 @@ class Method:
 
         state = {k: v.contiguous().cpu() for k, v in self.trainable_state(model).items()}
         save_file(state, str(Path(out_dir) / ADAPTER_FILE))
+
+    def check_saved(self, in_dir: Path, what: str, remedy: str) -> None:
+        """Check the files ``load`` reads from ``in_dir`` before it opens any: a UserError starting with ``what`` and
+        ending with ``remedy`` for a missing, pickled, truncated or non-finite one."""
+        from peftkit.models.load import check_weights_file
+
+        check_weights_file(Path(in_dir) / ADAPTER_FILE, what, remedy)
 
     def load(self, base_model, in_dir: Path):
         """Apply the method to a freshly loaded base model and restore its saved state."""

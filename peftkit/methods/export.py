@@ -119,7 +119,10 @@ def interop_markdown() -> str:
              "checks its logits against peftkit's loaded run (max abs difference <= 1e-4, fp32).", "",
              "`peftkit export RUN --out DIR [--merge | --no-merge]` (default: merge when the method can). `<Head>` is the",
              "task's head class (SequenceClassification, CausalLM). `DIR/base` is a copy of the base model, made when the",
-             "run's base is a directory of the training machine (an alias or a path); a hub id is kept as it is.", "",
+             "run's base is a directory of the training machine (an alias or a path); a hub id is kept as it is. An",
+             "export's `adapter_config.json` names `DIR/base` by its absolute path (where `peftkit export` wrote it), so",
+             "`AutoPeftModelFor<Head>.from_pretrained(DIR)` works from any working directory; after moving the export, pass",
+             "the base explicitly as in the peft column (`peftkit.load(DIR)` finds `DIR/base` wherever DIR is).", "",
              "| method | export | format | transformers | peft | peftkit |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append("| " + " | ".join(f"`{r[k]}`" if k == "export" else
@@ -182,11 +185,17 @@ def _copy_state(source: Path, out: Path, names: list[str] | None = None) -> None
             shutil.copy2(path, out / path.name)
 
 
-def _point_adapter_at(out: Path, base_ref: str) -> None:
+def _point_adapter_at(out: Path, base_ref: str, shown_as: str | None = None) -> None:
+    """Name the base in adapter_config.json the way peft finds it from any working directory: a copied base/ by its
+    absolute path where the export will be (``shown_as``, else ``out``), a hub id as it is. peft's AutoPeftModel
+    resolves a relative base_model_name_or_path against the working directory, not the adapter's directory.
+    export.json keeps the relative "base", which peftkit resolves against the export: a moved export still loads
+    in peftkit (and in peft with the base given explicitly, as the model card shows)."""
     config_path = out / "adapter_config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = base_ref
+        config["base_model_name_or_path"] = (str(Path(shown_as or out).resolve() / BASE_DIR) if base_ref == BASE_DIR
+                                             else base_ref)
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -216,7 +225,7 @@ def write_export(run: str | Path, out: Path, merge: bool | None, command: str, s
     elif fmt == "peft":
         _copy_state(directory, out, ["adapter_config.json", "adapter_model.safetensors"])
         base_ref = _write_base(out, info)
-        _point_adapter_at(out, base_ref)
+        _point_adapter_at(out, base_ref, shown_as)
         stored["adapter"] = _numel(out / "adapter_model.safetensors")
     elif fmt == "delta":
         manifest = delta_format.write_delta(out, method.export_delta(model))
@@ -228,7 +237,7 @@ def write_export(run: str | Path, out: Path, merge: bool | None, command: str, s
     else:  # peftkit: the run's own saved state
         _copy_state(directory, out)
         base_ref = _write_base(out, info)
-        _point_adapter_at(out, base_ref)
+        _point_adapter_at(out, base_ref, shown_as)
         stored["state"] = sum(_numel(p) for p in out.glob("*.safetensors"))
     tokenizer.save_pretrained(out)
     merged = method.can_merge if merge is None else merge
@@ -246,6 +255,9 @@ def _export_plain(directory: Path, out: Path, command: str, shown_as: str | None
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} is neither a peftkit run (no final/{INFO_FILE}) nor a transformers checkpoint "
                         f"(no config.json). Give a run directory (runs/<name>) that finished training.")
+    from peftkit.models.load import check_model_dir
+
+    check_model_dir(directory, str(directory), any_model_type=True)  # a damaged file is not passed on
     _copy_state(directory, out)
     exported = {"export": {"format": "transformers", "merged": False, "base": None, "source": str(directory),
                            "command": command, "peftkit_version": _version()}}
@@ -410,8 +422,9 @@ def model_card(run: str | Path, out: Path, exported: dict, shown_as: str | None 
         lines += ["The delta format is described at the top of apply_delta.py.", ""]
     if e.get("base") == BASE_DIR:
         lines += [f"`{BASE_DIR}/` is a copy of the base model, so the export does not depend on the machine it was "
-                  f"trained on" + ("; adapter_config.json names it relative to this directory (peft's AutoPeftModel "
-                                   "resolves that name from the working directory: load the base as shown above)."
+                  f"trained on" + ("; adapter_config.json names it by its absolute path where the export was written, "
+                                   "so peft's AutoPeftModel loads the export from any working directory; after moving "
+                                   "the export, load the base as shown above (peftkit finds it either way)."
                                    if (out / "adapter_config.json").is_file() else "."), ""]
     lines += ["## Files", "", "| entry | size | of base weights |", "|---|---|---|"]
     for row in size_rows(out, exported):
@@ -448,14 +461,53 @@ def _auto_class(info: dict):
     return getattr(transformers, HEAD_CLASSES[head])
 
 
+EXPORT_REMEDY = "Export the run again with peftkit export (or copy the export again, whole)."
+
+
+def _checked_base(directory: Path, info: dict) -> str:
+    """Where the export's base loads from, its files checked when it is a directory of this machine (a copied base/
+    or a local path); a hub id is left to transformers."""
+    from peftkit.models.load import check_model_dir, locate
+
+    path = _base_path(directory, info)
+    if info["export"].get("base") == BASE_DIR and not Path(path).is_dir():
+        raise UserError(f"the export {directory} names its base as {BASE_DIR}/, and {path} does not exist. "
+                        f"{EXPORT_REMEDY}")
+    located = locate(path)
+    if Path(located).is_dir():
+        check_model_dir(located, path, any_model_type=True)
+    return located
+
+
+def check_export(directory: Path, info: dict) -> None:
+    """Every weights file the export's format loads, checked before any is opened: present, not a pickle, not
+    truncated, every floating tensor finite (the base is checked where it loads)."""
+    from peftkit.methods import create_method
+    from peftkit.models.load import check_model_dir, check_weights_file
+
+    fmt, what = info["export"]["format"], f"the {info['export']['format']} export {directory} cannot be loaded"
+    if fmt == "transformers":
+        check_model_dir(directory, str(directory), any_model_type=True)
+    elif fmt == "delta":
+        check_weights_file(directory / delta_format.TENSORS, what, EXPORT_REMEDY)
+    elif fmt == "peft":
+        create_method(info["method"], info.get("options") or {}).check_saved(directory, what, EXPORT_REMEDY)
+    # "peftkit": load_with_method checks the method's own files
+
+
 def load_export(directory: str | Path, trust_remote_code: bool = False):
-    """(model in eval mode, tokenizer, info) of an export directory, each format by its own loader."""
+    """(model in eval mode, tokenizer, info) of an export directory, each format by its own loader; every weights
+    file is checked before it is opened."""
     import torch
     from transformers import AutoTokenizer
 
     directory = Path(directory)
     info = read_export_info(directory)
     fmt = info["export"]["format"]
+    if fmt != "transformers" and not (isinstance(info.get("model"), dict) and info["model"].get("name")
+                                      and info.get("method")):
+        raise UserError(f"{directory / EXPORT_INFO_FILE} lacks the run's method or model. {EXPORT_REMEDY}")
+    check_export(directory, info)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
     # a hub base has its own head size; a copied base/ was saved with the task's
@@ -467,10 +519,10 @@ def load_export(directory: str | Path, trust_remote_code: bool = False):
     elif fmt == "peft":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(_auto_class(info).from_pretrained(_base_path(directory, info), **base_kwargs),
-                                          directory)
+        model = PeftModel.from_pretrained(_auto_class(info).from_pretrained(_checked_base(directory, info),
+                                                                            **base_kwargs), directory)
     elif fmt == "delta":
-        base = _auto_class(info).from_pretrained(_base_path(directory, info), **base_kwargs)
+        base = _auto_class(info).from_pretrained(_checked_base(directory, info), **base_kwargs)
         try:
             model = delta_format.apply_delta(base, directory)
         except (OSError, ValueError) as e:
@@ -478,7 +530,7 @@ def load_export(directory: str | Path, trust_remote_code: bool = False):
     else:
         run_info = {**info, "model": {**info["model"], "name": _base_path(directory, info)}}
         run_info.pop("export")
-        model = load_with_method(directory, run_info, trust_remote_code)
+        model = load_with_method(directory, run_info, trust_remote_code, EXPORT_REMEDY)
     return model.eval(), tokenizer, info
 
 

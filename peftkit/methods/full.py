@@ -22,6 +22,11 @@ class FullFineTuning(Method):
         """A full fine-tune is saved as a plain transformers checkpoint."""
         model.save_pretrained(out_dir, safe_serialization=True)
 
+    def check_saved(self, in_dir, what, remedy):
+        from peftkit.models.load import check_model_dir
+
+        check_model_dir(in_dir)
+
     def load(self, base_model, in_dir):
         return type(base_model).from_pretrained(in_dir)
 

@@ -2,8 +2,12 @@
 
 A local model directory is checked before transformers sees it (``check_model_dir``): config.json must be
 a JSON object naming a model_type peftkit supports, and the weights must be safetensors whose headers fit
-their files. Pickle weights (pytorch_model.bin) are refused rather than loaded: unpickling runs code
-chosen by whoever wrote the file.
+their files, every floating tensor finite. Pickle weights (pytorch_model.bin) are refused rather than loaded:
+unpickling runs code chosen by whoever wrote the file.
+
+``check_weights_file`` is the same check for one file of any other kind peftkit loads (a run's saved state, an
+adapter, a delta, a quantized base): every weights file is checked with it, or with ``check_model_dir``, before
+anything opens it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from peftkit.models.families import FAMILIES
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"}
+# (resolved path, size, mtime) -> the first non-finite tensor or None: a base model loaded again in one process
+# (a bench, an export) is read once; a rewritten file has another size or mtime and is read again.
+_FINITE_CHECKED: dict[tuple[str, int, int], str | None] = {}
 _MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit on the JSON header
 # bytes per element of each safetensors dtype (sub-byte float formats are left out: their sizes are not per element)
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -88,6 +97,71 @@ def check_safetensors_file(path: Path) -> None:
         raise ValueError(f"the header describes {8 + n + end_of_data} bytes, the file has {size} (truncated or padded)")
 
 
+def nonfinite_tensor(path: Path) -> str | None:
+    """The name of the first floating tensor of the safetensors file ``path`` holding a NaN or an infinity, else None.
+
+    One isfinite pass per floating tensor, one tensor in memory at a time; integer tensors (packed codes, indices)
+    are not read. ``path`` must have passed check_safetensors_file.
+    """
+    import torch
+    from safetensors import safe_open
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _FINITE_CHECKED:
+        return _FINITE_CHECKED[key]
+    found = None
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            if f.get_slice(name).get_dtype() not in _FLOAT_DTYPES:
+                continue
+            tensor = f.get_tensor(name)
+            if tensor.element_size() == 1:  # float8: isfinite is not defined for it on every build
+                tensor = tensor.float()
+            if not bool(torch.isfinite(tensor).all()):
+                found = name
+                break
+    _FINITE_CHECKED[key] = found
+    return found
+
+
+def _pickles_instead_of(path: Path) -> list[Path]:
+    """Pickle files beside ``path`` that a loader would fall back to when ``path`` (safetensors) is missing."""
+    twins = [path.with_suffix(s) for s in PICKLE_SUFFIXES]
+    if path.name == SAFE_WEIGHTS:
+        twins += [path.with_name(n) for n in PICKLE_WEIGHTS]
+    return [p for p in twins if p.exists()]
+
+
+def check_weights_file(path: str | Path, what: str, remedy: str) -> None:
+    """Check one weights file before anything opens it; a UserError of one paragraph otherwise.
+
+    ``what`` names what the file is (e.g. "the saved lora state of run X") and starts the message; ``remedy`` ends
+    it. Refused: a missing file (naming a pickle found in its place, which is never unpickled), a pickle file, a
+    safetensors file whose header does not fit its size (truncated, overwritten), and a floating tensor holding
+    NaN or infinite values (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        pickled = _pickles_instead_of(path)
+        if pickled:
+            raise UserError(f"{what}: {path} does not exist and {pickled[0]} stands in its place, a pickle file, which "
+                            f"peftkit does not open (unpickling can run arbitrary code). {remedy}")
+        raise UserError(f"{what}: {path} does not exist. {remedy}")
+    if path.suffix in PICKLE_SUFFIXES:
+        raise UserError(f"{what}: {path} is a pickle file, which peftkit does not open (unpickling can run arbitrary "
+                        f"code); it reads safetensors files only. {remedy}")
+    try:
+        check_safetensors_file(path)
+        bad = nonfinite_tensor(path)
+    except Exception as e:  # OSError, ValueError, or what safetensors itself says of a header it cannot use
+        raise UserError(f"{what}: {path} is not a valid safetensors file ({e}); it is truncated or damaged. "
+                        f"{remedy}") from None
+    if bad is not None:
+        raise UserError(f"{what}: the tensor {bad!r} in {path} holds NaN or infinite values, so every output computed "
+                        f"from it would be NaN or meaningless. {remedy}")
+
+
 def _weight_files(directory: Path, name: str) -> list[Path]:
     index = directory / SAFE_INDEX
     if (directory / SAFE_WEIGHTS).is_file():
@@ -106,17 +180,19 @@ def _weight_files(directory: Path, name: str) -> list[Path]:
     return [directory / s for s in sorted(shards)]
 
 
-def check_model_dir(directory: str | Path, name: str | None = None, need_weights: bool = True) -> dict:
+def check_model_dir(directory: str | Path, name: str | None = None, need_weights: bool = True,
+                    any_model_type: bool = False) -> dict:
     """Check a local model directory before any loader touches it; return its config.json.
 
     One UserError, naming the file and what is expected, for: a missing or malformed config.json, a
-    model_type outside peftkit.models.families, pickle-only weights, no weights, and safetensors files
-    that are truncated or whose header does not parse.
+    model_type outside peftkit.models.families (unless ``any_model_type``: a model only run, never trained, by
+    transformers' own code), pickle-only weights, no weights, safetensors files that are truncated or whose header
+    does not parse, and a floating tensor holding NaN or infinite values.
     """
     directory = Path(directory)
     name = name or str(directory)
     config = read_model_config(directory, name)
-    if config["model_type"] not in FAMILIES:
+    if config["model_type"] not in FAMILIES and not any_model_type:
         raise _model_error(name, f"{directory / 'config.json'} has model_type {config['model_type']!r}, which peftkit "
                                  f"does not support", f"Supported model types: {', '.join(FAMILIES)}.")
     if not need_weights:
@@ -140,9 +216,15 @@ def check_model_dir(directory: str | Path, name: str | None = None, need_weights
                                "Copy the complete model directory again.")
         try:
             check_safetensors_file(f)
-        except (OSError, ValueError) as e:
+            bad = nonfinite_tensor(f)
+        except Exception as e:  # OSError, ValueError, or what safetensors itself says of a header it cannot use
             raise _model_error(name, f"{f} is not a valid safetensors file ({e})",
                                "The file is damaged or incomplete; copy or download it again.") from None
+        if bad is not None:
+            raise _model_error(name, f"the tensor {bad!r} in {f} holds NaN or infinite values",
+                               "Every output computed from it would be NaN or meaningless. Use weights saved before "
+                               "the values went bad (an earlier checkpoint or the original download), or train again "
+                               "with a lower learning rate.")
     return config
 
 HEAD_CLASSES = {
@@ -212,7 +294,8 @@ def load_model(name: str, task_head: str = "seq_cls", num_labels: int | None = N
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if task_head == "seq_cls":
-        kwargs["num_labels"] = num_labels
+        if num_labels is not None:  # None: the head the checkpoint's config describes
+            kwargs["num_labels"] = num_labels
         kwargs["ignore_mismatched_sizes"] = True  # a checkpoint with another task's head gets a fresh head
         if problem_type:
             kwargs["problem_type"] = problem_type

@@ -187,10 +187,16 @@ def read_info(in_dir) -> dict:
     return info
 
 
+QUANT_REMEDY = "Re-create it with `peftkit quantize` on its recipe."
+
+
 def _read_tensors(in_dir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from peftkit.models.load import check_weights_file
+
     path = Path(in_dir) / BASE_FILE
+    check_weights_file(path, f"the quantized model in {in_dir} cannot be loaded", QUANT_REMEDY)
     try:
         return load_file(str(path))
     except Exception as e:  # a truncated or foreign file
@@ -352,6 +358,12 @@ def load_adapter(base, adapter_dir, is_trainable: bool = False):
     """peft's PeftModel.from_pretrained on a packed base (peft is told how to put LoRA on a PackedLinear)."""
     from peft import LoraConfig, PeftModel
 
+    from peftkit.models.load import check_weights_file
+
+    what, remedy = f"the LoRA adapter in {adapter_dir} cannot be loaded", "Re-create the directory that holds it."
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise UserError(f"{what}: {Path(adapter_dir) / 'adapter_config.json'} does not exist. {remedy}")
+    check_weights_file(Path(adapter_dir) / "adapter_model.safetensors", what, remedy)
     config = LoraConfig.from_pretrained(str(adapter_dir))
     register_lora(config)
     return PeftModel.from_pretrained(base, str(adapter_dir), config=config, is_trainable=is_trainable)

@@ -169,7 +169,8 @@ def test_decoders_export_with_generation_config(lm_runs, tmp_path):
     apiq = export(str(lm_runs[0]), str(tmp_path / "apiq-unmerged"), False)
     assert json.loads((apiq / "export.json").read_text())["export"]["format"] == "peftkit"
     assert (apiq / "base" / "quantization.json").is_file() and not (apiq / "base" / ".peftkit-run").exists()
-    assert json.loads((apiq / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    assert json.loads((apiq / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (apiq / "base").resolve())  # absolute: peft resolves a relative name against the working directory
     model, _, _ = load_trained(lm_runs[0])
     loaded, _ = peftkit.load(apiq)
     with torch.no_grad():
