@@ -184,6 +184,25 @@ def test_a_nan_in_a_language_model_run_is_refused_by_generate(lm_run, copy_of):
              str(path), repr(name), "NaN or infinite")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_entry_anywhere_is_found_and_large_finite_ones_are_not(tmp_path, dtype, bad):
+    import torch
+    from safetensors.torch import save_file
+
+    from peftkit.models.load import nonfinite_tensor
+
+    dtype = getattr(torch, dtype)
+    big = torch.full((300, 257), torch.finfo(dtype).max, dtype=dtype)  # a sum of these would overflow
+    ints = torch.full((40,), 7, dtype=torch.int32)
+    save_file({"a.big": big, "b.ints": ints}, str(tmp_path / "fine.safetensors"))
+    assert nonfinite_tensor(tmp_path / "fine.safetensors") is None
+    damaged = big.clone()
+    damaged[211, 130] = bad
+    save_file({"a.big": big, "b.ints": ints, "c.damaged": damaged}, str(tmp_path / "bad.safetensors"))
+    assert nonfinite_tensor(tmp_path / "bad.safetensors") == "c.damaged"
+
+
 def test_finite_weights_cost_one_read_per_file(runs):
     """A file already checked in this process is not read again (a base loaded for every run of a bench)."""
     from peftkit.models import load
