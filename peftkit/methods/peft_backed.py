@@ -7,13 +7,9 @@ the classifier/score and BERT's pooler, see base.is_head_parameter — is listed
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from peftkit.methods.base import Method
 
 HEAD_MODULES = ("classifier", "score")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft would fall back to adapter_model.bin, a pickle: never reached
 
 
 def head_modules(model) -> list[str]:
@@ -72,12 +68,9 @@ class PeftBackedMethod(Method):
         model.save_pretrained(out_dir, safe_serialization=True)
 
     def check_saved(self, in_dir, what, remedy):
-        from peftkit.errors import UserError
-        from peftkit.models.load import check_weights_file
+        from peftkit.models.load import check_adapter_dir
 
-        if not (Path(in_dir) / ADAPTER_CONFIG).is_file():
-            raise UserError(f"{what}: {Path(in_dir) / ADAPTER_CONFIG} does not exist. {remedy}")
-        check_weights_file(Path(in_dir) / ADAPTER_WEIGHTS, what, remedy)
+        check_adapter_dir(in_dir, what, remedy)
 
     def load(self, base_model, in_dir):
         from peft import PeftModel

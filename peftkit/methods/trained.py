@@ -126,16 +126,6 @@ def load_with_method(directory: Path, info: dict, trust_remote_code: bool = Fals
                         f"Re-create it with peftkit finetune, or point --model at another run.") from None
 
 
-def _check_adapter_dir(directory: Path, what: str, remedy: str) -> None:
-    """A peft adapter directory's files, checked before peft opens them (see PeftBackedMethod.check_saved)."""
-    from peftkit.methods.peft_backed import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from peftkit.models.load import check_weights_file
-
-    if not (directory / ADAPTER_CONFIG).is_file():
-        raise UserError(f"{what}: {directory / ADAPTER_CONFIG} does not exist. {remedy}")
-    check_weights_file(directory / ADAPTER_WEIGHTS, what, remedy)
-
-
 def _check_local_model(name: str) -> None:
     """A base or plain model that is a directory of this machine, checked before transformers opens it."""
     from peftkit.models.aliases import resolve_model
@@ -155,6 +145,7 @@ def load_for_eval(model_path_or_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.models.aliases import resolve_model
+    from peftkit.models.load import check_adapter_dir
     from peftkit.quant.checkpoint import (
         is_quantized_dir,
         load_adapter,
@@ -186,7 +177,7 @@ def load_for_eval(model_path_or_dir: str):
             base, tokenizer_dir = load_quantized_base(base_name), Path(base_name)
             model = load_adapter(base, path)
         else:
-            _check_adapter_dir(path, what, RUN_REMEDY)
+            check_adapter_dir(path, what, RUN_REMEDY)
             _check_local_model(base_name)
             tokenizer_dir = Path(resolve_model(base_name))
             base = AutoModelForCausalLM.from_pretrained(tokenizer_dir, dtype=torch.float32)

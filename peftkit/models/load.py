@@ -164,6 +164,19 @@ def check_weights_file(path: str | Path, what: str, remedy: str) -> None:
                         f"from it would be NaN or meaningless. {remedy}")
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft would fall back to adapter_model.bin, a pickle: never reached
+
+
+def check_adapter_dir(directory: str | Path, what: str, remedy: str) -> None:
+    """A peft adapter directory, checked before peft opens it: its config present, its weights as check_weights_file
+    wants them."""
+    directory = Path(directory)
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{what}: {directory / ADAPTER_CONFIG} does not exist. {remedy}")
+    check_weights_file(directory / ADAPTER_WEIGHTS, what, remedy)
+
+
 def _weight_files(directory: Path, name: str) -> list[Path]:
     index = directory / SAFE_INDEX
     if (directory / SAFE_WEIGHTS).is_file():

@@ -358,12 +358,10 @@ def load_adapter(base, adapter_dir, is_trainable: bool = False):
     """peft's PeftModel.from_pretrained on a packed base (peft is told how to put LoRA on a PackedLinear)."""
     from peft import LoraConfig, PeftModel
 
-    from peftkit.models.load import check_weights_file
+    from peftkit.models.load import check_adapter_dir
 
-    what, remedy = f"the LoRA adapter in {adapter_dir} cannot be loaded", "Re-create the directory that holds it."
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise UserError(f"{what}: {Path(adapter_dir) / 'adapter_config.json'} does not exist. {remedy}")
-    check_weights_file(Path(adapter_dir) / "adapter_model.safetensors", what, remedy)
+    check_adapter_dir(adapter_dir, f"the LoRA adapter in {adapter_dir} cannot be loaded",
+                      "Re-create the directory that holds it.")
     config = LoraConfig.from_pretrained(str(adapter_dir))
     register_lora(config)
     return PeftModel.from_pretrained(base, str(adapter_dir), config=config, is_trainable=is_trainable)
