@@ -73,3 +73,9 @@ def test_a_causal_lm_export_loads_with_auto_peft_model_from_another_directory(tm
     theirs = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
         assert (theirs(input_ids=ids).logits - expected).abs().max().item() <= 1e-4
+    # what `peftkit generate` and `eval --task wikitext2` load, after the export was moved
+    from peftkit.methods.trained import load_for_eval
+
+    moved, _ = load_for_eval(shutil.move(str(out), str(tmp_path / "moved")))
+    with torch.no_grad():
+        assert (moved(input_ids=ids).logits - expected).abs().max().item() <= 1e-4
