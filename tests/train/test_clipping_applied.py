@@ -88,3 +88,13 @@ def test_accumulated_gradients_are_clipped_as_a_whole():
     factor = max_norm / (_total_norm(reference) + 1e-6)
     for name, g in reference.items():
         torch.testing.assert_close(seen[name], g * factor, rtol=1e-4, atol=1e-10)
+
+
+def test_each_step_steps_on_its_own_gradients_only():
+    """The second step's gradients are those of its own batch on the updated model (none carried over)."""
+    seen, _, trainer = _grads_at_optimizer_step(None)
+    reference = _reference_grads(trainer.raw_model, trainer.method, _batch())  # on the weights after step 1
+    seen.clear()
+    trainer.optimizer_step([_batch()])
+    for name, g in reference.items():
+        torch.testing.assert_close(seen[name], g, rtol=1e-4, atol=1e-8)

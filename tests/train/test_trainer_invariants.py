@@ -63,3 +63,51 @@ def test_best_step_follows_the_metric_direction(tmp_path, greater_is_better, bes
         trainer._evaluate()
     assert trainer.best_step == best
     assert trainer.best_value == {2: 0.9, 3: 0.2}[best]
+
+
+def _rows(n=16):
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(5, 64, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(n)]
+
+
+def _collate(rows):
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _full_trainer(run_dir):
+    """Full fine-tuning of a tiny BERT with dropout on (so the restored RNG matters), a checkpoint every 2 steps."""
+    from helpers.tiny import tiny_bert
+
+    torch.manual_seed(0)
+    method = create_method("full")
+    options = TrainArgs(max_steps=4, batch_size=4, save_every=2, lr=1e-3, warmup_ratio=0.0, seed=3,
+                        group_by_length=False)
+    return Trainer(method.prepare(tiny_bert()), method, options, run_dir, _rows(), _collate, log=lambda msg: None)
+
+
+def test_resumed_run_continues_with_the_optimizer_moments_and_rng_of_the_checkpoint(tmp_path, monkeypatch):
+    """Stopped after the step-2 checkpoint and resumed: the weights after step 4 equal the uninterrupted run's bit for
+    bit (AdamW's moments, the schedule, the data order and the dropout RNG all continue)."""
+    straight = _full_trainer(tmp_path / "straight")
+    straight.train()
+
+    original = Trainer.save_checkpoint
+
+    def crash_after_saving(self):
+        original(self)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_saving)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _full_trainer(tmp_path / "resumed").train()
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+
+    resumed = _full_trainer(tmp_path / "resumed")
+    torch.manual_seed(123)  # whatever the RNG is now, the checkpoint's state must replace it
+    resumed.resume("auto")
+    assert resumed.step == 2
+    resumed.train()
+    assert resumed.step == straight.step == 4
+    for (name, a), b in zip(straight.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(a, b), name
