@@ -3,6 +3,7 @@
 A task is created with its recipe. The pipeline (peftkit/train/pipeline.py) calls, in this order:
 
 * ``recipe_problems(recipe)``   (classmethod) what the task says of the recipe before anything loads;
+* ``check_method(method)``       refuse a model family the method does not support, from config.json alone;
 * ``read_data()``               read and check the files that need no tokenizer (a bad file fails in a second);
 * ``load_tokenizer()``          the tokenizer (a model's, or one trained on the corpus);
 * ``load_data(tokenizer)``      rows, collator and evaluation, read and checked before the model loads;
@@ -50,6 +51,23 @@ class Task:
         return []
 
     # ---- the data and the model ----------------------------------------------------------------
+    def check_method(self, method) -> None:
+        """Refuse a model whose family ``method`` does not support from its config.json alone, before any data is read
+        or tokenized (that takes a while for a language model's text). ``build_model`` checks the loaded model again;
+        a hub name that is not on this machine is left to it."""
+        from types import SimpleNamespace
+
+        from peftkit.models.aliases import resolve_model
+        from peftkit.models.load import locate, read_model_config
+
+        name = getattr(self.recipe.model, "name", None)
+        if method.families is None or not name:
+            return
+        path = Path(locate(resolve_model(name)))
+        if (path / "config.json").is_file():
+            config = read_model_config(path, name)
+            method.check_family(SimpleNamespace(config=SimpleNamespace(model_type=config["model_type"])))
+
     def read_data(self) -> None:
         """Read and check what needs no tokenizer, before the (slow) tokenizer and model libraries load."""
 

@@ -117,6 +117,12 @@ class CausalLMText(Task):
         if recipe.method_name not in LM_METHODS:
             problems.append(f"method.name: {recipe.method_name!r} is only wired for GLUE classification; "
                             f"data.task {d.task} works with {', '.join(LM_METHODS)}")
+        if recipe.method_name == "apiq":
+            from peftkit.quant.checkpoint import is_quantized_dir
+
+            if not is_quantized_dir(recipe.model.name):
+                problems.append(f"model.name: method apiq fine-tunes a `peftkit quantize` output directory; "
+                                f"{recipe.model.name} is not one (no quantization.json / model.safetensors)")
         if d.train_split != "train" or d.eval_split is not None:
             problems.append(f"data.train_split / data.eval_split: GLUE options; {d.task} always trains on {TRAIN_FILE} "
                             f"and evaluates on the test text (remove them)")

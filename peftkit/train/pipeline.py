@@ -136,6 +136,7 @@ def run_training(recipe) -> Path:
 
     task = create_task(recipe)
     method = create_recipe_method(recipe)
+    task.check_method(method)  # a model the method cannot take is refused before any data is read
     train = recipe.train
     if train.threads:
         torch.set_num_threads(train.threads)
