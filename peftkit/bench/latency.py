@@ -111,6 +111,7 @@ def exported_contenders(dirs: list[str], base) -> dict:
 
     from peftkit.errors import UserError
     from peftkit.methods.trained import EXPORT_INFO_FILE
+    from peftkit.models.load import check_model_dir
 
     models = {}
     for text in dirs:
@@ -120,6 +121,7 @@ def exported_contenders(dirs: list[str], base) -> dict:
         if (info.get("export") or {}).get("format") != "transformers":
             raise UserError(f"latency setting models: {directory} is not a merged export (no {EXPORT_INFO_FILE} with "
                             f"format transformers). Write one with `peftkit export RUN --out DIR --merge`.")
+        check_model_dir(directory, any_model_type=True)  # pickles, truncated files and NaN refused unopened
         model = AutoModelForSequenceClassification.from_pretrained(directory)
         if type(model) is not type(base) or model.config.num_labels != base.config.num_labels:
             raise UserError(f"latency setting models: {directory} is a {type(model).__name__} with "

@@ -64,6 +64,7 @@ class QuantizedLoRA(PeftBackedMethod):
         )
         from safetensors.torch import load_file
 
+        from peftkit.models.load import check_adapter_dir
         from peftkit.quant.checkpoint import read_info
         from peftkit.quant.packed_linear import register_lora
         from peftkit.quant.pipeline import lora_config
@@ -79,6 +80,8 @@ class QuantizedLoRA(PeftBackedMethod):
         register_lora(config)
         peft_model = get_peft_model(model, config)
         if options.init == "quantized":
+            check_adapter_dir(quant_dir, f"the LoRA of the quantize output {quant_dir} cannot be loaded",
+                              "Re-create it with `peftkit quantize` on its recipe.")
             state = load_file(str(Path(quant_dir) / "adapter_model.safetensors"))
             # A fresh task head is not in the quantizer's adapter: it keeps its own initialisation.
             current = get_peft_model_state_dict(peft_model)

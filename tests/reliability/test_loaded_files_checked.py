@@ -309,3 +309,36 @@ def test_a_plain_checkpoint_whose_head_does_not_fit_the_task_exits_2(setup, tmp_
              str(three), "3 output(s)", "sst2 needs 2 outputs")
     _refused(invoke("eval", "--task", "glue:stsb", "--model", str(setup["model"]), "--data-root", str(setup["data"])),
              "2 output(s)", "stsb needs 1 output")
+
+
+# ---- other places that load saved weights ------------------------------------------------------------------
+
+def test_the_latency_bench_refuses_a_damaged_merged_export(runs, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.bench.latency import exported_contenders
+    from peftkit.commands.export import export
+
+    out = export(str(runs["lora"]), str(tmp_path / "merged"), True)
+    base = AutoModelForSequenceClassification.from_pretrained(out)
+    name = put_nan(out / "model.safetensors")
+    with pytest.raises(UserError) as e:
+        exported_contenders([str(out)], base)
+    assert repr(name) in str(e.value) and str(out / "model.safetensors") in str(e.value)
+
+
+def test_apiq_refuses_a_quantize_output_whose_lora_holds_nan(tmp_path):
+    from helpers.quant import write_quantized_setup
+
+    _, quant_dir, data = write_quantized_setup(tmp_path, words=200)
+    name = put_nan(quant_dir / "adapter_model.safetensors")
+    out = tmp_path / "run-apiq"
+    r = {"model": {"name": str(quant_dir), "task_head": "causal_lm"},
+         "data": {"task": "wikitext2", "root": str(data), "max_length": 32, "eval_limit": 2},
+         "method": {"name": "apiq"}, "output": {"dir": str(out)},
+         "train": {"max_steps": 1, "batch_size": 4, "seed": 3, "threads": 1}}
+    from helpers.reliability import write_recipe
+
+    _refused(invoke("finetune", write_recipe(tmp_path / "apiq.yaml", r)),
+             str(quant_dir / "adapter_model.safetensors"), repr(name), "peftkit quantize")
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
