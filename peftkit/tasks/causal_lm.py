@@ -117,16 +117,23 @@ class CausalLMText(Task):
         if recipe.method_name not in LM_METHODS:
             problems.append(f"method.name: {recipe.method_name!r} is only wired for GLUE classification; "
                             f"data.task {d.task} works with {', '.join(LM_METHODS)}")
-        if recipe.method_name == "apiq":
-            from peftkit.quant.checkpoint import is_quantized_dir
-
-            if not is_quantized_dir(recipe.model.name):
-                problems.append(f"model.name: method apiq fine-tunes a `peftkit quantize` output directory; "
-                                f"{recipe.model.name} is not one (no quantization.json / model.safetensors)")
         if d.train_split != "train" or d.eval_split is not None:
             problems.append(f"data.train_split / data.eval_split: GLUE options; {d.task} always trains on {TRAIN_FILE} "
                             f"and evaluates on the test text (remove them)")
         return problems
+
+    def check_method(self, method) -> None:
+        """Also: apiq's base must be a `peftkit quantize` output (its loader says so only after the text is read).
+        Not a recipe problem: a shipped apiq recipe names the directory its quantize recipe writes, which may not
+        exist yet."""
+        from peftkit.quant.checkpoint import is_quantized_dir
+
+        name = self.recipe.model.name
+        if self.recipe.method_name == "apiq" and not is_quantized_dir(name):
+            raise UserError(f"method apiq fine-tunes a `peftkit quantize` output directory, and model.name {name} is "
+                            f"not one (no quantization.json / model.safetensors there). Run `peftkit quantize` first "
+                            f"and set model.name to the directory it writes.")
+        super().check_method(method)
 
     def load_data(self, tokenizer) -> TaskData:
         d = self.recipe.data

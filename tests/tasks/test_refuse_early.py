@@ -73,5 +73,5 @@ def test_a_classifier_of_a_family_the_method_does_not_support_is_refused_before_
 
 def test_apiq_on_a_base_that_is_no_quantize_output_is_refused_before_the_text_is_read(tmp_path, data_steps_forbidden):
     path = write_recipe(tmp_path / "r.yaml", lm_recipe(tmp_path, tiny_gpt2(tmp_path / "gpt2"), "apiq"))
-    assert_refused(invoke("finetune", path), "method apiq fine-tunes a `peftkit quantize` output", "model.name")
+    assert_refused(invoke("finetune", path), "method apiq fine-tunes a `peftkit quantize` output", "peftkit quantize` first")
     assert data_steps_forbidden == [] and not (tmp_path / "run").exists()
