@@ -148,7 +148,9 @@ def check_weights_file(path: str | Path, what: str, remedy: str) -> None:
         pickled = _pickles_instead_of(path)
         if pickled:
             raise UserError(f"{what}: {path} does not exist and {pickled[0]} stands in its place, a pickle file, which "
-                            f"peftkit does not open (unpickling can run arbitrary code). {remedy}")
+                            f"peftkit does not open (unpickling can run arbitrary code). Where you trust that file, "
+                            f"convert it once: python -c \"import torch; from safetensors.torch import save_file; "
+                            f"save_file(torch.load('{pickled[0]}'), '{path}')\". Otherwise: {remedy}")
         raise UserError(f"{what}: {path} does not exist. {remedy}")
     if path.suffix in PICKLE_SUFFIXES:
         raise UserError(f"{what}: {path} is a pickle file, which peftkit does not open (unpickling can run arbitrary "
