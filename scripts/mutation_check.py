@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -442,6 +443,12 @@ def main() -> int:
         print(f"{len(chosen)} mutants")
         return 0
 
+    source = "working tree"
+    if args.rev:
+        args.rev = source = subprocess.run(["git", "rev-parse", "--verify", f"{args.rev}^{{commit}}"], cwd=ROOT,
+                                           capture_output=True, text=True, check=True).stdout.strip()
+    # a terminated run still removes its copy (the temporary directory's cleanup runs on SystemExit)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peftkit-mutants-") as tmp:
         copy = Path(tmp)
@@ -496,7 +503,7 @@ def main() -> int:
         command = "python scripts/mutation_check.py" + (f" --rev {args.rev}" if args.rev else "") + \
                   (f" --only {' '.join(args.only)}" if args.only else "") + f" --json {args.json}"
         result = {"bench": "mutation-check", "title": "Mutation check", "machine": probe["machine"],
-                  "command": command, "totals": totals, "rows": rows}
+                  "command": command, "source": source, "totals": totals, "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0 if totals["survived"] == 0 and totals["invalid"] == 0 else 1
