@@ -80,3 +80,18 @@ def assert_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def tree_snapshot(root: Path, mtimes: bool = False) -> dict:
+    """Every entry under ``root`` (links not followed) with its mode bits and content: a file's bytes, a link's
+    target; with ``mtimes`` also its modification time. Equal snapshots = an untouched tree."""
+    import stat
+
+    shot = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(folder) / name
+            st = p.lstat()
+            content = os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+            shot[str(p.relative_to(root))] = (stat.S_IMODE(st.st_mode), content) + ((st.st_mtime_ns,) if mtimes else ())
+    return shot

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import threading
 from pathlib import Path
 
 import pytest
-from helpers.reliability import make_setup, recipe, run_cli, write_recipe
+from helpers.reliability import make_setup, recipe, run_cli, tree_snapshot, write_recipe
 
 from peftkit.errors import UserError
 from peftkit.train.rundir import MARKER, RunDir
@@ -33,15 +32,7 @@ def _user_folder(path: Path) -> Path:
     return path
 
 
-def _snapshot(root: Path) -> dict:
-    """Every entry under root with its bytes and mode bits: equal snapshots = byte-identical trees."""
-    shot = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(folder) / name
-            st = p.lstat()
-            shot[str(p.relative_to(root))] = (stat.S_IMODE(st.st_mode), p.read_bytes() if p.is_file() else None)
-    return shot
+_snapshot = tree_snapshot  # every entry with its bytes and mode bits: equal snapshots = byte-identical trees
 
 
 @pytest.mark.parametrize("resume, overwrite", [(False, False), (False, True), (True, False), (True, True)])

@@ -7,28 +7,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import stat
 from pathlib import Path
 
 import pytest
-from helpers.reliability import invoke, make_setup, recipe, write_recipe
+from helpers.reliability import invoke, make_setup, recipe, tree_snapshot, write_recipe
 
 from peftkit.errors import RunFailed, UserError
 from peftkit.train.rundir import MARKER, RunDir
 
 CONFIG = {"model": {"name": "m"}, "train": {"lr": 0.1}, "output": {"overwrite": False}}
-
-
-def _snapshot(root: Path) -> dict:
-    """Every entry under root (links not followed) with its bytes, mode bits and link target."""
-    shot = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(folder) / name
-            st = p.lstat()
-            content = os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
-            shot[str(p.relative_to(root))] = (stat.S_IMODE(st.st_mode), content)
-    return shot
 
 
 def _disk_full() -> OSError:
@@ -115,13 +102,13 @@ def test_a_link_in_a_run_dir_is_refused_before_anything_is_written(tmp_path, nam
         if name == MARKER:
             (theirs / "precious.txt").write_text((tmp_path / f"aside-{name}").read_text())
     os.symlink(target, run / name)
-    before, users = _snapshot(run), _snapshot(theirs)
+    before, users = tree_snapshot(run), tree_snapshot(theirs)
     for resume, overwrite in ((True, False), (False, True)):
         with pytest.raises(UserError, match="symbolic link") as e:
             with RunDir(run, CONFIG, resume=resume, overwrite=overwrite):
                 pass
         assert str(run / name) in str(e.value) and "Remove the link" in str(e.value)
-        assert _snapshot(run) == before and _snapshot(theirs) == users
+        assert tree_snapshot(run) == before and tree_snapshot(theirs) == users
 
 
 def test_resume_through_a_linked_log_is_exit_2_and_the_linked_file_untouched(setup, tmp_path):
@@ -133,11 +120,11 @@ def test_resume_through_a_linked_log_is_exit_2_and_the_linked_file_untouched(set
     mine.write_text("dear diary\n")
     (run / "train.log").unlink()
     os.symlink(mine, run / "train.log")
-    before = _snapshot(run)
+    before = tree_snapshot(run)
     result = invoke("finetune", path, "train.resume=auto")
     assert result.exit_code == 2, result.output
     assert "symbolic link" in result.output and "train.log" in result.output and "Traceback" not in result.output
-    assert mine.read_text() == "dear diary\n" and _snapshot(run) == before
+    assert mine.read_text() == "dear diary\n" and tree_snapshot(run) == before
 
 
 def test_the_writers_themselves_never_follow_a_link(tmp_path):

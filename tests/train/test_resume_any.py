@@ -4,13 +4,11 @@ another method or shape is refused (exit 2) before anything in the run directory
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers.reliability import invoke, make_setup, recipe, write_recipe
+from helpers.reliability import invoke, make_setup, recipe, tree_snapshot, write_recipe
 
 from peftkit.train.schedule import lr_factor
 
@@ -18,17 +16,6 @@ from peftkit.train.schedule import lr_factor
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return make_setup(tmp_path_factory.mktemp("resume-any"))
-
-
-def _snapshot(root: Path) -> dict:
-    shot = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(folder) / name
-            st = p.lstat()
-            shot[str(p.relative_to(root))] = (stat.S_IMODE(st.st_mode), st.st_mtime_ns,
-                                              p.read_bytes() if p.is_file() else None)
-    return shot
 
 
 def _lr_rows(run: Path) -> dict[int, float]:
@@ -107,9 +94,9 @@ def test_resume_any_with_another_method_or_rank_is_exit_2_and_the_run_dir_untouc
     path = write_recipe(tmp_path / "r.yaml", r)
     assert invoke("finetune", path).exit_code == 0
     run = Path(r["output"]["dir"])
-    before = _snapshot(run)
+    before = tree_snapshot(run, mtimes=True)
     result = invoke("finetune", path, "train.resume=auto", "train.resume_any=true", "train.max_steps=4", *change)
     assert result.exit_code == 2, result.output
     assert not isinstance(result.exception, Exception), result.output  # a message, not a traceback
     assert "does not fit this recipe's model and method" in result.output and needle in result.output
-    assert _snapshot(run) == before  # config.yaml, the marker, train.log, env.json: nothing rewritten
+    assert tree_snapshot(run, mtimes=True) == before  # config.yaml, the marker, train.log, env.json: nothing rewritten
