@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peftkit.config import MethodArgs, option
-from peftkit.errors import UserError
+from peftkit.errors import RunFailed, UserError
 from peftkit.methods.base import (
     ADAPTER_FILE,
     Method,
@@ -61,17 +61,56 @@ class WeightAdapter(nn.Module):
         # W_down like nn.Linear's default init (uniform, bound 1/sqrt(fan_in)); W_up zero so P' = P at start.
         bound = 1.0 / math.sqrt(width)
         down = torch.empty(width, r, **kw).uniform_(-bound, bound)
-        # A bias is ONE row: a bottleneck unit with a negative pre-activation would be dead from the start
-        # (no gradient ever reaches its W_up row or its W_down column), and with all r dead P could never
-        # change. Negating such columns (the init distribution is symmetric) makes every unit start alive.
-        pre_activation = (param.detach().reshape(-1, width) @ down).sum(0)
-        down[:, pre_activation < 0] *= -1
+        rows = param.detach().reshape(-1, width)
+        if rows.shape[0] == 1:
+            down = aligned_with(rows[0], down)
+        else:
+            # A unit whose pre-activation is negative on most rows starts nearly dead; negating such columns (the
+            # init distribution is symmetric) makes every unit start alive on most of the rows it sees.
+            pre_activation = (rows @ down).sum(0)
+            down[:, pre_activation < 0] *= -1
         self.down = nn.Parameter(down)
         self.up = nn.Parameter(torch.zeros(r, width, **kw))
 
     def forward(self, param: torch.Tensor) -> torch.Tensor:
         rows = param.reshape(-1, param.shape[-1])
         return param + (torch.relu(rows @ self.down) @ self.up).reshape(param.shape)
+
+
+def aligned_with(row: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``down`` with every entry given the sign of ``row``'s entry it multiplies: a pre-activation row·W_down[:, j]
+    of Σ|row_i|·|W_ij|, about ||row||_1·bound/2, positive with a margin.
+
+    Why a bias needs it: a bias is ONE row, so each bottleneck unit has a single pre-activation h_j = P·W_down[:, j],
+    and once h_j <= 0 the unit is dead for good (no gradient reaches its W_down column or W_up row; P is frozen).
+    The gradient of W_down[:, j] is P times one number, so AdamW, whose steps are about lr per entry whatever the
+    gradient's size, moves h_j by up to lr·||P||_1 per step. A column of random signs starts h_j near
+    ||P||_2·bound/sqrt(3), about sqrt(width) times closer to zero: at the MiniLM recipes' former lr 3e-3 all 96
+    units died within 20 steps and the biases never moved. Aligned, h_j sits bound/(2·lr) full-rate steps from
+    zero. With one row the column's direction carries nothing else (the adapter adds sum_j ReLU(h_j)·W_up[j] to P),
+    so only the start point differs from the random init, not what the adapter can express."""
+    return down.abs() * torch.where(row < 0, -1.0, 1.0).to(down.dtype).unsqueeze(1)
+
+
+def dead_units(model) -> tuple[int, int]:
+    """(dead, total) bottleneck units over the adapters whose parameter is not all zero.
+
+    Unit j of an adapter is dead when its pre-activation (P·W_down)[:, j] is <= 0 on every row of P: ReLU then
+    passes 0 and a zero gradient, so neither its W_down column nor its W_up row changes again. The count is exact,
+    not a sample: the rows a unit sees are the rows of the pretrained P, which training never changes. Adapters on
+    an all-zero parameter are left out: they could never move it (``bias_targets`` warns about them at prepare)."""
+    dead = total = 0
+    with torch.no_grad():
+        for name, adapter in adapted_tensors(model).items():
+            module_name, attr = name.rsplit(".", 1)
+            original = model.get_submodule(module_name).parametrizations[attr].original
+            rows = original.reshape(-1, original.shape[-1])
+            if not bool(rows.any()):
+                continue
+            best = (rows @ adapter.down).amax(0)
+            dead += int((best <= 0).sum())
+            total += best.numel()
+    return dead, total
 
 
 def row_adapted_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +174,27 @@ class HiWi(Method):
     Options = HiWiOptions
     can_merge = True
     unmerged_export = "delta"
+
+    def __init__(self, options: HiWiOptions | None = None):
+        super().__init__(options)
+        self.dead_reported = 0  # the dead-unit count the log last warned about
+
+    def training_note(self, model, step: int) -> str | None:
+        """A warning when more bottleneck units have died since the last one; a run failure when all have."""
+        dead, total = dead_units(model)
+        if total and dead == total:
+            adapted = {"bias": "biases", "weight": "weight matrices"}[self.options.target]
+            raise RunFailed(
+                f"HiWi target={self.options.target!r}: all {total} bottleneck units of the adapters are dead at step "
+                f"{step} (ReLU(P·W_down) is 0 on every row of P they see, so no gradient reaches W_down or W_up "
+                f"again): the FFN {adapted} are frozen at their current values and only the task head "
+                f"would keep training. The learning rate is too high for these adapters: lower train.lr (the shipped "
+                f"hiwi-bias recipes use 1e-3 or less), or raise method.r so that more units start.")
+        if dead <= self.dead_reported:
+            return None
+        self.dead_reported = dead
+        return (f"HiWi: {dead} of {total} bottleneck units are dead at step {step} (ReLU(P·W_down) is 0 on every row "
+                f"of P they see; they will not learn again). If most die, lower train.lr.")
 
     def prepare(self, model):
         options = self.options
