@@ -187,7 +187,7 @@ def test_segments_keep_fp32_gradients_at_autograd_level_over_twelve_layers(varia
     # and the bottom layers' errors are nan: a gradient that is not a number is as wrong as one can get, so a
     # non-finite error counts as large; whether it overflows or only drifts does not matter here.
     assert any(not math.isfinite(e) or e > 0.1 for e in whole), whole
-    assert all(math.isfinite(e) and e < 1e-4 for e in segmented), segmented  # measured 2e-7..4e-6; fp32 vs fp64: 1e-7
+    assert all(math.isfinite(e) and e < 1e-4 for e in segmented), segmented  # measured up to 6e-6 (MEFT3), 4.5e-5 on AMD Zen 4
     assert math.isfinite(whole[-1]) and whole[-1] < 1e-5  # the top layer needs no reconstruction either way
 
 
