@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from peftkit.errors import RunFailed
+from peftkit.errors import RunFailed, UserError
 
 
 @dataclass
@@ -55,7 +55,7 @@ def open_run(recipe, dist=None, resume: bool = False, before_write: Callable[[Pa
     may refuse the run); what it logs reaches train.log once it is open."""
     from peftkit.train.distributed import DistInfo
     from peftkit.train.rundir import RunDir
-    from peftkit.utils.atomic import atomic_write_json, open_append
+    from peftkit.utils.atomic import DISK_ERRNOS, atomic_write_json, io_error_of, open_append
     from peftkit.utils.env import environment
 
     dist = dist or DistInfo()
@@ -77,6 +77,14 @@ def open_run(recipe, dist=None, resume: bool = False, before_write: Callable[[Pa
             if dist.is_main:
                 atomic_write_json(run_dir / "env.json", environment() | {"world_size": dist.world_size})
             yield OpenRun(run_dir, log)
+        except Exception as e:
+            cause = io_error_of(e)
+            if isinstance(e, (OSError, RunFailed, UserError)) or cause is None or cause.errno not in DISK_ERRNOS:
+                raise
+            # a library's own words for a full disk (safetensors, torch): a failed run, not a crash
+            raise RunFailed(f"cannot write into {run_dir}: {cause.strerror}. Free disk space (or fix permissions) "
+                            f"and run again; a training run continues from its last checkpoint with "
+                            f"train.resume=auto.") from e
         finally:
             if log_file:
                 log_file.close()

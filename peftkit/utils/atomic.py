@@ -188,6 +188,7 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, aside: str | 
 
 
 _OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # the disk, not the input
 
 
 def io_error_of(error: BaseException, path: str | os.PathLike | None = None) -> OSError | None:

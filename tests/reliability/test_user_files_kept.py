@@ -368,3 +368,33 @@ def test_disk_full_in_safetensors_words_during_the_final_save_is_a_run_failure(t
     with pytest.raises(RunFailed, match="could not save the final model .*No space left on device"):
         write_final(save, run)
     assert os.listdir(run) == []
+
+
+def test_disk_full_in_a_librarys_words_anywhere_in_a_run_is_a_run_failure(setup):
+    """Whatever a command saves inside its run (a quantize run's model, say): a full disk reported as a
+    library's own exception ends as exit 1 with the cause; other errors pass unchanged."""
+    from peftkit.config.loader import load_recipe
+    from peftkit.train.pipeline import open_run
+
+    run_recipe = load_recipe(recipe(setup, "lib-full"))
+    with pytest.raises(RunFailed, match="cannot write into .*lib-full: No space left on device"):
+        with open_run(run_recipe):
+            raise _safetensors_disk_full()
+    with pytest.raises(ValueError, match="not about the disk"):
+        with open_run(run_recipe, resume=True):
+            raise ValueError("not about the disk (os error 2)")
+
+
+def test_eval_results_in_a_run_dir_are_recorded_as_peftkits(tmp_path):
+    """`peftkit eval` writes eval/ into a run directory: the marker lists it, so an overwrite removes it."""
+    from peftkit.commands.evaluate import write_results
+
+    run = tmp_path / "run"
+    with RunDir(run, CONFIG, resume=False, overwrite=False):
+        (run / "final").mkdir()
+    write_results({"bench": "glue-eval", "rows": []}, [str(run)], None)
+    assert "eval" in json.loads((run / MARKER).read_text())["written"]
+    (result,) = (run / "eval").iterdir()
+    assert json.loads(result.read_text())["written_by"] == "peftkit"
+    with RunDir(run, CONFIG, resume=False, overwrite=True):
+        assert not (run / "eval").exists()
