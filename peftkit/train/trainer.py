@@ -321,8 +321,6 @@ class Trainer:
         barrier(self.dist)
         return self.last_checkpoint
 
-    RESUME_KEYS = RESUME_KEYS
-
     def resume_from(self, path: Path, allow_foreign: bool = False, loaded: tuple | None = None) -> None:
         """Continue from checkpoint ``path`` (``loaded``: its already verified contents). A checkpoint written
         with other result-changing settings (settings_hash) is refused unless ``allow_foreign``; then the run
