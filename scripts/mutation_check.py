@@ -393,9 +393,12 @@ def _pytest(copy: Path, nodes, timeout: int) -> tuple[int, str, float]:
         return -1, out + f"\n(timed out after {timeout} s)", time.perf_counter() - start
 
 
-def _failed_test(output: str) -> str | None:
-    found = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
-    return found.group(1) if found else None
+def _failed_test(output: str) -> tuple[str | None, str | None]:
+    """(node id of the first failing test, its one-line reason from pytest's summary) in a pytest output."""
+    found = re.search(r"^(?:FAILED|ERROR) (\S+)(?: - (.*))?$", output, re.M)
+    if not found:
+        return None, None
+    return found.group(1), (found.group(2) or "")[:160] or None
 
 
 def validate(mutants: list[Mutant], root: Path = ROOT) -> dict[str, str]:
@@ -484,12 +487,12 @@ def main() -> int:
             finally:
                 target.write_text(original)
             killed = rc != 0
-            by = _failed_test(output) if killed else None
+            by, reason = _failed_test(output) if killed else (None, None)
             if rc == -1:
                 by = "timeout"
             elif killed and by is None:
                 by = f"pytest exit {rc}"
-            row.update(killed="yes" if killed else "no", killed_by=by, seconds=round(seconds, 1))
+            row.update(killed="yes" if killed else "no", killed_by=by, failure=reason, seconds=round(seconds, 1))
             print(f"{'killed ' if killed else 'SURVIVED'} {m.id} ({seconds:.0f} s){' by ' + by if by else ''}", flush=True)
             rows.append(row)
 

@@ -38,6 +38,18 @@ def _layers(model):
     return layers_of(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
+def _run(model, ids, handles) -> None:
+    """``model`` on ``ids`` (a hook may stop it early with _Stop), then the hooks removed."""
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _block_inputs_outputs(model, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input, output) of every decoder block of ``model`` on ``ids``."""
     seen, handles = {}, []
@@ -46,12 +58,7 @@ def _block_inputs_outputs(model, ids) -> list[tuple[torch.Tensor, torch.Tensor]]
             hidden = args[0] if args else kwargs["hidden_states"]
             seen[i] = (hidden.detach().clone(), (out[0] if isinstance(out, tuple) else out).detach().clone())
         handles.append(block.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
+    _run(model, ids, handles)
     return [seen[i] for i in range(len(seen))]
 
 
@@ -69,14 +76,7 @@ def _block_output_on(model, index, ids, hidden) -> torch.Tensor:
         raise _Stop
 
     handles = [block.register_forward_pre_hook(substitute, with_kwargs=True), block.register_forward_hook(capture)]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    _run(model, ids, handles)
     return got["y"]
 
 
@@ -86,12 +86,7 @@ def _linear_inputs(model, names, ids) -> dict[str, torch.Tensor]:
     seen = {}
     handles = [root.get_submodule(n).register_forward_pre_hook(
         lambda m, args, n=n: seen.__setitem__(n, args[0].detach().clone())) for n in names]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
+    _run(model, ids, handles)
     return seen
 
 
