@@ -12,7 +12,7 @@ from test_hiwi import BATCH, FFN, pretrained_like
 
 from peftkit.errors import RunFailed
 from peftkit.methods import hiwi
-from peftkit.methods.hiwi import HiWi, HiWiOptions, adapted_tensors, dead_units
+from peftkit.methods.hiwi import HiWi, HiWiOptions, adapted_tensors, dead_units, dead_units_by_tensor
 
 
 def unit_is_dead_by_hand(rows: torch.Tensor, down: torch.Tensor, j: int) -> bool:
@@ -31,10 +31,12 @@ def test_dead_units_are_the_units_no_row_of_p_activates_and_they_get_no_gradient
             down, p = adapters[name].down, base.get_parameter(name)
             for j in units:  # against the bias's signs: h_j = -sum|P_i||W_ij|; a matrix has rows of both signs: zero
                 down[:, j] = -torch.sign(p) * down[:, j].abs() if target == "bias" else 0.0
-    by_hand = sum(unit_is_dead_by_hand(base.get_parameter(name).detach().reshape(-1, a.down.shape[0]), a.down.detach(), j)
-                  for name, a in adapters.items() for j in range(a.down.shape[1]))
-    assert by_hand == 3
-    assert dead_units(model) == (by_hand, 4 * len(FFN))
+    by_hand = {name: sum(unit_is_dead_by_hand(base.get_parameter(name).detach().reshape(-1, a.down.shape[0]),
+                                              a.down.detach(), j) for j in range(a.down.shape[1]))
+               for name, a in adapters.items()}
+    assert sum(by_hand.values()) == 3
+    assert dead_units_by_tensor(model) == {name: (dead, 4) for name, dead in by_hand.items()}
+    assert dead_units(model) == (3, 4 * len(FFN))
 
     # dead means frozen: one AdamW step (no weight decay) moves every live unit's W_up row and none of the dead ones'
     for a in adapters.values():
@@ -79,19 +81,24 @@ def write(tmp_path, recipe) -> str:
 
 
 def test_a_run_warns_once_with_the_count_when_units_are_dead(hiwi_bias_recipe, tmp_path, monkeypatch):
-    aligned = hiwi.aligned_with
+    aligned, adapters_made = hiwi.aligned_with, []
 
-    def first_unit_dead(row, down):
+    def some_units_dead(row, down):
+        """The first adapter made starts with every unit dead, the others with their first unit dead."""
         out = aligned(row, down)
-        out[:, 0] *= -1
+        out[:, :None if not adapters_made else 1] *= -1
+        adapters_made.append(row)
         return out
 
-    monkeypatch.setattr(hiwi, "aligned_with", first_unit_dead)
+    monkeypatch.setattr(hiwi, "aligned_with", some_units_dead)
     from peftkit.commands.train import finetune
 
     run = finetune(write(tmp_path, hiwi_bias_recipe), [])
     log = (run / "train.log").read_text()
-    warning = f"warning: HiWi: {len(FFN)} of {4 * len(FFN)} bottleneck units are dead at step 1"
+    dead = 4 + (len(FFN) - 1)
+    warning = (f"warning: HiWi: {dead} of {4 * len(FFN)} bottleneck units are dead at step 1 (ReLU(P·W_down) is 0 on "
+               f"every row of P they see; they will not learn again); 1 of the {len(FFN)} adapted FFN biases have no "
+               f"live unit left and are frozen")
     assert log.count(warning) == 1 and log.count("bottleneck units are dead") == 1, log  # not again at steps 2, 3
 
 
