@@ -23,13 +23,14 @@ bottom; the authors' code behaves the same). The default ``stream_arithmetic: fi
 reconstruction is bit-exact and the gradients are plain autograd's at any depth, for two 8-byte streams plus a few
 bits per element and layer. ``stream_arithmetic: float`` is the paper's arithmetic; with it,
 ``segment_layers`` = k runs the stack as segments of k layers that keep the streams at their boundaries and
-reconstruct only inside (2 tensors per segment; k = 2 keeps fp32 errors below 1e-5).
+reconstruct only inside (2 tensors per segment; k = 2 keeps fp32 errors below 1e-4, see the option's help).
 
 Placement: the family's layer container (BERT/RoBERTa ``encoder``) is replaced by a :class:`MEFTEncoder`
 that keeps the pretrained layers under the same attribute name (parameter names are unchanged) and adds
 the adapters. The HF model's own forward, loss and outputs are untouched, so ``model(**batch).loss`` works.
-Blocks are re-composed from their pieces by attribute paths from peftkit/models/families.py; a family
-with ``norm_position="post"`` and an encoder container is supported. Pre-norm decoders (LLaMA, OPT) run
+Blocks are re-composed from their pieces by the paths peftkit/models/families reads from the model's run order
+(capability ``recomposable_block``); a post-norm encoder whose container hands its blocks the mask unchanged is
+supported. Pre-norm decoders with a decoder-input builder in their family file (LLaMA, Mistral, Qwen2/3, OPT) run
 their layer loop inside the bare model's forward together with the mask, positions and the final norm, so
 :class:`MEFTDecoder` replaces that container: :class:`PreNormLayerParts` gives the same sub-block interface
 (each sub-block keeps its residual), and the causal-LM head reads ``final_norm(x_p + merge_weight·x_o)``
@@ -380,45 +381,6 @@ class PreNormLayerParts:
 PRETRAINED_STREAM = {"meft1": 1, "meft2": 0, "meft3": 1}
 
 
-def _llama_inputs(decoder, input_ids, attention_mask, position_ids, inputs_embeds):
-    """Embeddings and the block keyword arguments, as LlamaModel.forward builds them (no cache)."""
-    from transformers.masking_utils import create_causal_mask
-
-    embeds = decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-    if position_ids is None:
-        position_ids = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
-    mask = create_causal_mask(config=decoder.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                              past_key_values=None, position_ids=position_ids)
-    position_embeddings = decoder.rotary_emb(embeds, position_ids=position_ids)
-    return embeds, {"attention_mask": mask, "position_embeddings": position_embeddings, "position_ids": position_ids}
-
-
-def _opt_inputs(decoder, input_ids, attention_mask, position_ids, inputs_embeds):
-    """Embeddings plus learned positions and the block keyword arguments, as OPTDecoder.forward builds them."""
-    from transformers.masking_utils import create_causal_mask
-
-    if input_ids is not None:
-        input_ids = input_ids.view(-1, input_ids.shape[-1])
-    embeds = decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-    dense_mask = attention_mask if attention_mask is not None else torch.ones(embeds.shape[:2], device=embeds.device)
-    if position_ids is None:
-        position_ids = (torch.cumsum(dense_mask, dim=1) * dense_mask - 1).long()
-    mask = create_causal_mask(config=decoder.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                              past_key_values=None)
-    positions = decoder.embed_positions(dense_mask, 0, position_ids=position_ids)
-    if decoder.project_in is not None:
-        embeds = decoder.project_in(embeds)
-    return embeds + positions.to(embeds.device), {"attention_mask": mask, "position_ids": position_ids}
-
-
-def _opt_output(decoder, hidden):
-    return decoder.project_out(hidden) if decoder.project_out is not None else hidden
-
-
-# family -> (embeddings and block kwargs, what follows the final norm)
-DECODER_INPUTS = {"llama": (_llama_inputs, None), "opt": (_opt_inputs, _opt_output)}
-
-
 class MEFTDecoder(TwoStreamStack, nn.Module):
     """Stands in for a pre-norm decoder's layer container (LLaMA's ``model``, OPT's ``model.decoder``).
 
@@ -478,7 +440,7 @@ class MEFTDecoder(TwoStreamStack, nn.Module):
             raise ValueError("MEFT does not return per-layer hidden states or attentions")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        make_inputs, after_norm = DECODER_INPUTS[self.family.name]
+        make_inputs, after_norm = self.family.decoder_inputs
         hidden, block_kwargs = make_inputs(self, input_ids, attention_mask, position_ids, inputs_embeds)
         streams = self.streams(hidden, **block_kwargs)
         p = PRETRAINED_STREAM[self.variant_name]
@@ -504,9 +466,10 @@ def meft_encoder_of(model) -> MEFTEncoder | MEFTDecoder:
 class _MEFT(Method):
     Options = MEFTOptions
     can_merge = False
-    families = ("bert", "roberta", "xlm-roberta", "llama", "opt")
-    family_note = ("it re-composes BERT-style post-norm encoder blocks and LLaMA/OPT pre-norm decoder blocks; "
-                   "DeBERTa's attention and DistilBERT's blocks differ, and the other decoders' inputs are not wired")
+    heads = frozenset({"seq_cls", "causal_lm"})
+    # post-norm encoder blocks re-composed from the parts their run order shows; pre-norm decoder blocks likewise,
+    # with the decoder's input builder from its family file (peftkit/models/families/)
+    needs = ("recomposable_block",)
 
     def _layers_to_wrap(self, container, layers_attr: str):
         """The layer list MEFT will wrap, after the checks both wrappers need."""
@@ -525,13 +488,12 @@ class _MEFT(Method):
         options = self.options
         family = family_of(model)
         parent_path, layers_attr = split_path(family.layers)
-        if family.norm_position == "pre" and family.name in DECODER_INPUTS:
+        self.check_family(model)
+        if family.norm_position == "pre":
             return self._prepare_decoder(model, family, parent_path, layers_attr)
-        if family.norm_position != "post" or not parent_path:
-            raise UserError(
-                f"{self.name} (MEFT, reversible) supports BERT/RoBERTa-style encoders and LLaMA/OPT decoders; model "
-                f"type {model.config.model_type!r} is not supported yet. Use a model of one of those families."
-            )
+        if not parent_path:
+            raise UserError(f"{self.name}: the blocks of this {family.name} model sit directly in its bare model; MEFT "
+                            f"replaces the container holding them. Use another method.")
         backbone = backbone_of(model)
         container = get_path(backbone, parent_path)
         layers = self._layers_to_wrap(container, layers_attr)
@@ -556,9 +518,6 @@ class _MEFT(Method):
         if backbone is model:
             raise UserError(f"{self.name} on a {family.name} decoder needs a model with a head (task_head causal_lm "
                             f"or seq_cls), not the bare decoder.")
-        if family.name == "opt" and not getattr(config, "do_layer_norm_before", True):
-            raise UserError(f"{self.name}: this OPT model is post-LayerNorm (config.do_layer_norm_before is false, as "
-                            f"in opt-350m); MEFT's decoder blocks are pre-norm. Use another OPT size.")
         if getattr(config, "layerdrop", 0.0):
             raise UserError(f"{self.name}: config.layerdrop is {config.layerdrop}; the reversible stack runs every "
                             f"layer. Set it to 0 in the model's config.json.")
