@@ -367,6 +367,7 @@ def _env(copy: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(copy) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["COLUMNS"] = "400"  # pytest cuts its summary lines (and the failure reason) to the terminal width
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     return env
