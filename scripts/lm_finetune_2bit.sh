@@ -44,8 +44,8 @@ done
 "$PYTHON" scripts/collect_runs.py lm-finetune-2bit "${runs[@]}" \
   --title "Causal-LM fine-tune from 2-bit starts (smollm2-135m, WikiText-2)" \
   --command "scripts/lm_finetune_2bit.sh${*:+ $*}" \
-  --note "Start points: peftkit quantize peftkit/recipes/quant-<method>-smollm2-2bit.yaml (2 bits, group 64, LoRA r 64 alpha 16); fp = the unquantized model with a fresh LoRA of the same rank (peftkit/recipes/ft-wikitext2-smollm2-lora.yaml); bits 16 = not quantized (fp32 weights)." \
-  --note "Fine-tune: peftkit/recipes/ft-wikitext2-smollm2-2bit-<method>.yaml, method apiq (LoRA only; the quantized base stays frozen), 100 steps x 4 windows x 128 tokens of wiki.valid.tokens (the quantizers calibrate on the same file: it is the only non-test split here), AdamW lr 1e-3 (the ApiQ script: 3e-4 over ~100x more tokens), wd 0.1, cosine, 3% warm-up; the final model is the last step (no selection on the test windows)." \
+  --note "Start points: peftkit quantize configs/quantize/quant-<method>-smollm2-2bit.yaml (2 bits, group 64, LoRA r 64 alpha 16); fp = the unquantized model with a fresh LoRA of the same rank (configs/lm/ft-wikitext2-smollm2-lora.yaml); bits 16 = not quantized (fp32 weights)." \
+  --note "Fine-tune: configs/lm/ft-wikitext2-smollm2-2bit-<method>.yaml, method apiq (LoRA only; the quantized base stays frozen), 100 steps x 4 windows x 128 tokens of wiki.valid.tokens (the quantizers calibrate on the same file: it is the only non-test split here), AdamW lr 1e-3 (the ApiQ script: 3e-4 over ~100x more tokens), wd 0.1, cosine, 3% warm-up; the final model is the last step (no selection on the test windows)." \
   --note "ppl_before / ppl_after: WikiText-2 test perplexity on the first 40 non-overlapping windows of 128 tokens (eval column), before any step and after the last; seconds = training loop only, quant_seconds = the quantizer." \
   --note "smollm2-135m's weights were Q4_1-quantized once before we see them; fp is their dequantized fp32 copy."
 "$PYTHON" - <<'EOF'

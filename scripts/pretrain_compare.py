@@ -164,12 +164,12 @@ def main() -> None:
             if run is not None and seed == seeds[0]:
                 pretrain_dirs.append(str(run))
 
-    notes = [f"equal compute: peftkit/recipes/pretrain-<variant>-{args.size}.yaml share mlm.flop_budget; train_flops are "
+    notes = [f"equal compute: configs/pretrain/pretrain-<variant>-{args.size}.yaml share mlm.flop_budget; train_flops are "
              f"the analytic forward+backward FLOPs of the steps run.",
              "mlm_val_loss: the final model's MLM loss at 15% masking (80/10/10) on WikiText-2 test blocks, the same "
              "corruption for every variant, each through its own pretraining forward (3ML: the [MASK]s skip the early "
              "layers and are re-inserted, or decoded by the cross-attention decoder, which the exported checkpoint drops).",
-             f"sst2_accuracy: full fine-tuning with peftkit/recipes/{args.finetune}.yaml from each checkpoint (train.seed "
+             f"sst2_accuracy: full fine-tuning with configs/glue/{args.finetune}.yaml from each checkpoint (train.seed "
              f"= the row's seed), SST-2 validation.",
              f"scratch: no pretraining; the same fine-tuning from the randomly initialised model pretrain-mlm-{args.size} "
              f"starts from with the row's seed (same shape and tokenizer).",

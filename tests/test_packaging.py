@@ -1,5 +1,6 @@
-"""The wheel as a user gets it: built from the sources, installed (not editable) into a fresh venv outside the
-repository, with its recipes as package data, a version, and a fine-tune from a copied recipe."""
+"""The wheel as a user gets it: built from the files a clone would hold, installed (not editable) into a fresh venv
+outside the repository, with its recipes (the repository's configs/) as package data, a version, a fine-tune from
+a shipped recipe by its flat name and one from a copied recipe."""
 
 import os
 import shutil
@@ -19,14 +20,25 @@ ROOT = Path(__file__).resolve().parents[1]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PEFTKIT_DATA_DIR")}
 
 
+def _clone_files(src: Path) -> None:
+    """The working tree's files as a fresh clone of it would hold them (tracked or new, not ignored): the build
+    must not lean on anything only this checkout has, such as a stale peftkit/recipes/ or an egg-info."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # a file deleted but not yet committed is listed too
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+
+
 def _build_wheel(tmp_path: Path) -> Path:
     """`pip wheel` on a copy of the sources (an in-tree build would leave build/ and *.egg-info in the repository);
     no build isolation, so the venv's own setuptools builds it without a download."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs the git checkout to know which files a clone holds")
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "peftkit", src / "peftkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _clone_files(src)
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(dist), str(src)], check=True, capture_output=True, text=True, timeout=300, env=CLEAN_ENV)
@@ -57,8 +69,11 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
 
     wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = sorted(p.name for p in (ROOT / "peftkit" / "recipes").glob("*.yaml"))
-    assert sorted(n.split("/")[-1] for n in names if n.startswith("peftkit/recipes/")) == shipped
+    # configs/<group>/x.yaml becomes the package data peftkit/recipes/<group>/x.yaml, and nothing else is added
+    shipped = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").glob("*/*.yaml"))
+    assert len(shipped) > 50
+    assert sorted(n.removeprefix("peftkit/recipes/") for n in names if n.startswith("peftkit/recipes/")) == shipped
+    assert [n for n in names if not n.startswith(("peftkit/", "peftkit-"))] == []
 
     python = _venv_with(wheel, tmp_path / "venv")
     work = tmp_path / "work"  # outside the repository, no PYTHONPATH: only the installed wheel can answer
@@ -80,11 +95,12 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     assert version.returncode == 0 and version.stdout.strip() == f"peftkit {__version__}"
     listed = run("recipes", "list")
     assert listed.returncode == 0
-    assert {line.split()[0] for line in listed.stdout.splitlines() if line.strip()} == {Path(n).stem for n in shipped}
+    assert {tuple(line.split()[:2]) for line in listed.stdout.splitlines() if line.strip()} == \
+        {(Path(n).stem, Path(n).parent.name) for n in shipped}
 
     copied = run("recipes", "copy", "lora-minilm-sst2", "mine.yaml")
     assert copied.returncode == 0, copied.stderr
-    assert (work / "mine.yaml").read_bytes() == (ROOT / "peftkit" / "recipes" / "lora-minilm-sst2.yaml").read_bytes()
+    assert (work / "mine.yaml").read_bytes() == (ROOT / "configs" / "glue" / "lora-minilm-sst2.yaml").read_bytes()
     again = run("recipes", "copy", "lora-minilm-sst2", "mine.yaml")
     assert again.returncode == 2 and "already exists" in again.stderr
 
@@ -107,3 +123,10 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     assert trained.returncode == 0, trained.stderr[-2000:]
     run_dir = work / "runs" / "mine"
     assert (run_dir / "final" / "peftkit.json").is_file() and (run_dir / "metrics.json").is_file()
+
+    # a shipped recipe by its flat name (it sits in configs/glue/), shortened on the command line
+    by_name = run("finetune", "lora-minilm-sst2", f"model.name={model_dir}", f"data.root={work / 'glue'}",
+                  "data.max_length=16", "train.max_steps=2", "train.batch_size=8", "train.eval_every=2",
+                  "train.threads=1", "output.dir=runs/by-name")
+    assert by_name.returncode == 0, by_name.stderr[-2000:]
+    assert (work / "runs" / "by-name" / "final" / "peftkit.json").is_file()

@@ -2,7 +2,7 @@
 
 Per row (docs/benchmarks.md):
   metric, value     the task's headline GLUE metric on the validation split after fine-tuning with the recipe
-                    peftkit/recipes/<method>-minilm-<task>.yaml (methods without a recipe of their own, e.g. bitfit and
+                    configs/glue/<method>-minilm-<task>.yaml (methods without a recipe of their own, e.g. bitfit and
                     supertuning, take the LoRA recipe's data/train sections with their own default options);
   trainable_pct     parameters that train / all parameters (from the run's metrics.json);
   stored_bytes      bytes of the saved model in <run>/final/ without tokenizer files and peftkit.json: what a
@@ -19,7 +19,7 @@ Per row (docs/benchmarks.md):
 With two or more tasks, each row label that ran them all with the same seeds also gets a row of task ``average``:
 the mean of its tasks' headline values (with several seeds, the std of the per-seed averages).
 The costs are per row (measured on the first task's batch) and repeated on each of its task rows.
-A row is a recipe stem: ``pafi-r0.001`` runs peftkit/recipes/pafi-r0.001-minilm-<task>.yaml (its method section says which
+A row is a recipe stem: ``pafi-r0.001`` runs configs/glue/pafi-r0.001-minilm-<task>.yaml (its method section says which
 method and options), so one method can appear at several settings. ``stem@key=value,...`` overrides train keys of
 the stem's recipe: ``pafi@lr=3e-3`` is the PaFi recipe at learning rate 3e-3.
 A learning-rate search (option ``lr_search``: row -> learning rates) replaces each named row by one row per rate
@@ -137,18 +137,19 @@ def search_rows(rows: list[str], lr_search: dict | None) -> list[str]:
 
 
 def recipe_for(row: str, task: str, s: dict, run_dir: Path, seed: int | None = None) -> dict:
-    """The recipe dict of (row, task): peftkit/recipes/<stem>-minilm-<task>.yaml, else the LoRA recipe with method
+    """The recipe dict of (row, task): configs/glue/<stem>-minilm-<task>.yaml, else the LoRA recipe with method
     ``stem``'s defaults, then the row's train overrides (``stem@lr=...``); ``seed`` (when given) replaces train.seed."""
-    from peftkit.config.loader import configs_dir, read_yaml
+    from peftkit.config.loader import read_yaml, shipped_recipes
 
     row, overrides = split_row(row)
-    own = configs_dir() / f"{row}-minilm-{task}.yaml"
-    if own.is_file():
+    shipped = shipped_recipes()
+    own = shipped.get(f"{row}-minilm-{task}")
+    if own is not None:
         raw = read_yaml(own)
     else:
-        template = configs_dir() / f"lora-minilm-{task}.yaml"
-        if not template.is_file():
-            raise FileNotFoundError(f"no recipe for {row}/{task} and no {template.name} to derive one from")
+        template = shipped.get(f"lora-minilm-{task}")
+        if template is None:
+            raise FileNotFoundError(f"no recipe for {row}/{task} and no lora-minilm-{task} to derive one from")
         raw = read_yaml(template)
         raw["method"] = {"name": row}
     raw = copy.deepcopy(raw)
@@ -535,7 +536,7 @@ def run(quick: bool, options: dict) -> list[dict]:
            "with the best rate on the validation split (lr, lr_grid)." if s["lr_search"] else "")
         + (f" The search ran seeds {s['search_seeds']}; the selected rate then ran the other seeds (lr_grid: the "
            "search seeds' mean; value: every seed)." if s["search_seeds"] else ""),
-        "recipes: peftkit/recipes/<method>-minilm-<task>.yaml; methods without one (bitfit, supertuning) use the LoRA recipe's "
+        "recipes: configs/glue/<method>-minilm-<task>.yaml; methods without one (bitfit, supertuning) use the LoRA recipe's "
         "data/train sections with their own default options.",
         f"costs per method on the first {s['batch_size']} {first} training rows (padded to the longest, max_length "
         f"{s['max_length'] or 128}): saved_bytes (autograd saved tensors), step_seconds (median of "

@@ -99,7 +99,7 @@ def recipe_contenders() -> list[str]:
     from peftkit.utils.safe_yaml import load_yaml_bounded
 
     labels = []
-    for path in sorted(configs_dir().glob("meft*-minilm-*.yaml")):
+    for path in sorted(configs_dir().glob("*/meft*-minilm-*.yaml")):
         method = dict(load_yaml_bounded(path.read_text()).get("method") or {})
         name = method.pop("name")
         options = {k: v for k, v in method.items() if not (k == "r" and v == 8)}  # r 8 is the default

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def list_recipes() -> str:
-    from peftkit.config.loader import configs_dir, infer_kind, read_yaml
+    from peftkit.config.loader import infer_kind, read_yaml, shipped_recipes
     from peftkit.errors import UserError
 
     def field(raw, section, key):
@@ -12,7 +12,7 @@ def list_recipes() -> str:
         return str(value.get(key, "")) if isinstance(value, dict) else ""
 
     lines = []
-    for path in sorted(configs_dir().glob("*.yaml")):
+    for name, path in shipped_recipes().items():
         try:
             raw = read_yaml(path)
         except UserError:
@@ -22,7 +22,7 @@ def list_recipes() -> str:
         method = field(raw, "method", "name") or field(raw, "quant", "method") or field(raw, "mlm", "variant") or "?"
         model = field(raw, "model", "name") or field(raw, "model", "preset") or "?"
         task = field(raw, "data", "task") or (f"{field(raw, 'quant', 'bits')}-bit" if "quant" in raw else "")
-        lines.append(f"{path.stem:36s} {kind:9s} {method:10s} {model:14s} {task}")
+        lines.append(f"{name:36s} {path.parent.name:9s} {kind:9s} {method:10s} {model:14s} {task}")
     return "\n".join(lines)
 
 
@@ -65,11 +65,11 @@ def copy_recipe(name: str, dest: str) -> str:
     import os
     import tempfile
 
-    from peftkit.config.loader import configs_dir
+    from peftkit.config.loader import shipped_recipes
     from peftkit.errors import UserError, did_you_mean
     from peftkit.utils.output_paths import expand_path
 
-    shipped = {p.stem: p for p in configs_dir().glob("*.yaml")}
+    shipped = shipped_recipes()
     stem = name[:-5] if name.endswith(".yaml") else name
     if stem not in shipped:
         raise UserError(f'"{name}" is not a shipped recipe{did_you_mean(stem, shipped)}. '

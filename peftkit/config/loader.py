@@ -26,19 +26,38 @@ _FLOAT = re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0
 MAX_YAML_NODES = 100_000  # a recipe has a few hundred; alias bombs expand to billions
 
 
+RECIPE_GROUPS = ("glue", "lm", "quantize", "pretrain")
+
+
 def configs_dir() -> Path:
-    """The recipes shipped with peftkit: package data (peftkit/recipes/), in a source tree and in an installed wheel."""
-    return Path(__file__).resolve().parents[1] / "recipes"
+    """The folder of the shipped recipes, one subfolder per group (glue/, lm/, quantize/, pretrain/).
+
+    An installed wheel holds them as package data in peftkit/recipes/ (the build copies the repository's top-level
+    configs/ there, see build_recipes.py); a source tree or an editable install reads configs/ itself, the one copy."""
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "recipes"
+    # the wheel's copy wins: a folder named configs/ beside an installed package may belong to anything
+    return packaged if any(packaged.glob("*/*.yaml")) else package.parent / "configs"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Every shipped recipe by its name (the file's stem): names are flat across the groups, so
+    `peftkit finetune lora-minilm-sst2` needs no group, and no two groups may hold the same name."""
+    found: dict[str, Path] = {}
+    for path in sorted(configs_dir().glob("*/*.yaml")):
+        found.setdefault(path.stem, path)
+    return found
 
 
 def resolve_recipe_path(spec: str) -> Path:
     path = Path(os.path.expanduser(spec))
     if path.is_file():
         return path
-    for candidate in (configs_dir() / spec, configs_dir() / f"{spec}.yaml"):
-        if candidate.is_file():
-            return candidate
-    names = [p.stem for p in configs_dir().glob("*.yaml")]
+    shipped = shipped_recipes()
+    stem = spec[:-5] if spec.endswith(".yaml") else spec
+    if stem in shipped:
+        return shipped[stem]
+    names = list(shipped)
     raise UserError(f'recipe "{spec}" is neither a file nor a recipe name{did_you_mean(Path(spec).stem, names)}. '
                     f"Give a path to a YAML file or one of the names `peftkit recipes list` prints.")
 
@@ -239,5 +258,6 @@ def load_settings(cls: type[Section], items: Iterable[str], where: str) -> Secti
     return settings
 
 
-__all__ = ["load_recipe", "load_settings", "read_yaml", "parse_override", "configs_dir", "resolve_recipe_path",
+__all__ = ["load_recipe", "load_settings", "read_yaml", "parse_override", "configs_dir", "shipped_recipes",
+           "resolve_recipe_path",
            "describe_errors", "suggest", "Section"]

@@ -1,6 +1,6 @@
 import pytest
 
-from peftkit.config.loader import configs_dir, load_recipe, parse_override
+from peftkit.config.loader import load_recipe, parse_override, shipped_recipes
 from peftkit.errors import UserError
 
 
@@ -64,6 +64,6 @@ def test_missing_recipe_name_suggests():
     assert "lora-minilm-sst2" in str(e.value)
 
 
-@pytest.mark.parametrize("path", sorted(configs_dir().glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(shipped_recipes().values()), ids=lambda p: p.stem)
 def test_every_shipped_recipe_is_valid(path):
     load_recipe(str(path))

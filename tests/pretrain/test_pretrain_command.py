@@ -48,7 +48,7 @@ def test_recipe_bounds_depend_on_the_preset(tmp_path):
 def test_shipped_recipes_validate():
     from peftkit.config.loader import configs_dir
 
-    names = sorted(p.stem for p in configs_dir().glob("pretrain-*.yaml"))
+    names = sorted(p.stem for p in configs_dir().glob("*/pretrain-*.yaml"))
     assert {"pretrain-mlm-small", "pretrain-3ml-self-small", "pretrain-3ml-cross-small"} <= set(names)
     budgets = {}
     for name in names:
