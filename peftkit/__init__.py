@@ -15,6 +15,6 @@ def load(path, merge: bool = True, trust_remote_code: bool = False):
     architecture; MEFT comes back as the reversible network peftkit trained."""
     import importlib
 
-    # The package's public entry point forwards, by module name as the plugin registry does, to the methods layer
-    # (peftkit.methods.export.load); nothing is imported before the call.
-    return importlib.import_module("peftkit.methods.export").load(path, merge, trust_remote_code)
+    # The package's public entry point forwards, by module name as the plugin registry does, to the artifacts layer
+    # (peftkit.artifacts.load.load); nothing is imported before the call.
+    return importlib.import_module("peftkit.artifacts.load").load(path, merge, trust_remote_code)

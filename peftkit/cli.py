@@ -103,7 +103,9 @@ def pretrain(recipe: str = typer.Argument(..., help="Pretraining recipe YAML (ml
 def evaluate(task: str = typer.Option(..., "--task", help="glue, glue:sst2,mrpc, wikitext2, or labeled rows of "
                                                            "your own: a CSV/JSONL/Parquet file or a dataset id."),
              model: List[str] = typer.Option(..., "--model", help="Run directory or checkpoint (repeatable)."),
-             data_root: Optional[str] = typer.Option(None, help="GLUE data root (default: env PEFTKIT_DATA_DIR)."),
+             data_root: Optional[str] = typer.Option(None, help="GLUE data root (default: env PEFTKIT_DATA_DIR); "
+                                                                  "wikitext2: the WikiText-2 directory (default: env "
+                                                                  "PEFTKIT_WIKITEXT)."),
              limit: Optional[int] = typer.Option(None, min=1, help="Evaluate on the first N rows only."),
              batch_size: int = typer.Option(128, min=1, max=65536, help="Evaluation batch size."),
              max_windows: Optional[int] = typer.Option(None, min=1, help="wikitext2: number of windows."),
@@ -114,19 +116,9 @@ def evaluate(task: str = typer.Option(..., "--task", help="glue, glue:sst2,mrpc,
              json_out: Optional[str] = typer.Option(None, "--json", help="Also write the results to this file.")):
     """Evaluate fine-tuned models on GLUE (table + JSON) or a language model on WikiText-2 (perplexity)."""
 
-    def body():
-        from peftkit.commands.evaluate import evaluate_glue, parse_task_spec, run_cli
+    from peftkit.commands.evaluate import evaluate as run
 
-        suite, tasks = parse_task_spec(task)
-        if suite == "glue":
-            return evaluate_glue(model, tasks, data_root, batch_size, limit, json_out, trust_remote_code)
-        if suite == "wikitext2":
-            return run_cli(model, seq_len, max_windows, json_out)
-        from peftkit.commands.evaluate import evaluate_own
-
-        return evaluate_own(model, task, batch_size, limit, json_out, trust_remote_code)
-
-    _run(body)
+    _run(run, task, model, data_root, batch_size, limit, seq_len, max_windows, json_out, trust_remote_code)
 
 
 @app.command()

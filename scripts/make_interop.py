@@ -1,4 +1,4 @@
-"""Write docs/interop.md from the methods' own export declarations (peftkit.methods.export.interop_markdown)."""
+"""Write docs/interop.md from the methods' own export declarations (peftkit.artifacts.export.interop_markdown)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from peftkit.methods.export import interop_markdown  # noqa: E402
+from peftkit.artifacts.export import interop_markdown  # noqa: E402
 
 
 def main() -> None:

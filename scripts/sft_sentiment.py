@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
 
-    from peftkit.methods.trained import load_for_eval
+    from peftkit.artifacts.load import load_run
     from peftkit.utils.tables import machine_info
 
     work = Path(args.work)
@@ -83,7 +83,7 @@ def main() -> None:
     validation = write_rows(Path(args.data) / "validation.jsonl", work / "validation.jsonl", args.eval_rows)
     prompts = [r["prompt"] for r in validation]
 
-    base, tokenizer = load_for_eval("smollm2-135m")
+    base, tokenizer, _ = load_run("smollm2-135m", plain_head="causal_lm")
     before = answers(base, tokenizer, prompts)
     loss_before = validation_loss(base, tokenizer, validation)
     del base
@@ -95,7 +95,7 @@ def main() -> None:
                f"train.eval_every={args.steps}", "train.log_every=5", "train.eval_batch_size=16", "train.threads=2",
                f"output.dir={run}", "output.overwrite=true"]
     subprocess.run(command, check=True)
-    tuned, tokenizer = load_for_eval(str(run))
+    tuned, tokenizer, _ = load_run(str(run), plain_head="causal_lm")
     after = answers(tuned, tokenizer, prompts)
     loss_after = validation_loss(tuned, tokenizer, validation)
     losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

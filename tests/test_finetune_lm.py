@@ -39,7 +39,7 @@ def _write(tmp_path, recipe, name):
 
 
 def test_apiq_fine_tune_lowers_perplexity_and_peftkit_eval_reproduces_it(lm_setup, tmp_path):
-    from peftkit.commands.evaluate import run
+    from peftkit.commands.evaluate import evaluate
 
     run_dir = finetune(_write(tmp_path, lm_setup["recipe"](), "apiq"), [])
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -52,7 +52,7 @@ def test_apiq_fine_tune_lowers_perplexity_and_peftkit_eval_reproduces_it(lm_setu
     assert [e["ppl"] for e in evals] and m["ppl"] == pytest.approx(min(e["ppl"] for e in evals))  # lower is better
     # the saved result is a peft adapter over the on-disk quantized base: reloaded from scratch it scores the same,
     # which also shows that training left the base as the quantizer wrote it
-    again = run(str(run_dir), data_root=str(lm_setup["data"]), seq_len=32, max_windows=6)
+    again = evaluate("wikitext2", str(run_dir), data_root=str(lm_setup["data"]), seq_len=32, max_windows=6)["rows"][0]
     assert again["ppl"] == pytest.approx(m["ppl"], rel=1e-5)
     adapter = json.loads((run_dir / "final" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(lm_setup["quant_dir"])
@@ -85,14 +85,14 @@ def test_only_lora_trains_on_the_quantized_base(lm_setup):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fp_reference_methods_fine_tune_a_plain_causal_lm(lm_setup, tmp_path, method):
-    from peftkit.commands.evaluate import run
+    from peftkit.commands.evaluate import evaluate
 
     run_dir = finetune(_write(tmp_path, lm_setup["recipe"](method, out=method, max_steps=12, eval_every=None), method), [])
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["ppl"] < m["ppl_start"] and m["steps"] == 12
     assert (m["trainable_pct"] == 100) == (method == "full")
     assert "gradient checkpointing" not in (run_dir / "train.log").read_text()  # off unless asked for
-    again = run(str(run_dir), data_root=str(lm_setup["data"]), seq_len=32, max_windows=6)
+    again = evaluate("wikitext2", str(run_dir), data_root=str(lm_setup["data"]), seq_len=32, max_windows=6)["rows"][0]
     assert again["ppl"] == pytest.approx(m["ppl"], rel=1e-5)
 
 
@@ -114,9 +114,13 @@ def test_bad_lm_recipes_are_refused_before_a_run_dir_exists(lm_setup, tmp_path):
 
 
 def test_perplexity_refuses_a_classification_run(tmp_path):
-    from peftkit.methods.trained import load_for_eval
+    from functools import partial
+
+    from peftkit.artifacts.load import load_run
+    from peftkit.tasks.causal_lm import CausalLMText
 
     (tmp_path / "run" / "final").mkdir(parents=True)
-    (tmp_path / "run" / "final" / "peftkit.json").write_text(json.dumps({"model": {"task_head": "seq_cls"}}))
-    with pytest.raises(UserError, match="seq_cls head"):
-        load_for_eval(str(tmp_path / "run"))
+    (tmp_path / "run" / "final" / "peftkit.json").write_text(json.dumps(
+        {"method": "lora", "options": {}, "model": {"name": "minilm-l6", "task_head": "seq_cls"}}))
+    with pytest.raises(UserError, match="seq_cls head"):  # from the record, before any weights load
+        load_run(str(tmp_path / "run"), plain_head="causal_lm", check=partial(CausalLMText.check_run, "run"))

@@ -110,7 +110,7 @@ def exported_contenders(dirs: list[str], base) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     from peftkit.errors import UserError
-    from peftkit.methods.trained import EXPORT_INFO_FILE
+    from peftkit.artifacts.load import EXPORT_INFO_FILE
     from peftkit.models.load import check_model_dir
 
     models = {}

@@ -19,7 +19,8 @@ from peftkit.errors import RunFailed, UserError
 
 def export(run: str, out: str, merge: bool | None = None) -> Path:
     """Write the export; print what it holds and how big it is next to the base; return the directory."""
-    from peftkit.methods.export import size_rows, write_export
+    from peftkit.artifacts.card import size_rows
+    from peftkit.artifacts.export import write_export
     from peftkit.train.rundir import MARKER
     from peftkit.utils.atomic import TargetAppeared, atomic_write_json, io_error_of, publish_dir
     from peftkit.utils.output_paths import expand_path, resolve_output_dir

@@ -39,12 +39,12 @@ def predict(run: str, input_file: str, output: str | None = None, batch_size: in
 
     out = check_jsonl_output(output, input_file)
     table = read_file(input_file)  # a bad file fails before the model loads
-    from peftkit.methods.trained import load_trained
+    from peftkit.artifacts.load import load_run
     from peftkit.tasks.dataset import RunReading, logits_of
     from peftkit.tasks.glue import PadCollator
 
-    model, tokenizer, info = load_trained(run, trust_remote_code)
-    if info.get("model", {}).get("task_head") == "causal_lm":
+    model, tokenizer, info = load_run(run, trust_remote_code)
+    if info is not None and info.model.get("task_head") == "causal_lm":
         raise UserError(f"{run} is a language model (task_head causal_lm); `peftkit generate {run} --input FILE` "
                         f"writes its answers.")
     reading = RunReading(info, model.config)
@@ -73,7 +73,7 @@ def generate(run: str, prompts: list[str] | None = None, input_file: str | None 
     if bool(prompts) == bool(input_file):
         raise UserError("give the prompts either with --prompt (repeatable) or with --input FILE, one of the two.")
     out = check_jsonl_output(output, input_file)
-    info = run_info(run)
+    info = run_info(run) or {}
     if input_file:
         table = read_file(input_file)
         column = info.get("prompt_column") or "prompt"
@@ -83,10 +83,16 @@ def generate(run: str, prompts: list[str] | None = None, input_file: str | None 
         prompts = texts(table, column)
     import torch
 
-    from peftkit.methods.trained import load_for_eval
+    from functools import partial
+
+    from peftkit.artifacts.load import load_run
+    from peftkit.tasks.causal_lm import CausalLMText
     from peftkit.tasks.dataset import prompt_text
 
-    model, tokenizer = load_for_eval(run)
+    # a run with another head is refused from its record, as perplexity refuses it
+    model, tokenizer, _ = load_run(run, plain_head="causal_lm", check=partial(CausalLMText.check_run, run))
+    if torch.cuda.is_available():
+        model = model.cuda()
     sft = info.get("task_type") == "sft"
     device = next(model.parameters()).device
     records = []
@@ -106,9 +112,10 @@ def generate(run: str, prompts: list[str] | None = None, input_file: str | None 
     return records
 
 
-def run_info(run: str) -> dict:
-    """peftkit.json of a run (or {} for a model directory that is not a run)."""
-    from peftkit.methods.trained import INFO_FILE, final_dir, read_run_info
+def run_info(run: str):
+    """peftkit.json of a run (a RunInfo), or None for a model directory that is not a run."""
+    from peftkit.artifacts.load import final_dir
+    from peftkit.config.run_info import INFO_FILE, read_run_info
 
     path = final_dir(run) / INFO_FILE
-    return read_run_info(path) if path.is_file() else {}
+    return read_run_info(path) if path.is_file() else None

@@ -21,7 +21,7 @@ fields carry defaults, ranges and help) and a :class:`Method` subclass registere
 * ``merge(model)``                  a plain transformers model, where the method allows it.
 * ``unmerged_export`` / ``export_delta(model)``  what ``peftkit export --no-merge`` writes: "peftkit" (the run's
                                     own format, the default), "transformers", "peft", or "delta" (the compact
-                                    format of peftkit/methods/delta_format.py, which ``export_delta`` returns).
+                                    format of peftkit/artifacts/delta.py, which ``export_delta`` returns).
 
 Defaults cover the common case, so a method overrides only what differs.
 """

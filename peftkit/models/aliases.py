@@ -55,7 +55,7 @@ def resolve_model(name: str) -> str:
 
 def _cached_copy_is_sound(target: Path) -> bool:
     """The converted copy is complete and its weights file is well-formed (a kill or full disk can leave less)."""
-    from peftkit.models.load import check_safetensors_file
+    from peftkit.utils.safetensors_header import check_safetensors_file
 
     try:
         check_safetensors_file(target / "model.safetensors")

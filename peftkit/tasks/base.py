@@ -14,16 +14,42 @@ A task is created with its recipe. The pipeline (peftkit/train/pipeline.py) call
 
 ``best_metric`` and ``greater_is_better`` say which evaluation figure selects checkpoints and in which
 direction it improves, declared where the metric is.
+
+``peftkit eval`` scores finished runs through the task too (classmethods: no recipe is involved). The command
+picks the task whose ``eval_suite`` is the word before ``:`` in ``--task`` (else the own-data task), then calls
+``read_eval_data(request)`` once, before any model loads; for each run ``check_run(model_dir, info)`` on its record
+(before its weights load), the artifacts layer's loader, and ``evaluate_run(model, tokenizer, info, data, request,
+model_dir)``; finally ``eval_report(rows, data, request)``, which prints and returns what is saved.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
-from peftkit.methods.trained import INFO_FILE
+
+@dataclass
+class EvalRequest:
+    """What ``peftkit eval`` was asked: ``--task`` as given, the names after ``glue:``, and the options."""
+
+    spec: str
+    names: list[str] | None = None
+    data_root: str | None = None
+    batch_size: int = 128
+    limit: int | None = None
+    seq_len: int = 512
+    max_windows: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str, **options) -> "EvalRequest":
+        """'glue' -> names None; 'glue:sst2,mrpc' -> ['sst2', 'mrpc']; 'wikitext2' or a file -> names None."""
+        suite, _, names = spec.partition(":")
+        return cls(spec, [t.strip() for t in names.split(",") if t.strip()] or None, **options)
+
+    @property
+    def suite(self) -> str:
+        return self.spec.partition(":")[0].strip()
 
 
 @dataclass
@@ -42,6 +68,11 @@ class Task:
     best_metric: ClassVar[str | None] = None
     greater_is_better: ClassVar[bool] = True
     evaluate_start: ClassVar[bool] = False  # also score the model before any step (reported as <metric>_start)
+
+    # ---- scoring finished runs (`peftkit eval`) --------------------------------------------------
+    eval_suite: ClassVar[str | None] = None  # the word of `peftkit eval --task` that selects this task
+    eval_head: ClassVar[str] = "seq_cls"  # the head a checkpoint without a peftkit record is loaded with
+    eval_results_in_run: ClassVar[bool] = True  # also keep the results in each run directory (eval/)
 
     def __init__(self, recipe):
         self.recipe = recipe
@@ -110,9 +141,10 @@ class Task:
         recipe = self.recipe
         method.save(model, directory)
         tokenizer.save_pretrained(directory)
-        info = {"method": recipe.method_name, "options": recipe.method.model_dump(mode="json"),
-                "model": recipe.model.model_dump(mode="json"), **task_info, "max_length": recipe.data.max_length}
-        (directory / INFO_FILE).write_text(json.dumps(info, indent=2))
+        from peftkit.config.run_info import RunInfo
+
+        RunInfo(method=recipe.method_name, options=recipe.method.model_dump(mode="json"),
+                model=recipe.model.model_dump(mode="json"), **task_info, max_length=recipe.data.max_length).write(directory)
 
     def summary(self, data: TaskData, final: dict, start: dict | None, model, trained: dict) -> dict:
         return dict(final)
@@ -123,3 +155,29 @@ class Task:
 
     def final_line(self, final: dict, data: TaskData) -> str:
         return "  ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
+
+    # ---- scoring finished runs (classmethods: `peftkit eval` has no recipe) ----------------------------
+    @classmethod
+    def read_eval_data(cls, request: EvalRequest) -> Any:
+        """What every run is scored on, read and checked before any model loads (None: read per run)."""
+        return None
+
+    @classmethod
+    def check_run(cls, model_dir: str, info) -> None:
+        """Refuse a run this evaluation cannot score from its record alone (``info``: its RunInfo, or None for a
+        checkpoint without one), before its weights load."""
+
+    @classmethod
+    def evaluate_run(cls, model, tokenizer, info, data, request: EvalRequest, model_dir: str) -> list[dict]:
+        """The result rows of one loaded run (``info``: its RunInfo, or None) on ``data``."""
+        from peftkit.errors import UserError
+
+        raise UserError(f"peftkit eval does not score {cls.name or cls.__name__} runs.")
+
+    @classmethod
+    def eval_report(cls, rows: list[dict], data, request: EvalRequest) -> dict:
+        """Print the results of every run; return what is saved (to --json and, per run, to its eval/)."""
+        from peftkit.utils.tables import format_table
+
+        print(format_table(rows))
+        return {"suite": request.suite, "rows": rows}

@@ -119,6 +119,9 @@ class CausalLMText(Task):
                             f"data.task {d.task} works with {', '.join(LM_METHODS)}")
         if d.train_split != "train" or d.eval_split is not None:
             problems.append(f"data.train_split / data.eval_split: GLUE options; {d.task} always trains on {TRAIN_FILE} "
+    eval_suite = "wikitext2"
+    eval_head = "causal_lm"  # also a quantize output, an adapter directory, an alias or a hub id
+    eval_results_in_run = False
                             f"and evaluates on the test text (remove them)")
         return problems
 
@@ -175,6 +178,38 @@ def quantized_start_point(model_name: str) -> dict:
     info = read_info(model_name)
     return {"quant_method": info["method"], "bits": info["bits"], "group_size": info["group_size"],
             "quant_seconds": info.get("seconds")}
+
+    # ---- `peftkit eval --task wikitext2`: perplexity on the test text ------------------------------------
+    @classmethod
+    def read_eval_data(cls, request) -> tuple[Path, str]:
+        from peftkit.utils.text_windows import read_text
+
+        path = Path(request.data_root or default_wikitext_root()) / TEST_FILE
+        return path, read_text(path)
+
+    @classmethod
+    def check_run(cls, model_dir, info) -> None:
+        head = info.model.get("task_head") if info is not None else None
+        if info is not None and head != "causal_lm":
+            raise UserError(f"{model_dir} was fine-tuned with a {head} head; perplexity needs a causal LM "
+                            f"(a run with data.task wikitext2, a quantize output directory or a language model).")
+
+    @classmethod
+    def evaluate_run(cls, model, tokenizer, info, data, request, model_dir) -> list[dict]:
+        import torch
+
+        if torch.cuda.is_available():
+            model = model.cuda()
+        path, text = data
+        result = evaluate_perplexity(model, tokenizer, text, request.seq_len, request.max_windows)
+        return [{"task": "wikitext2", "model": str(model_dir), "data": str(path), **result}]
+
+    @classmethod
+    def eval_report(cls, rows, data, request) -> dict:
+        for row in rows:
+            print(f"wikitext2 {row['model']}: ppl {row['ppl']:.3f} (nll {row['nll']:.4f}, {row['windows']} windows x "
+                  f"{row['seq_len']} tokens)")
+        return {"task": "wikitext2", "rows": rows}
 
 
 @TASKS.register("calibration", help="The calibration text of `peftkit quantize` (WikiText-2 token windows).")

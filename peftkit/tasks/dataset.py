@@ -318,6 +318,75 @@ class OwnData(Task):
         if start:
             out.update({f"{k}_start": v for k, v in start.items() if isinstance(v, float)})
         return out
+    # ---- `peftkit eval --task FILE|DATASET`: labeled rows of one's own -------------------------------
+    @classmethod
+    def read_eval_data(cls, request) -> Table:
+        """The labeled rows, read before any model loads (a bad file fails first)."""
+        return read_labeled(request.spec, request.limit)
+
+    @classmethod
+    def evaluate_run(cls, model, tokenizer, info, data: Table, request, model_dir) -> list[dict]:
+        """Classification (accuracy, macro-F1), regression (Pearson, Spearman, MSE) and SFT (response-only loss)
+        runs, each reading the rows the way it was trained."""
+        import time
+
+        from peftkit.tasks.glue import PadCollator
+
+        table = data
+        reading = RunReading(info, model.config)
+        start = time.perf_counter()
+        if reading.task_type == "sft":
+            prompt, response = reading.prompt_column, reading.response_column
+            require_columns(table, [prompt, response], "the prompt / response columns of the run")
+            encoded, _, _ = encode_sft(tokenizer, texts(table, prompt), texts(table, response), reading.max_length)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            metrics = response_loss(model, encoded, SFTCollator(pad), request.batch_size)
+        elif reading.task_type in ("classification", "regression"):
+            gold = reading.gold(table)
+            regression = reading.task_type == "regression"
+            logits = logits_of(model, reading.encode(tokenizer, table), PadCollator(tokenizer.pad_token_id or 0, False),
+                               request.batch_size)
+            metrics = (regression_metrics(logits[:, 0].tolist(), gold) if regression else
+                       classification_metrics(logits.argmax(-1).tolist(), gold, logits.shape[1]))
+        else:
+            raise UserError(f"{model_dir} is a {reading.task_type} run; score it with --task wikitext2 or "
+                            f"`peftkit generate`.")
+        return [{"model": str(model_dir), "data": table.where,
+                 **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+                 "n": len(table.rows), "seconds": round(time.perf_counter() - start, 2)}]
+
+    @classmethod
+    def eval_report(cls, rows, data: Table, request) -> dict:
+        import sys
+
+        from peftkit.utils.tables import format_table, machine_info
+
+        print(format_table(rows))
+        return {"bench": "own-eval", "suite": "dataset", "data": data.where, "machine": machine_info(),
+                "command": " ".join(["peftkit", *sys.argv[1:]]), "rows": rows}
+
+
+def read_labeled(spec: str, limit: int | None) -> Table:
+    """Rows to score: a local file, or a hub dataset ``NAME[:CONFIG]`` (its validation split, else test)."""
+    from pathlib import Path
+
+    from peftkit.tasks.tabular import FORMATS
+
+    if Path(spec).expanduser().exists() or Path(spec).suffix.lower() in FORMATS:
+        table = read_file(spec)
+    else:
+        name, _, config = spec.partition(":")
+        try:
+            splits = hub_splits(name, config or None)
+        except UserError as e:
+            raise UserError(f"--task {spec}: unknown task suite (glue, glue:<task>, wikitext2), no such file, and as "
+                            f"a dataset id: {e}") from None
+        split = next((s for s in ("validation", "test") if s in splits), None)
+        if split is None:
+            raise UserError(f"dataset {spec} has neither a validation nor a test split (it has: {', '.join(splits)}).")
+        table = read_hub(name, config or None, split)
+    return Table(table.rows[:limit], table.where) if limit else table
+
 
 
 class _Labeled(OwnData):
@@ -506,11 +575,13 @@ class RunReading:
     """How a finished run reads rows: its text columns, label column, task type and class labels, from the run's
     peftkit.json (a `dataset` run or a GLUE run) or, for a plain checkpoint, from its config and the rows."""
 
-    def __init__(self, info: dict, model_config=None):
-        self.max_length = int(info.get("max_length", 128))
+    def __init__(self, info, model_config=None):
+        """``info``: the run's RunInfo, or None for a checkpoint without one."""
+        info = info if info is not None else {}
+        self.max_length = int(info.get("max_length") or 128)
         task = info.get("task")
         if task == "dataset":
-            self.task_type = info["task_type"]
+            self.task_type = info.get("task_type")
             self.text_columns = list(info.get("text_columns") or [])
             self.label_column = info.get("label_column", "label")
             self.labels = list(info.get("labels") or [])

@@ -251,6 +251,7 @@ class GlueFinetuning(Task):
 
     best_metric = "glue_score"
     greater_is_better = True
+    eval_suite = "glue"
 
     @classmethod
     def recipe_problems(cls, recipe) -> list[str]:
@@ -297,3 +298,64 @@ class GlueFinetuning(Task):
         shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
         base = "  ".join(f"{k} {v:.4f}" for k, v in data.info["baseline"].items())
         return f"{shown}  (trivial baseline: {base})"
+
+    # ---- `peftkit eval --task glue[:TASK,...]` ---------------------------------------------------------
+    @classmethod
+    def evaluate_run(cls, model, tokenizer, info, data, request, model_dir) -> list[dict]:
+        """The run on its own GLUE task (or on the named tasks, for a checkpoint that does not record one), on
+        each task's first validation split."""
+        import time
+
+        own_task = info.task if info is not None else None
+        wanted = request.names or ([own_task] if own_task else None)
+        if not wanted:
+            raise UserError(f"{model_dir} does not record its task; name one with --task glue:<task>.")
+        max_length = (info.max_length if info is not None else None) or 128
+        rows_out = []
+        for name in wanted:
+            task = get_task(name)
+            if own_task and name != own_task:
+                raise UserError(f"{model_dir} was fine-tuned on {own_task}, not {name}; its head does not fit {name}. "
+                                f"Evaluate it with --task glue:{own_task}.")
+            if not own_task:  # a plain checkpoint: its config's head must fit the task
+                check_head_fits(model, task, model_dir)
+            rows = load_rows(name, task.validation_splits[0], request.data_root, request.limit)
+            encoded = tokenize_rows(task, rows, tokenizer, max_length)
+            collate = PadCollator(tokenizer.pad_token_id or 0, task.is_regression)
+            start = time.perf_counter()
+            metrics = make_eval_fn(task, encoded, collate, request.batch_size)(model)
+            rows_out.append({"model": str(model_dir), "task": name, **{k: round(v, 4) for k, v in metrics.items()},
+                             "n": len(rows), "seconds": round(time.perf_counter() - start, 2)})
+        return rows_out
+
+    @classmethod
+    def eval_report(cls, rows, data, request) -> dict:
+        """The table, and the average over the rows of each row's mean metric."""
+        import sys
+
+        from peftkit.utils.tables import format_table, machine_info
+
+        scores = [sum(v for k, v in r.items() if k in SCORED) / max(1, sum(k in SCORED for k in r)) for r in rows]
+        average = sum(scores) / len(scores) if scores else None
+        print(format_table(rows))
+        if average is not None:
+            print(f"average (mean of each task's metrics): {average:.4f}")
+        return {"bench": "glue-eval", "suite": "glue", "machine": machine_info(),
+                "command": " ".join(["peftkit", *sys.argv[1:]]), "rows": rows, "average": average}
+
+
+SCORED = ("accuracy", "f1", "pearson", "spearman", "matthews_correlation")  # the metrics a GLUE score averages
+
+
+def check_head_fits(model, task: GlueTask, model_dir) -> None:
+    """A checkpoint that does not record its task (a plain transformers one) against the GLUE ``task`` asked for: its
+    head must have the task's number of outputs (1 = a regression score), or its scores would be meaningless."""
+    outputs = getattr(model.config, "num_labels", None)
+    if outputs == task.num_labels:
+        return
+    needs = "1 output (a regression score)" if task.num_labels == 1 else f"{task.num_labels} outputs (one per class)"
+    labels = getattr(model.config, "id2label", None) or {}
+    has = f"{outputs} output(s)" + (f" ({', '.join(str(v) for v in labels.values())})" if labels else "")
+    raise UserError(f"{model_dir} is a checkpoint without peftkit metadata whose classification head has {has}, and "
+                    f"{task.name} needs {needs}: its head does not fit {task.name}. Evaluate it on a task with "
+                    f"{outputs} output(s), or fine-tune it for {task.name} with peftkit finetune first.")

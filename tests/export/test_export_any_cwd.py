@@ -14,7 +14,7 @@ import torch
 
 from peftkit.commands.export import export
 from peftkit.commands.train import finetune
-from peftkit.methods.trained import load_trained
+from peftkit.artifacts.load import load_run
 
 SENTENCES = ["good movie", "the plot was awful and boring"]
 
@@ -39,7 +39,7 @@ def test_a_peft_export_loads_with_auto_peft_model_from_another_directory(lora_ru
     assert json.loads((tmp_path / "export" / "export.json").read_text())["export"]["base"] == "base"
     assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         (tmp_path / "export" / "base").resolve())
-    reference, tokenizer, _ = load_trained(lora_run)
+    reference, tokenizer, _ = load_run(lora_run)
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     expected = _logits(reference, batch)
 
@@ -66,7 +66,7 @@ def test_a_causal_lm_export_loads_with_auto_peft_model_from_another_directory(tm
                               "warmup_ratio": 0.0, "threads": 1}}, [])
     out = export(str(run), str(tmp_path / "export"), False)
     ids = torch.randint(5, 40, (2, 12), generator=torch.Generator().manual_seed(0))
-    reference, _, _ = load_trained(run)
+    reference, _, _ = load_run(run)
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
     monkeypatch.chdir(tmp_path / "wt")
@@ -74,8 +74,6 @@ def test_a_causal_lm_export_loads_with_auto_peft_model_from_another_directory(tm
     with torch.no_grad():
         assert (theirs(input_ids=ids).logits - expected).abs().max().item() <= 1e-4
     # what `peftkit generate` and `eval --task wikitext2` load, after the export was moved
-    from peftkit.methods.trained import load_for_eval
-
-    moved, _ = load_for_eval(shutil.move(str(out), str(tmp_path / "moved")))
+    moved, _, _ = load_run(shutil.move(str(out), str(tmp_path / "moved")), plain_head="causal_lm")
     with torch.no_grad():
         assert (moved(input_ids=ids).logits - expected).abs().max().item() <= 1e-4

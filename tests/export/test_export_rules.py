@@ -14,7 +14,7 @@ import torch
 from peftkit.commands.export import export
 from peftkit.commands.train import finetune
 from peftkit.errors import RunFailed, UserError
-from peftkit.methods.trained import load_trained
+from peftkit.artifacts.load import load_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def pafi_run(tiny_run_setup):
 
 
 def test_docs_interop_is_fresh():
-    from peftkit.methods.export import interop_markdown
+    from peftkit.artifacts.export import interop_markdown
 
     assert (ROOT / "docs" / "interop.md").read_text() == interop_markdown(), \
         "docs/interop.md is stale: run python scripts/make_interop.py"
@@ -54,7 +54,7 @@ def test_a_users_folder_is_never_written(pafi_run, tmp_path):
 
 
 def test_an_empty_folder_is_used_and_a_failure_leaves_nothing(pafi_run, tmp_path, monkeypatch):
-    from peftkit.methods import delta_format
+    from peftkit.artifacts import delta as delta_format
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -121,7 +121,7 @@ with torch.no_grad():
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     merged_logits, delta_logits, labels = json.loads(done.stdout.strip().splitlines()[-1])
-    model, tokenizer, _ = load_trained(pafi_run)
+    model, tokenizer, _ = load_run(pafi_run)
     with torch.no_grad():
         reference = model(**tokenizer(["good movie", "the plot was awful"], padding=True, return_tensors="pt")).logits
     for got in (merged_logits, delta_logits):
@@ -157,7 +157,7 @@ def test_decoders_export_with_generation_config(lm_runs, tmp_path):
 
     ids = torch.randint(5, 40, (2, 12), generator=torch.Generator().manual_seed(0))
     for run in lm_runs:
-        model, _, _ = load_trained(run)
+        model, _, _ = load_run(run)
         with torch.no_grad():
             reference = model(input_ids=ids).logits
         merged = export(str(run), str(tmp_path / f"{run.name}-merged"), True)
@@ -171,7 +171,7 @@ def test_decoders_export_with_generation_config(lm_runs, tmp_path):
     assert (apiq / "base" / "quantization.json").is_file() and not (apiq / "base" / ".peftkit-run").exists()
     assert json.loads((apiq / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         (apiq / "base").resolve())  # absolute: peft resolves a relative name against the working directory
-    model, _, _ = load_trained(lm_runs[0])
+    model, _, _ = load_run(lm_runs[0])
     loaded, _ = peftkit.load(apiq)
     with torch.no_grad():
         assert (loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() <= 1e-4

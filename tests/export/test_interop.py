@@ -1,9 +1,9 @@
 """The interop matrix: every method x {--merge, --no-merge} x {transformers, peft, peftkit} loader.
 
-For each cell the matrix (peftkit.methods.export.interop_rows, the source of docs/interop.md) declares either how
+For each cell the matrix (peftkit.artifacts.export.interop_rows, the source of docs/interop.md) declares either how
 the loader serves the export or why it does not apply. Each declared loader is run here the way a user would run it
 -- transformers and peft directly, the delta through the apply_delta.py file shipped in the export, peftkit through
-peftkit.load -- and its logits must equal those of peftkit's own loaded run (load_trained) within 1e-4 in fp32.
+peftkit.load -- and its logits must equal those of peftkit's own loaded run (load_run) within 1e-4 in fp32.
 A cell declared not applicable must lack what that loader reads."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from peftkit.commands.export import export
 from peftkit.commands.train import finetune
 from peftkit.errors import UserError
-from peftkit.methods.export import interop_rows
-from peftkit.methods.trained import load_trained
+from peftkit.artifacts.export import interop_rows
+from peftkit.artifacts.load import load_run
 
 TOLERANCE = 1e-4
 CASES = {  # matrix row name -> method options of a cheap run that moves more than the head
@@ -91,7 +91,7 @@ def test_interop_matrix(case, tiny_run_setup, tmp_path, capsys):
     recipe["method"].update(CASES[case])
     give_biases(recipe["model"]["name"])
     run = finetune(recipe, [])
-    reference_model, tokenizer, _ = load_trained(run)
+    reference_model, tokenizer, _ = load_run(run)
     reference = logits_of(reference_model, tokenizer)
     merged_run = None
     if method not in ("meft1", "meft2", "meft3"):
@@ -142,7 +142,7 @@ def test_interop_matrix(case, tiny_run_setup, tmp_path, capsys):
             if merged_run is not None:
                 assert_same_weights(loaded, merged_run, (case, merge, loader))
         # `peftkit eval`'s loader reads the export too
-        again, _, _ = load_trained(out)
+        again, _, _ = load_run(out)
         assert (logits_of(again, tokenizer) - reference).abs().max().item() <= TOLERANCE
 
 

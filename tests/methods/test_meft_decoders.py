@@ -345,7 +345,7 @@ def test_finetune_trains_a_tiny_llama_and_eval_reloads_it(tmp_path):
     import yaml
     from helpers.quant import write_model_dir, write_wikitext
 
-    from peftkit.commands.evaluate import run
+    from peftkit.commands.evaluate import evaluate
     from peftkit.commands.train import finetune
 
     model_dir = write_model_dir(tmp_path / "llama")
@@ -363,5 +363,5 @@ def test_finetune_trains_a_tiny_llama_and_eval_reloads_it(tmp_path):
     assert m["method"] == "meft1" and m["steps"] == 12
     assert m["ppl"] < m["ppl_start"], m
     assert 0 < m["trainable_pct"] < 10
-    again = run(str(run_dir), data_root=str(data), seq_len=32, max_windows=6)
+    again = evaluate("wikitext2", str(run_dir), data_root=str(data), seq_len=32, max_windows=6)["rows"][0]
     assert again["ppl"] == pytest.approx(m["ppl"], rel=1e-5)  # the saved adapters reload onto a fresh base

@@ -66,7 +66,7 @@ def test_disk_full_during_a_checkpoint(setup, tmp_path, monkeypatch):
 
 
 def test_disk_full_during_the_final_save(setup, tmp_path, monkeypatch):
-    from peftkit.methods.trained import INFO_FILE
+    from peftkit.config.run_info import INFO_FILE
 
     path = write_recipe(tmp_path / "r.yaml", recipe(setup, "full-final"))
     run = Path(setup["root"]) / "full-final"
@@ -168,7 +168,7 @@ def test_a_run_dir_cannot_switch_on_remote_code(setup, tmp_path, monkeypatch):
 
     import transformers
 
-    from peftkit.methods.trained import load_trained
+    from peftkit.artifacts.load import load_run
 
     result = invoke("finetune", write_recipe(tmp_path / "r.yaml", recipe(setup, "handed", max_steps=1)))
     assert result.exit_code == 0, result.output
@@ -184,14 +184,14 @@ def test_a_run_dir_cannot_switch_on_remote_code(setup, tmp_path, monkeypatch):
         return original(klass, *args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", classmethod(spy))
-    load_trained(Path(setup["root"]) / "handed")
+    load_run(Path(setup["root"]) / "handed")
     assert seen == [False]
-    load_trained(Path(setup["root"]) / "handed", trust_remote_code=True)
+    load_run(Path(setup["root"]) / "handed", trust_remote_code=True)
     assert seen == [False, True]
 
 
 def test_malformed_run_metadata_is_one_clear_error(setup, tmp_path):
-    from peftkit.methods.trained import load_trained
+    from peftkit.artifacts.load import load_run
 
     result = invoke("finetune", write_recipe(tmp_path / "r.yaml", recipe(setup, "meta", max_steps=1)))
     assert result.exit_code == 0, result.output
@@ -201,4 +201,4 @@ def test_malformed_run_metadata_is_one_clear_error(setup, tmp_path):
                          ('{"method": "lora", "options": {}, "model": {"task_head": "x"}}', "model section is not valid")):
         info_path.write_text(text)
         with pytest.raises(UserError, match=needle):
-            load_trained(Path(setup["root"]) / "meta")
+            load_run(Path(setup["root"]) / "meta")

@@ -251,7 +251,7 @@ def test_a_truncated_language_model_run_is_refused_by_generate_and_eval(lm_run, 
     path = run / "final" / "adapter_model.safetensors"
     truncate(path)
     _refused(invoke("generate", str(run), "--prompt", "the movie"), str(path), "not a valid safetensors file")
-    data = Path(lm_run).parent.parent / "wt"
+    data = Path(lm_run).parent / "wt"  # the fixture's text: --data-root is where eval reads it
     _refused(invoke("eval", "--task", "wikitext2", "--model", str(run), "--data-root", str(data)),
              str(path), "not a valid safetensors file")
 

@@ -205,12 +205,12 @@ def test_eval_json_never_replaces_a_json_file_of_the_users(tmp_path):
 
 
 def test_eval_on_own_rows_never_writes_over_them(tmp_path):
-    from peftkit.commands.evaluate import evaluate_own
+    from peftkit.commands.evaluate import evaluate
 
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps({"bench": "x", "rows": []}))  # even rows shaped like a result of peftkit's
     with pytest.raises(UserError, match="is the input file"):
-        evaluate_own([str(tmp_path / "run")], str(rows), json_path=str(rows))
+        evaluate(str(rows), [str(tmp_path / "run")], json_path=str(rows))
 
 
 # ---- export -------------------------------------------------------------------------------------------------------
@@ -235,7 +235,8 @@ def test_export_to_a_link_is_refused(tmp_path):
 def test_an_export_racing_another_into_one_new_folder_is_refused_and_leaves_the_others(tmp_path, monkeypatch):
     """While this export is written, another process creates --out (and fills it): exit 2, its files kept,
     this export's temp dir removed."""
-    import peftkit.methods.export as methods_export
+    import peftkit.artifacts.card as artifacts_card
+    import peftkit.artifacts.export as artifacts_export
     from peftkit.commands.export import export
 
     run, out = tmp_path / "run", tmp_path / "exports" / "x"
@@ -247,19 +248,19 @@ def test_an_export_racing_another_into_one_new_folder_is_refused_and_leaves_the_
         (out / "theirs.bin").write_bytes(b"the other export")
         return result
 
-    monkeypatch.setattr(methods_export, "write_export", racing)
-    monkeypatch.setattr(methods_export, "size_rows", lambda target, exported: [])
+    monkeypatch.setattr(artifacts_export, "write_export", racing)
+    monkeypatch.setattr(artifacts_card, "size_rows", lambda target, exported: [])
     with pytest.raises(UserError, match="another process created it"):
         export(str(run), str(out))
     assert sorted(os.listdir(out.parent)) == ["x"] and os.listdir(out) == ["theirs.bin"]
 
-    monkeypatch.setattr(methods_export, "write_export", _fake_export)  # and an undisturbed export appears whole
+    monkeypatch.setattr(artifacts_export, "write_export", _fake_export)  # and an undisturbed export appears whole
     export(str(run), str(tmp_path / "exports" / "y"))
     assert sorted(os.listdir(tmp_path / "exports" / "y")) == [MARKER, "model.safetensors"]
 
 
 def test_disk_full_during_an_export_is_a_run_failure_with_nothing_left(tmp_path, monkeypatch):
-    import peftkit.methods.export as methods_export
+    import peftkit.artifacts.export as artifacts_export
     from peftkit.commands.export import export
 
     run, out = tmp_path / "run", tmp_path / "exports" / "x"
@@ -269,7 +270,7 @@ def test_disk_full_during_an_export_is_a_run_failure_with_nothing_left(tmp_path,
         (tmp / "model.safetensors").write_bytes(b"half")
         raise _safetensors_disk_full()
 
-    monkeypatch.setattr(methods_export, "write_export", full)
+    monkeypatch.setattr(artifacts_export, "write_export", full)
     with pytest.raises(RunFailed, match="could not write the export .*No space left on device"):
         export(str(run), str(out))
     assert os.listdir(out.parent) == []

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers.quant import structured_llama, write_model_dir, write_wikitext  # noqa: E402
 
-from peftkit.commands.evaluate import run  # noqa: E402
+from peftkit.commands.evaluate import evaluate  # noqa: E402
 from peftkit.tasks.causal_lm import evaluate_perplexity  # noqa: E402
 
 
@@ -52,26 +52,26 @@ def test_run_on_a_model_dir_and_on_a_quantize_output_dir(tmp_path):
 
     model_dir = write_model_dir(tmp_path / "model")
     data = write_wikitext(tmp_path / "wt", words=400)
-    fp = run(str(model_dir), data_root=str(data), seq_len=32, max_windows=3)
+    fp = evaluate("wikitext2", str(model_dir), data_root=str(data), seq_len=32, max_windows=3)["rows"][0]
     assert fp["windows"] == 3 and fp["task"] == "wikitext2" and fp["ppl"] > 1
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     result = quantize_model(model, options("rtn", bits=16), None, log=lambda s: None)
     save_quantized(tmp_path / "q16", model, result, AutoTokenizer.from_pretrained(model_dir))
-    q16 = run(str(tmp_path / "q16"), data_root=str(data), seq_len=32, max_windows=3)
+    q16 = evaluate("wikitext2", str(tmp_path / "q16"), data_root=str(data), seq_len=32, max_windows=3)["rows"][0]
     # 16 bits, B = 0: the FP model, up to its float16 storage (GPTQ checkpoints store unpacked tensors in float16)
     assert q16["ppl"] == pytest.approx(fp["ppl"], rel=1e-4) and q16["ppl"] != fp["ppl"]
 
 
-def test_run_cli_on_a_fine_tuned_adapter_dir_and_json(tmp_path, capsys):
+def test_eval_on_a_fine_tuned_adapter_dir_and_json(tmp_path, capsys):
     """A peft adapter saved on a quantized base (what a fine-tuned apiq run stores) finds its base again."""
     import json
 
     from helpers.quant import options, windows
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.commands.evaluate import run_cli
+    from peftkit.commands.evaluate import evaluate
     from peftkit.quant.checkpoint import load_quantized, save_quantized
     from peftkit.quant.pipeline import quantize_model
 
@@ -90,7 +90,8 @@ def test_run_cli_on_a_fine_tuned_adapter_dir_and_json(tmp_path, capsys):
 
     os.environ["PEFTKIT_WIKITEXT"] = str(data)
     try:
-        rows = run_cli([str(tmp_path / "q"), str(tmp_path / "tuned")], seq_len=32, max_windows=2, json_out=str(tmp_path / "p.json"))
+        rows = evaluate("wikitext2", [str(tmp_path / "q"), str(tmp_path / "tuned")], seq_len=32, max_windows=2,
+                        json_path=str(tmp_path / "p.json"))["rows"]
     finally:
         del os.environ["PEFTKIT_WIKITEXT"]
     assert rows[0]["ppl"] != rows[1]["ppl"] and all(r["windows"] == 2 for r in rows)

@@ -67,10 +67,10 @@ def test_predict_matches_a_plain_peft_load_and_names_the_labels(classifier_run, 
 
 
 def test_eval_on_a_file_reproduces_the_runs_own_figures(classifier_run, tmp_path):
-    from peftkit.commands.evaluate import evaluate_own
+    from peftkit.commands.evaluate import evaluate
 
     run = classifier_run["run"]
-    payload = evaluate_own([str(run)], str(classifier_run["val"]), json_path=str(tmp_path / "r.json"))
+    payload = evaluate(str(classifier_run["val"]), [str(run)], json_path=str(tmp_path / "r.json"))
     metrics = json.loads((run / "metrics.json").read_text())
     row = payload["rows"][0]
     assert row["accuracy"] == round(metrics["accuracy"], 4) and row["macro_f1"] == round(metrics["macro_f1"], 4)
@@ -79,20 +79,20 @@ def test_eval_on_a_file_reproduces_the_runs_own_figures(classifier_run, tmp_path
 
 
 def test_eval_refuses_a_label_the_run_never_saw(classifier_run, tmp_path):
-    from peftkit.commands.evaluate import evaluate_own
+    from peftkit.commands.evaluate import evaluate
 
     rows = sentiment_rows(4)
     rows[2]["sentiment"] = "mixed"
     write_rows(tmp_path / "odd.csv", rows)
     with pytest.raises(UserError, match=r"odd.csv, row 3: label 'mixed'"):
-        evaluate_own([str(classifier_run["run"])], str(tmp_path / "odd.csv"))
+        evaluate(str(tmp_path / "odd.csv"), [str(classifier_run["run"])])
 
 
 @pytest.mark.slow
 def test_regression_predict_gives_the_plain_models_value(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from peftkit.commands.evaluate import evaluate_own
+    from peftkit.commands.evaluate import evaluate
     from peftkit.commands.predict import predict
 
     bert = save_tiny_classifier(tmp_path / "bert")
@@ -105,7 +105,7 @@ def test_regression_predict_gives_the_plain_models_value(tmp_path):
     with torch.no_grad():
         values = model(**tok([r["text"] for r in score_rows(40)], padding=True, return_tensors="pt")).logits[:, 0]
     assert [r["value"] for r in records] == pytest.approx(values.tolist(), abs=1e-5)
-    assert set(evaluate_own([str(run)], str(tmp_path / "train.jsonl"))["rows"][0]) >= {"pearson", "spearman", "mse"}
+    assert set(evaluate(str(tmp_path / "train.jsonl"), [str(run)])["rows"][0]) >= {"pearson", "spearman", "mse"}
 
 
 @pytest.mark.slow
@@ -124,7 +124,7 @@ def test_predict_on_a_glue_run(tiny_run_setup, tmp_path):
 def test_sft_run_generates_what_plain_transformers_generates_and_eval_gives_its_loss(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.commands.evaluate import evaluate_own
+    from peftkit.commands.evaluate import evaluate
     from peftkit.commands.predict import generate
 
     decoder = save_tiny_decoder(tmp_path / "llama")
@@ -148,7 +148,7 @@ def test_sft_run_generates_what_plain_transformers_generates_and_eval_gives_its_
     sampled = generate(str(run), prompts=["is good good or bad"], temperature=1.0, top_p=0.9, seed=1)
     assert sampled == generate(str(run), prompts=["is good good or bad"], temperature=1.0, top_p=0.9, seed=1)
     metrics = json.loads((run / "metrics.json").read_text())
-    row = evaluate_own([str(run)], str(tmp_path / "val.jsonl"))["rows"][0]
+    row = evaluate(str(tmp_path / "val.jsonl"), [str(run)])["rows"][0]
     assert row["loss"] == pytest.approx(metrics["loss"], abs=1e-4)
 
 
