@@ -100,7 +100,7 @@ def test_bad_lm_recipes_are_refused_before_a_run_dir_exists(lm_setup, tmp_path):
     make = lm_setup["recipe"]
     cases = [
         ({"model": {"name": str(lm_setup["model_dir"])}}, "task_head"),  # seq_cls head (the default) on wikitext2
-        ({"method": {"name": "hiwi"}}, "only wired for GLUE"),
+        ({"method": {"name": "hiwi"}}, "only wired for seq_cls heads"),
         ({"data": {"task": "wikitext2", "root": str(tmp_path / "nowhere")}}, "PEFTKIT_WIKITEXT"),
         ({"data": {"task": "sst2"}}, "not the GLUE task .sst2."),
         ({"data": {"task": "wikitext2", "root": str(lm_setup["data"]), "max_length": 4096}}, "data.max_length"),

@@ -33,7 +33,8 @@ class QuantizedLoRA(PeftBackedMethod):
     """The quantize output directory is the base: ``load_base`` records it, ``prepare`` reads its LoRA."""
 
     name = "apiq"
-    families, family_note = ("llama",), "the base is a `peftkit quantize` output of a LLaMA-family decoder"
+    heads = frozenset({"seq_cls", "causal_lm"})
+    needs = ("quantizable",)  # the base is a `peftkit quantize` output
     Options = QuantizedLoRAOptions
     can_merge = True  # into the unpacked weights: a full-precision model (see merge)
     checkpoints_by_default = True  # the packed base is ~1/6 of the float model: activations dominate the step

@@ -19,6 +19,9 @@ fields carry defaults, ranges and help) and a :class:`Method` subclass registere
 * ``check_saved(dir, what, remedy)``  the files ``load`` reads, checked before it opens any (present, not a
                                     pickle, not truncated, finite; default: adapter.safetensors).
 * ``merge(model)``                  a plain transformers model, where the method allows it.
+* ``heads`` / ``needs``             the task heads it runs on, and what it needs of a model family (capabilities
+                                    in peftkit/models/families: ``linear_projections``, ``biases``, ...); which
+                                    family it supports is computed from these, never listed.
 * ``unmerged_export`` / ``export_delta(model)``  what ``peftkit export --no-merge`` writes: "peftkit" (the run's
                                     own format, the default), "transformers", "peft", or "delta" (the compact
                                     format of peftkit/artifacts/delta.py, which ``export_delta`` returns).
@@ -47,10 +50,12 @@ class Method:
     # parametrizations, peft wrappers and custom autograd functions have not been checked under it.
     supports_fsdp: ClassVar[bool] = False
     unmerged_export: ClassVar[str] = "peftkit"
-    # Model families (peftkit.models.families) the method is built and tested for; None = every described family.
-    # family_note says why the others are left out; a model of another family is refused before training.
-    families: ClassVar[tuple[str, ...] | None] = None
-    family_note: ClassVar[str] = ""
+    # The task heads (model.task_head) the method is built and tested for.
+    heads: ClassVar[frozenset[str]] = frozenset({"seq_cls"})
+    # What the method needs of a model family: names of peftkit.models.families.CAPABILITIES, each computed from the
+    # model's structure. A model whose family lacks one is refused before training, with the reason; the support
+    # table (`peftkit methods`, docs/methods/support.md) is computed from the same declarations.
+    needs: ClassVar[tuple[str, ...]] = ()
     # train.gradient_checkpointing: null takes this. On for quantized bases, where the weights are small and the
     # activations are most of a step's memory (peft's prepare_model_for_kbit_training makes the same choice).
     checkpoints_by_default: ClassVar[bool] = False
@@ -61,16 +66,39 @@ class Method:
         self.options = options if options is not None else self.Options()
 
     # ---- applying the method -------------------------------------------------------------
-    def check_family(self, model) -> None:
-        """A UserError when ``model``'s family is not one this method supports, with the reason."""
-        from peftkit.errors import UserError
+    def needed(self) -> tuple[str, ...]:
+        """What this method, with its options, needs of a family (default: ``needs``; a method whose options can
+        make a need go away, e.g. explicit target modules, says so here)."""
+        return self.needs
 
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if self.families is not None and model_type not in self.families:
-            why = f" ({self.family_note})" if self.family_note else ""
-            raise UserError(f"method {self.name} does not support {model_type} models{why}; it supports "
-                            f"{', '.join(self.families)}. Choose a model of one of those families or another "
-                            f"method (`peftkit methods` prints which method supports which family).")
+    @classmethod
+    def unsupported(cls, family, needs: tuple[str, ...] | None = None) -> str | None:
+        """None when ``family`` has every capability in ``needs`` (default: the class's), else why not."""
+        for need in cls.needs if needs is None else needs:
+            why = family.lacks(need)
+            if why:
+                return why
+        return None
+
+    def check_family(self, model) -> None:
+        """A UserError when ``model``'s family lacks something this method needs, naming what. ``model`` may be
+        anything whose ``config`` is a transformers config or a config.json dict (read before weights load)."""
+        from peftkit.errors import UserError
+        from peftkit.models.families import family_of
+
+        needs = self.needed()
+        if not needs:
+            return
+        try:
+            family = family_of(model)
+        except ValueError as e:
+            raise UserError(f"method {self.name} cannot tell what this model is made of: {e}. Use a model of a "
+                            f"family `peftkit methods` lists, or method full.") from None
+        why = self.unsupported(family, needs)
+        if why:
+            raise UserError(f"method {self.name} does not support {family.name} models: {why}. Choose another "
+                            f"method (`peftkit methods` prints which method supports which family) or a model of "
+                            f"another family.")
 
     def prepare(self, model):  # pragma: no cover - every method defines it
         raise TypeError(f"method {self.name!r} does not define prepare()")
@@ -160,11 +188,12 @@ class Method:
         return None
 
 
-HEAD_PREFIXES = ("classifier.", "score.", "qa_outputs.")
+HEAD_PREFIXES = ("classifier.", "pre_classifier.", "score.", "qa_outputs.")
 
 
 def is_head_parameter(name: str) -> bool:
-    """True for the task head: classifier/score, and BERT's pooler, which only the classification head uses.
+    """True for the task head: classifier/score (and DistilBERT's pre_classifier, created with the head), and BERT's
+    pooler, which only the classification head uses.
 
     BERT's pooler counts as head because RoBERTa's classification head has the same dense+tanh layer
     inside its classifier, and because sentence-embedding checkpoints (all-MiniLM-L6-v2) ship an

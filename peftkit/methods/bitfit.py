@@ -12,8 +12,7 @@ class BitFit(Method):
     can_merge = True
     supports_fsdp = True
     unmerged_export = "delta"
-    families = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "qwen2", "opt", "gpt2")
-    family_note = "LLaMA and Mistral layers have no bias terms: only the head would train"
+    needs = ("biases",)
 
     def prepare(self, model):
         mark_only_head_trainable(model)

@@ -12,6 +12,7 @@ class FullFineTuning(Method):
     can_merge = True
     supports_fsdp = True
     unmerged_export = "transformers"  # the result is the whole model either way
+    heads = frozenset({"seq_cls", "causal_lm"})
 
     def prepare(self, model):
         for param in model.parameters():

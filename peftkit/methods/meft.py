@@ -538,6 +538,10 @@ class _MEFT(Method):
         decoder.adapters.to(device=reference.device, dtype=reference.dtype)
         decoder.merge_weight.data = decoder.merge_weight.data.to(device=reference.device, dtype=reference.dtype)
         setattr(owner, container_attr, decoder)
+        # generate() would hand the decoder a KV cache it cannot use (each call runs the whole sequence)
+        model.config.use_cache = False
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.use_cache = False
         return model
 
     def enable_gradient_checkpointing(self, model) -> None:

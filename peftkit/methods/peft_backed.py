@@ -9,20 +9,28 @@ from __future__ import annotations
 
 from peftkit.methods.base import Method
 
-HEAD_MODULES = ("classifier", "score")
+HEAD_MODULES = ("classifier", "pre_classifier", "score")
 
 
 def head_modules(model) -> list[str]:
     """Names of the task-head modules present on ``model``, for peft's ``modules_to_save``.
 
-    BERT's pooler is named by its Linear ("pooler.dense"): peft's merge_and_unload copies ``.weight``
-    from each saved module, which the BertPooler container does not have.
+    BERT's pooler and RoBERTa's classifier are named by their Linears ("pooler.dense", "classifier.out_proj"):
+    peft's merges copy ``.weight`` from each saved module, which those containers do not have.
     """
-    from peftkit.models.families import FAMILIES, backbone_of
+    from peftkit.models.families import backbone_of
 
-    heads = [h for h in HEAD_MODULES if getattr(model, h, None) is not None]
-    inner = backbone_of(model) if getattr(model.config, "model_type", None) in FAMILIES else model
-    if getattr(getattr(inner, "pooler", None), "dense", None) is not None:
+    heads = []
+    for name in HEAD_MODULES:
+        module = getattr(model, name, None)
+        if module is None:
+            continue
+        if getattr(module, "weight", None) is not None:
+            heads.append(name)
+        else:  # a container (RoBERTa's dense + out_proj head): peft's merges copy ``.weight``, so name its Linears
+            heads += [f"{name}.{n}" for n, m in module.named_modules() if n and getattr(m, "weight", None) is not None]
+    # the pooler sits in the bare model (BERT) or beside it on the task model (DeBERTa's ContextPooler)
+    if any(getattr(getattr(owner, "pooler", None), "dense", None) is not None for owner in (backbone_of(model), model)):
         heads.append("pooler.dense")
     return heads
 
@@ -30,6 +38,10 @@ def head_modules(model) -> list[str]:
 class PeftBackedMethod(Method):
     can_merge = True
     unmerged_export = "peft"
+
+    def needed(self):
+        """Explicit ``method.targets`` are honoured on any model (peft says when one matches nothing)."""
+        return () if getattr(self.options, "targets", None) else self.needs
 
     def peft_config(self, model):  # pragma: no cover - every subclass defines it or overrides prepare
         raise TypeError(f"method {self.name!r} defines neither peft_config() nor prepare()")

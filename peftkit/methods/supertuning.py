@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from peftkit.config import MethodArgs, option
-from peftkit.methods.lora import DEFAULT_TARGETS
+from peftkit.methods.lora import default_targets
 from peftkit.methods.peft_backed import PeftBackedMethod, head_modules
 from peftkit.utils.registry import METHODS
 
@@ -27,7 +27,7 @@ class SuperTuningOptions(MethodArgs):
     rho: float = option(0.005, "Trainable fraction of each targeted weight matrix (peft's sparsity = 1 - rho).", gt=0, lt=1)
     select: Literal["smallest", "largest"] = option("smallest", "Which end of |w| trains: smallest (PaFi-like) or largest.")
     targets: Optional[list[str]] = option(None, "Module names to adapt; null = every attention and FFN projection of the "
-                                                "family.", min_length=1)
+                                                "model's blocks.", min_length=1)
 
 
 def sparse_forward(module, x, *args, **kwargs):
@@ -69,7 +69,7 @@ def use_sparse_forward(model) -> int:
 class SuperTuning(PeftBackedMethod):
     name = "supertuning"
     Options = SuperTuningOptions
-    families, family_note = ("bert", "roberta", "llama", "opt"), "peft's Super-Tuning adapts nn.Linear layers only"
+    needs = ("linear_projections", "nn_linear_projections")  # peft's Super-Tuning adapts nn.Linear layers only
 
     def prepare(self, model):
         model = super().prepare(model)
@@ -79,10 +79,8 @@ class SuperTuning(PeftBackedMethod):
     def peft_config(self, model):
         from peft import SupertuningConfig
 
-        from peftkit.models.families import family_of
-
         options, heads = self.options, head_modules(model)
-        return SupertuningConfig(target_modules=options.targets or DEFAULT_TARGETS[family_of(model).name],
+        return SupertuningConfig(target_modules=options.targets or default_targets(model),
                                  modules_to_save=heads or None, sparsity=1.0 - options.rho,
                                  select_top=options.select == "largest")
 

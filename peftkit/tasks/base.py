@@ -92,12 +92,12 @@ class Task:
         from peftkit.models.load import locate, read_model_config
 
         name = getattr(self.recipe.model, "name", None)
-        if method.families is None or not name:
+        if not method.needed() or not name:
             return
         path = Path(locate(resolve_model(name)))
         if (path / "config.json").is_file():
             config = read_model_config(path, name)
-            method.check_family(SimpleNamespace(config=SimpleNamespace(model_type=config["model_type"])))
+            method.check_family(SimpleNamespace(config=config))  # the structure of a model built from it
 
     def read_data(self) -> None:
         """Read and check what needs no tokenizer, before the (slow) tokenizer and model libraries load."""

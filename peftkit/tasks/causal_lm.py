@@ -28,9 +28,22 @@ from peftkit.utils.text_windows import (
     token_ids,
 )
 
-# Methods checked on a causal LM: LoRA, full and MEFT (LLaMA/OPT decoders) on a plain decoder, apiq on a
-# `peftkit quantize` output. The others assume an encoder (HiWi's FFN biases) or a classifier head.
-LM_METHODS = ("full", "lora", "apiq", "meft1", "meft2", "meft3")
+
+def methods_with_head(head: str) -> list[str]:
+    """The methods that declare ``head`` among the task heads they run on (``Method.heads``)."""
+    from peftkit.utils.registry import METHODS
+
+    return [entry.name for entry in METHODS.entries() if head in entry.target.heads]
+
+
+def lm_method_problem(method_name: str, what: str) -> str | None:
+    """A recipe problem when the method does not run on a causal LM head, naming those that do."""
+    from peftkit.utils.registry import METHODS
+
+    if "causal_lm" in METHODS.get(method_name).heads:
+        return None
+    return (f"method.name: {method_name!r} is only wired for {', '.join(sorted(METHODS.get(method_name).heads))} "
+            f"heads; {what} trains a causal LM, which works with {', '.join(methods_with_head('causal_lm'))}")
 
 
 @dataclass
@@ -114,9 +127,7 @@ class CausalLMText(Task):
         if recipe.model.task_head != "causal_lm":
             problems.append(f"model.task_head: {recipe.model.task_head!r} does not fit data.task {d.task}, which trains "
                             f"a language model; set it to causal_lm")
-        if recipe.method_name not in LM_METHODS:
-            problems.append(f"method.name: {recipe.method_name!r} is only wired for GLUE classification; "
-                            f"data.task {d.task} works with {', '.join(LM_METHODS)}")
+        problems += filter(None, [lm_method_problem(recipe.method_name, f"data.task {d.task}")])
         if d.train_split != "train" or d.eval_split is not None:
             problems.append(f"data.train_split / data.eval_split: GLUE options; {d.task} always trains on {TRAIN_FILE} "
     eval_suite = "wikitext2"

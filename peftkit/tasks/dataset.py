@@ -246,7 +246,7 @@ class OwnData(Task):
 
     @classmethod
     def recipe_problems(cls, recipe) -> list[str]:
-        from peftkit.tasks.causal_lm import LM_METHODS
+        from peftkit.tasks.causal_lm import lm_method_problem
 
         d, m, problems = recipe.data, recipe.model, []
         kind = task_type_of(recipe)
@@ -276,9 +276,8 @@ class OwnData(Task):
             problems.append(f"data.prompt_column / data.response_column: only for data.task_type sft, not {kind}")
         if kind == "causal-lm" and d.text_columns and len(d.text_columns) > 1:
             problems.append("data.text_columns: causal-lm trains on one text column")
-        if kind in LM_TYPES and recipe.method_name not in LM_METHODS:
-            problems.append(f"method.name: {recipe.method_name!r} is wired for classification heads; data.task_type "
-                            f"{kind} works with {', '.join(LM_METHODS)}")
+        if kind in LM_TYPES:
+            problems += filter(None, [lm_method_problem(recipe.method_name, f"data.task_type {kind}")])
         return problems
 
     def __init__(self, recipe):

@@ -67,7 +67,7 @@ def test_task_problems_list_every_mismatch_at_once():
                                      data=SimpleNamespace(task="wikitext2", train_split="validation", eval_split=None)))
     assert len(problems) == 3
     assert problems[0].startswith("model.task_head:") and "causal_lm" in problems[0]
-    assert problems[1].startswith("method.name: 'hiwi' is only wired for GLUE")
+    assert problems[1].startswith("method.name: 'hiwi' is only wired for seq_cls heads")
     assert problems[2].startswith("data.train_split")
     glue = SimpleNamespace(task="sst2", train_split="train", eval_split=None)
     assert GlueFinetuning.recipe_problems(_recipe(method_name="meft1", model=SimpleNamespace(task_head="seq_cls"),

@@ -82,13 +82,14 @@ def qa_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def decoder_tokenizer(directory: Path, chat: bool = True):
-    """A word-level tokenizer with <s>, </s>, <pad> and chat markers; a chat template when ``chat``."""
+def decoder_tokenizer(directory: Path, chat: bool = True, extra_words: tuple[str, ...] = ()):
+    """A word-level tokenizer with <s>, </s>, <pad> and chat markers (and ``extra_words``); a chat template when
+    ``chat``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
-    words = list(dict.fromkeys(specials + WORDS + ["is", "or", "good", "bad"]))
+    words = list(dict.fromkeys(specials + WORDS + ["is", "or", "good", "bad", *extra_words]))
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
