@@ -97,11 +97,11 @@ def run(quick: bool, options: dict) -> list[dict]:
 
     from peftkit.models.aliases import resolve_model
     from peftkit.quant.pipeline import apply_quantized_weights, build_quantized_model, quantize_model
+    from peftkit.paths import wikitext_root
     from peftkit.tasks.causal_lm import perplexity_of_windows
     from peftkit.utils.text_windows import (
         TEST_FILE,
         consecutive_windows,
-        default_wikitext_root,
         random_windows,
         read_text,
         token_ids,
@@ -112,7 +112,7 @@ def run(quick: bool, options: dict) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fp32 on either: errors compare exactly
     fp_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    root = default_wikitext_root()
+    root = wikitext_root()
     test_ids = token_ids(tokenizer, read_text(f"{root}/{TEST_FILE}"))
     ppl_windows = consecutive_windows(test_ids, s["ppl_seq_len"], s["ppl_windows"])
     error_windows = consecutive_windows(test_ids, s["ppl_seq_len"], s["error_windows"], skip=s["ppl_windows"]).to(device)
@@ -193,7 +193,7 @@ class QuantSettings(BenchSettings):
     model: Optional[str] = option(None, "Decoder alias or directory (default smollm2-135m).", min_length=1)
     methods: Optional[list[Literal["rtn", "nf", "loftq", "apiq-lw", "apiq-bw", "gptq"]]] = option(
         None, "Quantizers (all; gptq = GPTQModel's GPTQ solver, no LoRA).", min_length=1)
-    bits: Optional[list[Literal[2, 3, 4, 16]]] = option(None, "Bit widths (2, 3, 4).", min_length=1)
+    bits: Optional[list[Literal[2, 3, 4]]] = option(None, "Bit widths (2, 3, 4).", min_length=1)
     group_size: Optional[int] = option(None, "Group size (64).", ge=1, le=65536)
     calib_windows: Optional[int] = option(None, "Calibration windows (quick 8, full 64).", ge=2, le=1_000_000)
     calib_seq_len: Optional[int] = option(None, "Tokens per calibration window (quick 64, full 512).", ge=2, le=1_048_576)

@@ -22,22 +22,22 @@ def quantize(recipe_spec: str, overrides: list[str] | tuple[str, ...] = ()) -> P
     from peftkit.quant.blocks import load_skeleton
     from peftkit.quant.pipeline import fill_released_weights, quantize_model
     from peftkit.train.pipeline import open_run
+    from peftkit.paths import wikitext_root
     from peftkit.utils.text_windows import (
-        default_wikitext_root,
         random_windows,
         read_text,
         token_ids,
     )
 
     q, c = recipe.quant, recipe.calib
-    calib_path = Path(c.root or default_wikitext_root()).expanduser() / c.file
+    calib_path = Path(c.root or wikitext_root()).expanduser() / c.file
     with open_run(recipe) as run:
         start = time.perf_counter()
         path = resolve_model(recipe.model.name)
         if Path(path).is_dir():
             check_model_dir(path, recipe.model.name)
-        run.log(f"quantize: {recipe.model.name} with {q.method}, {q.bits} bits, group {q.group_size}, "
-                f"LoRA r={q.lora_r} alpha={q.lora_alpha}")
+        bits = f"{q.bits} bits, group {q.group_size}" if q.bits is not None else "not quantized"
+        run.log(f"quantize: {recipe.model.name} with {q.method}, {bits}, LoRA r={q.lora_r} alpha={q.lora_alpha}")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # One block's weights in memory at a time, read from the safetensors files; a checkpoint whose tensor
         # names are not the model's own (or a hub id) is loaded whole.

@@ -13,12 +13,10 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import StrictBool, field_validator, model_validator
 
 from peftkit.config.base import MAX_COUNT, MAX_SEED, Section, option
+from peftkit.paths import PRETRAIN_EVAL_FILES, PRETRAIN_FILES
 
 Count = int  # an integer option; its range is declared with the field
 ATTENTION = Optional[Literal["eager", "sdpa", "flash_attention_2", "flex_attention"]]
-WIKITEXT_VALID = "../shared/data/wikitext-2/wiki.valid.tokens"
-WIKITEXT_TEST = "../shared/data/wikitext-2/wiki.test.raw"
-SST2_TRAIN = "../shared/data/glue/sst2/train.jsonl"
 # train.report_to backend -> (the module it needs, the pip extra that installs it)
 REPORT_BACKENDS = {"tensorboard": ("tensorboard", "peftkit[tensorboard]"), "wandb": ("wandb", "peftkit[wandb]"),
                    "mlflow": ("mlflow", "peftkit[mlflow]")}
@@ -150,7 +148,7 @@ class DataArgs(Section):
                                "data.dataset_name is set).", min_length=1)
     root: Optional[str] = option(
         None, "Directory laid out as <task>/<split>.jsonl|tsv|parquet; null = env PEFTKIT_DATA_DIR, else the hub. "
-              "wikitext2: the WikiText-2 directory; null = env PEFTKIT_WIKITEXT, else ../shared/data/wikitext-2.")
+              "wikitext2: the WikiText-2 directory; null = env PEFTKIT_WIKITEXT.")
     max_length: Count = option(128, "Truncate tokenized inputs to this many tokens (wikitext2 and causal-lm: the length "
                                     "of every training and evaluation window).", ge=2, le=1_048_576)
     limit: Optional[Count] = option(None, "Use only the first N training rows (wikitext2: windows) (null = all).",
@@ -229,12 +227,14 @@ class PretrainModelArgs(Section):
 
 
 class PretrainDataArgs(Section):
-    files: list[str] = option(factory=lambda: [WIKITEXT_VALID, SST2_TRAIN], min_length=1,
-                              help="Training text: plain text (a paragraph per line) or GLUE-style .jsonl. Relative paths "
-                                   "are read from the working directory, else from the repository root.")
+    files: list[str] = option(factory=lambda: list(PRETRAIN_FILES), min_length=1,
+                              help="Training text: plain text (a paragraph per line) or GLUE-style .jsonl. $VARIABLES "
+                                   "are expanded; relative paths are read from the working directory, else from the "
+                                   "repository root.")
     block_size: Count = option(128, "Tokens per training block, <s> and </s> included.", ge=8, le=65536)
     limit: Optional[Count] = option(None, "Use only the first N training blocks (null = all).", ge=1, le=MAX_COUNT)
-    eval_files: list[str] = option(factory=lambda: [WIKITEXT_TEST], help="Held-out text for the evaluation loss ([] = none).")
+    eval_files: list[str] = option(factory=lambda: list(PRETRAIN_EVAL_FILES),
+                                   help="Held-out text for the evaluation loss ([] = none).")
     eval_limit: Optional[Count] = option(64, "Evaluation blocks (null = all).", ge=1, le=MAX_COUNT)
     eval_mask_rate: float = option(0.15, "Masking rate of the evaluation loss; the same for every variant so runs compare.",
                                    gt=0, lt=1)
@@ -270,14 +270,16 @@ class MLMArgs(Section):
 
 # ---- quantization ---------------------------------------------------------------------------------
 class QuantModelArgs(Section):
-    name: str = option("smollm2-135m", "Model to quantize: alias (smollm2-135m) or local directory (LLaMA-family or OPT decoder).",
+    name: str = option("smollm2-135m", "Model to quantize: alias (smollm2-135m) or local directory of a pre-norm decoder "
+                                       "with Linear projections (LLaMA, Mistral, Qwen2/3, Gemma/Gemma-2, Phi-3, OPT, ...).",
                        min_length=1)
 
 
 class QuantArgs(Section):
-    method: Literal["rtn", "nf", "loftq", "apiq-lw", "apiq-bw"] = option(
-        "apiq-bw", "rtn (min/max round-to-nearest, B=0) | nf (normal-float, the QLoRA start, B=0) | loftq | apiq-lw | apiq-bw.")
-    bits: Literal[2, 3, 4, 16] = option(2, "Bits per weight: 2, 3 or 4 (16 = no quantization, LoRA B=0).")
+    method: str = option(
+        "apiq-bw", "A registered quantizer: rtn (min/max round-to-nearest, B=0) | nf (normal-float, the QLoRA start, B=0) | "
+                   "loftq | apiq-lw | apiq-bw | gptq (GPTQModel's solver, B=0).")
+    bits: Optional[Literal[2, 3, 4]] = option(2, "Bits per weight: 2, 3 or 4; null = not quantized (LoRA B=0).")
     group_size: Count = option(64, "Consecutive input columns sharing one scale/zero; must divide every projection's input width.",
                                ge=1, le=65536)
     symmetric: StrictBool = option(False, "Symmetric uniform quantization (fixed zero point 2^(b-1)); rtn and ApiQ only.")
@@ -294,16 +296,38 @@ class QuantArgs(Section):
                                   "the CPU time of an epoch against 1, with fewer steps per epoch.", ge=1, le=65536)
     seed: Count = option(0, "Seed of the LoRA A initialisation and the calibration order.", ge=0, le=MAX_SEED)
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        from peftkit.utils.registry import QUANTIZERS
+
+        if value not in QUANTIZERS:
+            from peftkit.errors import did_you_mean
+
+            raise ValueError(f"unknown quantizer {value!r}{did_you_mean(value, QUANTIZERS.names())}; "
+                             f"known: {', '.join(QUANTIZERS.names())}")
+        return value
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits(cls, value):
+        if value == 16 and not isinstance(value, bool):
+            raise ValueError("16 is not a bit width peftkit quantizes to: write null for a model that is not "
+                             "quantized (what 16 meant in older recipes), or 2, 3 or 4")
+        return value
+
     @model_validator(mode="after")
     def _symmetric(self):
-        if self.symmetric and self.method in ("nf", "loftq"):
-            raise ValueError(f"symmetric: {self.method} uses normal-float levels (absmax, always symmetric); "
-                             f"set symmetric: false")
+        from peftkit.utils.registry import QUANTIZERS
+
+        refusal = QUANTIZERS.get(self.method).symmetric_refusal if self.method in QUANTIZERS else None
+        if self.symmetric and refusal:
+            raise ValueError(f"symmetric: {self.method} {refusal}; set symmetric: false")
         return self
 
 
 class CalibArgs(Section):
-    root: Optional[str] = option(None, "WikiText-2 directory; null = env PEFTKIT_WIKITEXT, else ../shared/data/wikitext-2.")
+    root: Optional[str] = option(None, "WikiText-2 directory; null = env PEFTKIT_WIKITEXT.")
     file: str = option("wiki.valid.tokens", "Calibration text file inside root (never the test file used for perplexity).")
     n_windows: Count = option(32, "Random token windows drawn from the file.", ge=2, le=1_000_000)
     seq_len: Count = option(256, "Tokens per window.", ge=2, le=1_048_576)

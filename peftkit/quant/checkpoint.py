@@ -32,7 +32,7 @@ import torch
 
 from peftkit.errors import UserError
 from peftkit.quant import bnb_format
-from peftkit.quant.gptq_format import check_packable, from_gptq, quantization_config
+from peftkit.quant.gptq_format import from_gptq, quantization_config
 from peftkit.quant.packed_linear import PackedLinear, register_lora
 from peftkit.quant.pipeline import QuantResult, lora_config
 from peftkit.quant.quantized_weight import QuantizedWeight
@@ -54,19 +54,6 @@ LOADS_IN = {
 
 def is_quantized_dir(path) -> bool:
     return bool(str(path)) and (Path(path) / INFO_FILE).is_file() and (Path(path) / BASE_FILE).is_file()
-
-
-def packing_problems(model, leaves: list[str], bits: int, group_size: int) -> list[str]:
-    """Linears of ``model`` (by leaf name) whose shape cannot be stored in the GPTQ layout at these settings."""
-    if bits >= 16:
-        return []
-    problems = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in leaves:
-            reason = check_packable(module.out_features, module.in_features, bits, group_size)
-            if reason:
-                problems.append(f"{name}: {reason}")
-    return problems
 
 
 def stored_as_bnb(quantized: QuantizedWeight) -> bool:
@@ -238,8 +225,8 @@ def load_quantized_weights(in_dir) -> dict[str, QuantizedWeight]:
     tensors = _read_tensors(in_dir)
     weights = {}
     for name, layer in info["layers"].items():
-        parts, bits, group = _layer_parts(tensors, name), int(layer["bits"]), int(layer["group_size"])
-        shape = tuple(layer["shape"])
+        parts, group, shape = _layer_parts(tensors, name), int(layer["group_size"]), tuple(layer["shape"])
+        bits = None if layer["kind"] == "none" else int(layer["bits"])  # "none" layers of older files say 16
         if layer["kind"] == "uniform":
             codes, scales, zeros = from_gptq(parts, bits)
             weights[name] = QuantizedWeight("uniform", bits, group, shape, codes=codes.to(torch.uint8),
@@ -248,7 +235,7 @@ def load_quantized_weights(in_dir) -> dict[str, QuantizedWeight]:
             codes, absmax = _nf_parts(parts, bits, shape)
             weights[name] = QuantizedWeight("nf", bits, group, shape, codes=codes, scales=absmax)
         else:
-            weights[name] = QuantizedWeight("none", bits, group, shape, weight=parts["weight"])
+            weights[name] = QuantizedWeight("none", None, group, shape, weight=parts["weight"])
     return weights
 
 
@@ -338,12 +325,17 @@ def load_quantized_base(in_dir, task_head: str = "causal_lm", num_labels: int | 
 
 @torch.no_grad()
 def _materialize_meta(model) -> None:
-    """Give what the file did not hold (a fresh task head, rotary tables) real storage and its usual initialisation."""
+    """Give what the file did not hold (a fresh task head, rotary tables, Gemma's embedding scale) real storage and its
+    usual initialisation; what the file held in the same module (Gemma's embedding weight beside its scale) is kept."""
     for module in model.modules():
-        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        if any(t.is_meta for t in own):
+        own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        if any(t.is_meta for t in own.values()):
+            # the storage itself: to_empty swaps the tensors inside the very Parameter objects
+            loaded = {name: t.data for name, t in own.items() if not t.is_meta}
             module.to_empty(device="cpu", recurse=False)
             model._init_weights(module)
+            for name, data in loaded.items():
+                getattr(module, name).data = data
 
 
 def load_quantized(in_dir, with_lora: bool = True, is_trainable: bool = False, dtype=torch.float32):

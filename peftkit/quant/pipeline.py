@@ -1,10 +1,12 @@
 """Quantize a whole decoder block by block, then build the quantized model with its LoRA.
 
-For every block, in order: copy the block, swap its projection Linears for QuantLinears, quantize
-them with the chosen method (RTN, NF, LoftQ: from the weights alone; ApiQ-lw/bw: calibrated on the
-cached block inputs), then run the FP block on the FP chain X and the quantized block on the
-quantized chain Xq to get the next block's inputs and this block's relative output error.
-The model itself stays full precision; ``build_quantized_model`` applies a result to it.
+For every block, in order: copy the block, swap its projections for QuantLinears, hand it to the quantizer that
+``options.method`` names (``QUANTIZERS``, one file each under peftkit/quant/quantizers/: RTN, NF, LoftQ from the
+weights alone; ApiQ-lw/bw and GPTQ calibrated on the cached block inputs), then run the FP block on the FP chain X
+and the quantized block on the quantized chain Xq to get the next block's inputs and this block's relative output
+error. Each block runs with the keyword arguments the model's own decoder passed it (block_inputs.py). The model
+itself stays full precision; ``build_quantized_model`` applies a result to it. ``options.bits`` None quantizes
+nothing (every projection kept as it is, LoRA B = 0).
 """
 
 from __future__ import annotations
@@ -15,38 +17,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from peftkit.models.families import layers_of
-from peftkit.quant.apiq import (
-    CalibReport,
-    CalibSettings,
-    calibrate_block,
-    calibrate_linear,
-)
-from peftkit.quant.blocks import (
-    block_linears,
-    block_prefixes,
-    capture_block_inputs,
-    capture_linear_inputs,
-    decoder_family,
-    forward_order,
-    replace_module,
-    run_block_batched,
-    target_leaf_names,
-)
-from peftkit.quant.loftq import loftq_init
-from peftkit.quant.normal_float import nf_quantize
+from peftkit.models.families import family_of, layers_of
+from peftkit.quant.apiq import CalibReport, CalibSettings
+from peftkit.quant.block_inputs import capture_decoder_inputs
+from peftkit.quant.blocks import block_prefixes, replace_module, run_block_batched
+from peftkit.quant.checks import check_model
 from peftkit.quant.qlinear import QuantLinear
 from peftkit.quant.quantized_weight import QuantizedWeight
-
-CALIBRATED = ("apiq-lw", "apiq-bw")
+from peftkit.quant.quantizers import BlockWork
+from peftkit.utils.registry import QUANTIZERS
 
 
 @dataclass
 class QuantResult:
-    """Everything a quantized checkpoint holds, keyed by full module name (e.g. model.layers.0.mlp.up_proj)."""
+    """Everything a quantized checkpoint holds, keyed by full module name (e.g. model.layers.0.mlp.up_proj).
+    ``bits`` None: not quantized."""
 
     method: str
-    bits: int
+    bits: int | None
     group_size: int
     lora_r: int
     lora_alpha: float
@@ -59,49 +47,6 @@ class QuantResult:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
-
-
-def _quantize_from_weights(q: QuantLinear, method: str, bits: int, group_size: int, loftq_iters: int) -> QuantizedWeight:
-    """RTN / NF (QLoRA start) / LoftQ: no data needed. B stays 0 except for LoftQ."""
-    if bits >= 16:
-        return q.freeze()
-    if method == "rtn":
-        return q.freeze()  # lwc is off: export() is plain min/max RTN
-    if method == "nf":
-        codes, absmax = nf_quantize(q.weight, bits, group_size)
-        return q.freeze(QuantizedWeight("nf", bits, group_size, tuple(q.weight.shape), codes=codes, scales=absmax))
-    if method == "loftq":
-        quantized, A, B = loftq_init(q.weight, bits, group_size, max(q.r, 1), q.scaling, loftq_iters)
-        if q.r:
-            with torch.no_grad():
-                q.lora_A.copy_(A)
-                q.lora_B.copy_(B)
-        return q.freeze(quantized)
-    raise ValueError(f"unknown quantization method {method!r}")
-
-
-def _calibrate_block_bw(qblock, qlinears, x_q, y_fp, kwargs, settings: CalibSettings, index: int) -> CalibReport:
-    """ApiQ-bw on one block; the aug target F(Xq; W) is the same block with every QuantLinear in FP mode."""
-    y_aug = None
-    if settings.aug_loss:
-        for q in qlinears.values():
-            q.fp_mode = True
-        y_aug = run_block_batched(qblock, x_q, kwargs, settings.batch_size)
-        for q in qlinears.values():
-            q.fp_mode = False
-    return calibrate_block(qblock, qlinears, x_q, y_fp, y_aug, kwargs, settings, f"block {index}")
-
-
-def _calibrate_block_lw(block, qblock, qlinears, x_fp, x_q, kwargs, settings: CalibSettings, index: int):
-    """ApiQ-lw on the Linears of one block in forward order, each frozen before the next is calibrated."""
-    fp_inputs = capture_linear_inputs(block, {n: block.get_submodule(n) for n in qlinears}, x_fp, kwargs,
-                                      settings.batch_size)
-    stored, reports = {}, []
-    for name in forward_order(qblock, qlinears, x_q, kwargs):
-        reports.append(calibrate_linear(qblock, qlinears[name], fp_inputs.pop(name), x_q, kwargs, settings,
-                                        f"block {index} {name}"))
-        stored[name] = qlinears[name].freeze()
-    return stored, reports
 
 
 def _block_report(index: int, y_fp, y_q, reports: list[CalibReport], seconds: float) -> dict:
@@ -163,59 +108,63 @@ class _DiskBlocks:
 
 def quantize_model(model, options, calib_ids: torch.Tensor | None = None, log=print,
                    weights: "SafetensorsIndex | None" = None) -> QuantResult:
-    """Quantize every projection Linear of every block of ``model`` (left unchanged) per ``options``.
+    """Quantize every projection of every block of ``model`` (left unchanged) per ``options``.
 
     ``options`` carries method, bits, group_size, symmetric, lora_r, lora_alpha, lora_targets,
-    loftq_iters, epochs, lr_lora, lr_clip, weight_decay, aug_loss, batch_size, seed (see recipe.QuantOptions).
-    ``calib_ids`` (N, T) token windows: required by ApiQ; with them every method also reports the
-    per-block relative output error on those windows.
+    loftq_iters, epochs, lr_lora, lr_clip, weight_decay, aug_loss, batch_size, seed (see config.schema.QuantArgs);
+    ``lora_r`` 0 = no LoRA.
+    ``calib_ids`` (N, T) token windows: required by the calibrated quantizers (ApiQ, GPTQ); with them every
+    quantizer also reports the per-block relative output error on those windows.
     ``weights``: when ``model`` is a skeleton from ``load_skeleton`` (blocks on the meta device), the
     checkpoint its blocks are read from, one block at a time; the result is the same as for the loaded model.
     """
-    fam = decoder_family(model)
+    check_model(model, options)
+    quantizer = QUANTIZERS.get(options.method)()
     method, bits, group = options.method, options.bits, options.group_size
-    if method in CALIBRATED and bits < 16 and calib_ids is None:
+    if quantizer.calibrated and bits is not None and calib_ids is None:
         raise ValueError(f"{method} needs calibration windows")
-    leaves = target_leaf_names(fam)
-    lora_leaves = list(options.lora_targets or leaves)
-    scaling = options.lora_alpha / options.lora_r
+    paths = family_of(model).projections
+    leaves = [path.rpartition(".")[2] for path in paths]
+    lora_leaves = list(options.lora_targets or leaves) if options.lora_r else []
+    scaling = options.lora_alpha / options.lora_r if options.lora_r else 1.0
     result = QuantResult(method, bits, group, options.lora_r, options.lora_alpha, lora_leaves)
     settings = CalibSettings(options.epochs, options.lr_lora, options.lr_clip, options.weight_decay,
                              options.aug_loss, options.batch_size, options.seed)
     device = next(p.device for p in model.parameters() if not p.is_meta)
     was_training = model.training
     model.eval()
-    x_fp = x_q = kwargs = None
+    x_fp = x_q = None
+    block_kwargs = [{} for _ in layers_of(model)]
     if calib_ids is not None:
-        x_fp, kwargs = capture_block_inputs(model, calib_ids.to(device))
+        x_fp, block_kwargs = capture_decoder_inputs(model, layers_of(model), calib_ids.to(device))
         x_q = x_fp.clone()
     source = _DiskBlocks(model, weights) if weights is not None else _LoadedBlocks(model)
     n_blocks = len(source.blocks)
     prefixes = block_prefixes(model)
+    label = f"{method} {bits}-bit" if bits is not None else f"{method} (not quantized)"
     for i in range(n_blocks):
         start = time.perf_counter()
         block = source.load(i)
+        kwargs = block_kwargs[i]
         torch.manual_seed(options.seed + i)  # LoRA A init per block: reproducible whatever ran before
         qblock = copy.deepcopy(block)
         qlinears: dict[str, QuantLinear] = {}
-        for name, linear in block_linears(qblock, leaves).items():
-            leaf = name.split(".")[-1]
-            r = options.lora_r if leaf in lora_leaves else 0
-            qlinears[name] = QuantLinear(linear, bits, group, options.symmetric, lwc=method in CALIBRATED, r=r, scaling=scaling)
+        for name in paths:
+            r = options.lora_r if name.rpartition(".")[2] in lora_leaves else 0
+            qlinears[name] = QuantLinear(qblock.get_submodule(name), bits, group, options.symmetric,
+                                         lwc=quantizer.learned_clipping, r=r, scaling=scaling)
             replace_module(qblock, name, qlinears[name])
         y_fp = run_block_batched(block, x_fp, kwargs, options.batch_size) if x_fp is not None else None
         reports: list[CalibReport] = []
-        if method == "apiq-bw" and bits < 16:
-            reports.append(_calibrate_block_bw(qblock, qlinears, x_q, y_fp, kwargs, settings, i))
+        if bits is None:
             stored = {n: q.freeze() for n, q in qlinears.items()}
-        elif method == "apiq-lw" and bits < 16:
-            stored, reports = _calibrate_block_lw(block, qblock, qlinears, x_fp, x_q, kwargs, settings, i)
         else:
-            stored = {n: _quantize_from_weights(q, method, bits, group, options.loftq_iters) for n, q in qlinears.items()}
+            stored, reports = quantizer.quantize_block(BlockWork(i, block, qblock, qlinears, x_fp, x_q, y_fp, kwargs,
+                                                                 settings, options))
 
         y_q = run_block_batched(qblock, x_q, kwargs, options.batch_size) if y_fp is not None else None
         block_info = _block_report(i, y_fp, y_q, reports, time.perf_counter() - start)
-        log(f"{method} {bits}-bit block {i + 1}/{n_blocks}{block_info.pop('summary')}")
+        log(f"{label} block {i + 1}/{n_blocks}{block_info.pop('summary')}")
         if y_fp is not None:
             x_fp, x_q = y_fp, y_q
         result.blocks.append(block_info)

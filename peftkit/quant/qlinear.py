@@ -2,7 +2,7 @@
 
   y = x W_hat^T + b + s * (x A^T) B^T,   W_hat = fake_quantize(W; gamma, beta),  s = alpha / r
 
-The FP weight W stays frozen. Learnable: the clipping logits gamma, beta (one pair per group, when
+The FP weight W stays frozen; ``bits`` None keeps W_hat = W (not quantized). Learnable: the clipping logits gamma, beta (one pair per group, when
 ``lwc``) and the LoRA factors A (r x in, kaiming-uniform like peft) and B (out x r, zero). The LoRA
 term is computed in the same order as peft's LoRA Linear so a saved adapter reproduces it.
 
@@ -30,7 +30,7 @@ from peftkit.quant.uniform import (
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int, symmetric: bool = False,
+    def __init__(self, linear: nn.Linear, bits: int | None, group_size: int, symmetric: bool = False,
                  lwc: bool = True, r: int = 0, scaling: float = 1.0):
         super().__init__()
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -39,11 +39,11 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = self.weight.shape
         n_groups = self.in_features // group_size
         self._group_range = None
-        if bits < 16:
+        if bits is not None:
             with torch.no_grad():  # W is frozen: its group max/min never change
                 groups = grouped(self.weight, group_size)
                 self._group_range = (groups.amax(dim=-1), groups.amin(dim=-1))
-        self.lwc = lwc and bits < 16
+        self.lwc = lwc and bits is not None
         if self.lwc:
             kw = dict(device=self.weight.device, dtype=self.weight.dtype)
             self.gamma = nn.Parameter(torch.full((self.out_features, n_groups), LWC_INIT, **kw))
@@ -83,8 +83,8 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def export(self) -> QuantizedWeight:
         """Codes, scales and zeros of the current clipping (exact rounding, no STE)."""
-        if self.bits >= 16:
-            return QuantizedWeight("none", 16, self.group_size, tuple(self.weight.shape), weight=self.weight.detach().clone())
+        if self.bits is None:
+            return QuantizedWeight("none", None, self.group_size, tuple(self.weight.shape), weight=self.weight.detach().clone())
         scale, zero = scale_and_zero(self.weight, self.bits, self.group_size, self.symmetric, self.gamma, self.beta,
                                      ste=False, group_range=self._group_range)
         codes = quantize_codes(self.weight, scale, zero, self.bits, self.group_size)

@@ -2,7 +2,8 @@
 
 kind "uniform": W = (codes - zeros) * scales       (per group of ``group_size`` input columns)
 kind "nf":      W = NF_LEVELS[codes] * scales      (scales = the group absmax; no zeros)
-kind "none":    16 bits, the weight is kept as it is (``weight``)
+kind "none":    not quantized (bits None; quantization.json files written before bits could be null say 16), the
+                weight is kept as it is (``weight``)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class QuantizedWeight:
     model is written, and at 1 byte per code that result grew with depth as fast as the model; packed it is
     b/8 of that. ``codes`` unpacks them (uint8, (out, in)) on each access."""
 
-    def __init__(self, kind: str, bits: int, group_size: int, shape: tuple[int, int], codes: torch.Tensor | None = None,
+    def __init__(self, kind: str, bits: int | None, group_size: int, shape: tuple[int, int], codes: torch.Tensor | None = None,
                  scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None, weight: torch.Tensor | None = None):
         self.kind, self.bits, self.group_size, self.shape = kind, bits, group_size, tuple(shape)
         self.packed_codes = None if codes is None else pack_codes(codes.detach().cpu(), bits)

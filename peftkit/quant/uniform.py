@@ -160,13 +160,13 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return weight.reshape(weight.shape[0], -1) if flat else weight
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+def fake_quantize(weight: torch.Tensor, bits: int | None, group_size: int, symmetric: bool = False,
                   gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None,
                   ste: bool = True, group_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """W_hat: quantize and dequantize in one differentiable step (STE rounding when ``ste``).
 
     Forward, it equals dequantize_codes(quantize_codes(W, scale, zero)) bit for bit, whatever ``ste``."""
-    if bits >= 16:
+    if bits is None:  # not quantized
         return weight
     scale, zero = scale_and_zero(weight, bits, group_size, symmetric, gamma, beta, ste=ste, group_range=group_range)
     groups = grouped(weight, group_size)

@@ -1,4 +1,4 @@
-"""One registry type for every kind of plugin: methods, tasks and benches.
+"""One registry type for every kind of plugin: methods, tasks, benches and quantizers.
 
 A plugin registers itself beside its code with a decorator (``@METHODS.register("pafi")``). The
 registry is lazy: it reads the registrations from the package's source (no import) and imports only
@@ -58,7 +58,7 @@ class Registry:
 
         package = importlib.import_module(self.package)
         found: dict[str, tuple[str, str]] = {}
-        variable = {"method": "METHODS", "task": "TASKS", "bench": "BENCHES"}[self.kind]
+        variable = {"method": "METHODS", "task": "TASKS", "bench": "BENCHES", "quantizer": "QUANTIZERS"}[self.kind]
         # sorted: the file system's listing order differs between machines, and listings and docs must not
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda info: info.name):
             if info.name.startswith("_"):
@@ -114,3 +114,4 @@ def _first_line(doc: str | None) -> str:
 METHODS = Registry("method", "peftkit.methods", "Run `peftkit methods` for the list.")
 TASKS = Registry("task", "peftkit.tasks", "Set data.task to one of them (peftkit recipes show NAME lists the options).")
 BENCHES = Registry("bench", "peftkit.bench", "Run `peftkit bench list` for the list.")
+QUANTIZERS = Registry("quantizer", "peftkit.quant.quantizers", "Set quant.method to one of them (docs/quantization.md).")

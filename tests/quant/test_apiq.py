@@ -40,11 +40,11 @@ def test_calibration_loss_decreases(method):
             assert len(losses) == 4 and losses[-1] < losses[0], (report["where"], losses)
 
 
-def test_16_bits_reproduces_the_fp_model():
+def test_bits_none_reproduces_the_fp_model():
     model = structured_llama()
     ids = windows(2)
     for method in ("rtn", "apiq-bw"):
-        result = quantize_model(model, options(method, bits=16), windows(), log=lambda s: None)
+        result = quantize_model(model, options(method, bits=None), windows(), log=lambda s: None)
         quantized = build_quantized_model(copy.deepcopy(model), result)
         with torch.no_grad():
             torch.testing.assert_close(quantized(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)

@@ -24,7 +24,7 @@ from peftkit.quant.packed_linear import PackedLinear
 from peftkit.quant.pipeline import quantize_model
 
 
-@pytest.mark.parametrize("method,bits", [("apiq-bw", 2), ("rtn", 3), ("loftq", 3), ("nf", 4), ("rtn", 16)])
+@pytest.mark.parametrize("method,bits", [("apiq-bw", 2), ("rtn", 3), ("loftq", 3), ("nf", 4), ("rtn", None)])
 def test_saved_model_reloads_packed_to_the_same_outputs(tmp_path, method, bits):
     model = structured_llama()
     result = quantize_model(model, options(method, bits=bits, epochs=1, group_size=32), windows(4), log=lambda s: None)
@@ -38,7 +38,7 @@ def test_saved_model_reloads_packed_to_the_same_outputs(tmp_path, method, bits):
         torch.testing.assert_close(loaded(input_ids=ids).logits, stored_reference(model, result)(input_ids=ids).logits,
                                    rtol=0, atol=1e-5)
     layer = loaded.get_base_model().model.layers[0].mlp.down_proj.base_layer
-    if bits < 16:
+    if bits is not None:
         assert isinstance(layer, PackedLinear) and layer.bits == bits
         groups = 64 * 128 // 32
         # codes at b bits, per group a scale and a zero point (at most 4 bytes each), the group index of each column
@@ -48,6 +48,26 @@ def test_saved_model_reloads_packed_to_the_same_outputs(tmp_path, method, bits):
         assert torch.equal(stored.codes, result.weights["model.layers.0.mlp.down_proj"].codes)
     else:
         assert isinstance(layer, torch.nn.Linear)
+
+
+def test_an_unquantized_output_written_when_bits_16_meant_not_quantized_still_loads(tmp_path):
+    """quantization.json files written before ``bits`` could be null say 16 where they now say null."""
+    model = structured_llama()
+    result = quantize_model(model, options("rtn", bits=None, group_size=32), None, log=lambda s: None)
+    save_quantized(tmp_path / "q", model, result)
+    info_path = tmp_path / "q" / "quantization.json"
+    info = json.loads(info_path.read_text())
+    assert info["bits"] is None and {layer["bits"] for layer in info["layers"].values()} == {None}
+    ids = windows(2, seed=5)
+    with torch.no_grad():
+        expected = load_quantized(tmp_path / "q")(input_ids=ids).logits
+    info["bits"] = 16
+    for layer in info["layers"].values():
+        layer["bits"] = 16
+    info_path.write_text(json.dumps(info))
+    assert all(w.kind == "none" for w in load_quantized_weights(tmp_path / "q").values())
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(tmp_path / "q")(input_ids=ids).logits, expected, rtol=0, atol=0)
 
 
 def test_uniform_outputs_declare_gptq_v2_nf4_bitsandbytes_and_nf3_nothing(tmp_path):

@@ -68,13 +68,14 @@ def test_gptq_beats_rtn_on_held_out_windows():
 
 
 def test_projections_sharing_an_input_are_solved_from_one_pass():
-    from peftkit.quant.blocks import block_linears, capture_block_inputs
-    from peftkit.quant.gptq_baseline import _subsets
+    from peftkit.models.families import family_of
+    from peftkit.quant.block_inputs import capture_decoder_inputs
+    from peftkit.quant.quantizers.gptq import subsets
 
     model = structured_llama(layers=1, hidden=64)
-    hidden, kwargs = capture_block_inputs(model, windows(2, 8))
+    hidden, kwargs = capture_decoder_inputs(model, model.model.layers, windows(2, 8))
     block = model.model.layers[0]
-    linears = block_linears(block, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    assert _subsets(block, linears, hidden, kwargs) == [
+    linears = {path: block.get_submodule(path) for path in family_of(model).projections}
+    assert subsets(block, linears, hidden, kwargs[0]) == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]

@@ -22,7 +22,7 @@ def test_valid_recipe_with_overrides(setup, tmp_path):
 
 def test_bad_bits_method_and_unknown_key_are_listed_together(setup):
     with pytest.raises(UserError) as e:
-        load_recipe(setup, kind="quantize", overrides= ["quant.bits=5", "quant.method=gptq", "quant.lr=1", "calib.seq_len=1"])
+        load_recipe(setup, kind="quantize", overrides= ["quant.bits=5", "quant.method=awq", "quant.lr=1", "calib.seq_len=1"])
     msg = str(e.value)
     for key in ("quant.bits", "quant.method", "quant.lr: unknown option", "calib.seq_len"):
         assert key in msg, msg
@@ -30,7 +30,7 @@ def test_bad_bits_method_and_unknown_key_are_listed_together(setup):
 
 
 def test_group_size_must_divide_the_model_widths(setup):
-    with pytest.raises(UserError, match=r"quant.group_size: 48 does not divide the model's hidden_size 64.*e\.g\. 64"):
+    with pytest.raises(UserError, match=r"quant.group_size: 48 does not divide the input width 64 of self_attn.q_proj.*e\.g\. 64"):
         load_recipe(setup, kind="quantize", overrides= ["quant.group_size=48"])
     with pytest.raises(UserError, match="quant.group_size: must be >= 1 and <= 65536, got 0"):
         load_recipe(setup, kind="quantize", overrides= ["quant.group_size=0"])

@@ -18,10 +18,10 @@ def _linear(out=24, inp=64, seed=0):
     return nn.Linear(inp, out)
 
 
-def test_16_bits_is_the_fp_layer():
+def test_bits_none_is_the_fp_layer():
     lin = _linear()
     x = torch.randn(3, 5, 64)
-    q = QuantLinear(lin, bits=16, group_size=16, r=4, scaling=2.0)
+    q = QuantLinear(lin, bits=None, group_size=16, r=4, scaling=2.0)
     assert torch.equal(q(x), lin(x))  # B = 0 and no quantization
     assert torch.equal(q.export().dequantize(), lin.weight)
 

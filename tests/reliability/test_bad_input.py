@@ -269,9 +269,10 @@ def _quant(quant_setup, tmp_path, **quant):
 
 
 @pytest.mark.parametrize("quant,needle", [
-    ({"bits": 5}, "quant.bits: must be one of 2, 3, 4 or 16"),
-    ({"bits": "two"}, "quant.bits: must be one of 2, 3, 4 or 16"),
-    ({"group_size": 48}, "quant.group_size: 48 does not divide the model's hidden_size 64"),
+    ({"bits": 5}, "quant.bits: must be one of 2, 3 or 4"),
+    ({"bits": "two"}, "quant.bits: must be one of 2, 3 or 4"),
+    ({"bits": 16}, "quant.bits: 16 is not a bit width peftkit quantizes to: write null"),
+    ({"group_size": 48}, "quant.group_size: 48 does not divide the input width 64 of self_attn.q_proj"),
     ({"group_size": 0}, "quant.group_size: must be >= 1"),
 ])
 def test_quant_bits_and_group_size_must_fit(quant_setup, tmp_path, quant, needle):

@@ -1,8 +1,41 @@
-"""Shared pieces of the quantization tests: a tiny LLaMA with some structure and option sets."""
+"""Shared pieces of the quantization tests: tiny decoders of every family with some structure and option sets."""
 
 from types import SimpleNamespace
 
 import torch
+
+_DECODER = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+# label -> (model_type, config values): hidden 64, 2 blocks, what each family adds switched on where it is optional
+# (sliding windows shorter than the test windows, so that a block given another block's mask computes differently)
+TINY_DECODERS = {
+    "llama": ("llama", dict(_DECODER, tie_word_embeddings=False)),
+    "llama3": ("llama", dict(_DECODER, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "mistral": ("mistral", dict(_DECODER, sliding_window=8)),
+    "qwen2": ("qwen2", dict(_DECODER, use_sliding_window=True, sliding_window=8, max_window_layers=1)),  # q/k/v biases
+    "qwen3": ("qwen3", dict(_DECODER, head_dim=16)),  # q_norm, k_norm
+    "gemma": ("gemma", dict(_DECODER, head_dim=16)),
+    "gemma2": ("gemma2", dict(_DECODER, head_dim=16, sliding_window=8)),  # softcapping, sliding/full blocks alternate
+    "phi3": ("phi3", _DECODER),  # fused qkv_proj and gate_up_proj
+    "opt": ("opt", dict(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=2,
+                        eos_token_id=3)),
+    "gpt2": ("gpt2", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=2,
+                          eos_token_id=3)),
+}
+
+
+def structured_decoder(label="llama", seed=0, **config):
+    """A tiny causal LM of family ``label`` (TINY_DECODERS) whose projections are low rank + noise with a few large
+    input columns (outliers), like pretrained weights, so that quantizers can be told apart."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, values = TINY_DECODERS[label]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**values, **config})).eval()
+    _structure(model, seed)
+    return model
 
 
 def structured_llama(seed=0, layers=2, hidden=64):
@@ -10,7 +43,10 @@ def structured_llama(seed=0, layers=2, hidden=64):
     like pretrained weights, so that quantizers can be told apart."""
     from helpers.tiny import tiny_llama
 
-    model = tiny_llama(seed=seed, layers=layers, hidden=hidden).eval()
+    return _structure(tiny_llama(seed=seed, layers=layers, hidden=hidden).eval(), seed)
+
+
+def _structure(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -35,11 +71,12 @@ def windows(n=8, length=32, seed=1, vocab=128):
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def write_model_dir(directory, **kw):
-    """A tiny structured LLaMA + a tiny tokenizer saved as a transformers checkpoint directory."""
+def write_model_dir(directory, label=None, **kw):
+    """A tiny structured LLaMA (or decoder of family ``label``) + a tiny tokenizer saved as a transformers checkpoint
+    directory."""
     from helpers.tiny import tiny_bert_tokenizer
 
-    structured_llama(**kw).save_pretrained(directory)
+    (structured_decoder(label, **kw) if label else structured_llama(**kw)).save_pretrained(directory)
     tiny_bert_tokenizer(directory)
     return directory
 
