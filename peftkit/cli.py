@@ -20,7 +20,7 @@ recipes_app = typer.Typer(help="List, show, validate and copy recipes.", no_args
                           context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(recipes_app, name="recipes")
 
-OVERRIDES_HELP = "Dotted overrides, e.g. train.lr=3e-4 method.r=16 data.root=../shared/data/glue"
+OVERRIDES_HELP = "Dotted overrides, e.g. train.lr=3e-4 method.r=16 data.root=/data/glue"
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # the disk, not the input: exit 1 with a message

@@ -33,7 +33,8 @@ def main() -> None:
 
     from peftkit.models.aliases import resolve_model
     from peftkit.quant.pipeline import quantize_model
-    from peftkit.utils.text_windows import default_wikitext_root, random_windows, read_text, token_ids
+    from peftkit.paths import wikitext_root
+    from peftkit.utils.text_windows import random_windows, read_text, token_ids
 
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
@@ -41,7 +42,7 @@ def main() -> None:
     model.model.layers = model.model.layers[: args.blocks]
     model.config.num_hidden_layers = args.blocks
     tokenizer = AutoTokenizer.from_pretrained(path)
-    calib = random_windows(token_ids(tokenizer, read_text(f"{default_wikitext_root()}/wiki.valid.tokens")),
+    calib = random_windows(token_ids(tokenizer, read_text(f"{wikitext_root()}/wiki.valid.tokens")),
                            args.windows, args.seq_len, seed=0)
     opts = SimpleNamespace(method="apiq-bw", bits=args.bits, group_size=args.group_size, symmetric=False,
                            lora_r=args.lora_r, lora_alpha=16.0, lora_targets=None, loftq_iters=1, epochs=args.epochs,

@@ -5,6 +5,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The data beside this checkout, as the Makefile exports it (package code has no default location for it).
+os.environ.setdefault("PEFTKIT_WIKITEXT", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from peftkit.config.base import Section, describe_errors, suggest, validate_section
 from peftkit.config.schema import KINDS, MethodArgs, Recipe, plain_name
 from peftkit.errors import UserError, did_you_mean
+from peftkit.paths import configs_dir
 from peftkit.utils.registry import METHODS
 from peftkit.utils.safe_yaml import DuplicateKeyError, load_yaml_bounded
 
@@ -27,17 +28,6 @@ MAX_YAML_NODES = 100_000  # a recipe has a few hundred; alias bombs expand to bi
 
 
 RECIPE_GROUPS = ("glue", "lm", "quantize", "pretrain")
-
-
-def configs_dir() -> Path:
-    """The folder of the shipped recipes, one subfolder per group (glue/, lm/, quantize/, pretrain/).
-
-    An installed wheel holds them as package data in peftkit/recipes/ (the build copies the repository's top-level
-    configs/ there, see build_recipes.py); a source tree or an editable install reads configs/ itself, the one copy."""
-    package = Path(__file__).resolve().parents[1]
-    packaged = package / "recipes"
-    # the wheel's copy wins: a folder named configs/ beside an installed package may belong to anything
-    return packaged if any(packaged.glob("*/*.yaml")) else package.parent / "configs"
 
 
 def shipped_recipes() -> dict[str, Path]:

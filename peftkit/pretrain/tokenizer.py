@@ -53,7 +53,7 @@ def load_tokenizer(source: str, paths: list[Path], vocab_size: int, cache_root: 
                             f"Use model.tokenizer=train to train a byte-level BPE on data.files.")
         return tokenizer
     if cache_root is None:
-        from peftkit.models.aliases import cache_dir
+        from peftkit.paths import cache_dir
 
         cache_root = cache_dir() / "tokenizers"
     target = Path(cache_root) / f"bpe-{_fingerprint(paths, vocab_size)}"

@@ -14,17 +14,18 @@ The calibration text of ``peftkit quantize`` is this task's text too: its recipe
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.paths import WIKITEXT_ENV, wikitext_root
 from peftkit.tasks.base import Task, TaskData
 from peftkit.utils.registry import TASKS
 from peftkit.utils.text_windows import (
     TEST_FILE,
     TRAIN_FILE,
     consecutive_windows,
-    default_wikitext_root,
     token_ids,
 )
 
@@ -56,14 +57,13 @@ class LMText:
 
     @classmethod
     def read(cls, root: str | None) -> "LMText":
-        base = Path(root or default_wikitext_root()).expanduser()
+        base = Path(root or wikitext_root()).expanduser()
         texts = []
         for name in (TRAIN_FILE, TEST_FILE):
             path = base / name
             if not path.is_file():
                 raise UserError(f"data.task wikitext2 needs {path}, which does not exist. Set data.root (or env "
-                                f"PEFTKIT_WIKITEXT) to a directory holding {TRAIN_FILE} and {TEST_FILE} "
-                                f"(for this project: ../shared/data/wikitext-2).")
+                                f"PEFTKIT_WIKITEXT) to a directory holding {TRAIN_FILE} and {TEST_FILE}.")
             texts.append(path.read_text(encoding="utf-8"))
         return cls(base, *texts)
 
@@ -119,6 +119,9 @@ class CausalLMText(Task):
     best_metric = "ppl"
     greater_is_better = False
     evaluate_start = True
+    eval_suite = "wikitext2"
+    eval_head = "causal_lm"  # also a quantize output, an adapter directory, an alias or a hub id
+    eval_results_in_run = False
 
     @classmethod
     def recipe_problems(cls, recipe) -> list[str]:
@@ -130,9 +133,6 @@ class CausalLMText(Task):
         problems += filter(None, [lm_method_problem(recipe.method_name, f"data.task {d.task}")])
         if d.train_split != "train" or d.eval_split is not None:
             problems.append(f"data.train_split / data.eval_split: GLUE options; {d.task} always trains on {TRAIN_FILE} "
-    eval_suite = "wikitext2"
-    eval_head = "causal_lm"  # also a quantize output, an adapter directory, an alias or a hub id
-    eval_results_in_run = False
                             f"and evaluates on the test text (remove them)")
         return problems
 
@@ -179,23 +179,12 @@ class CausalLMText(Task):
     def final_line(self, final, data) -> str:
         return f"ppl {final['ppl']:.4f}  nll {final['nll']:.4f}  ({final['windows']} windows x {final['seq_len']} tokens)"
 
-
-def quantized_start_point(model_name: str) -> dict:
-    """Which quantizer made the base (from its quantization.json), so results can name the start point."""
-    from peftkit.quant.checkpoint import is_quantized_dir, read_info
-
-    if not is_quantized_dir(model_name):
-        return {"quant_method": None, "bits": None}
-    info = read_info(model_name)
-    return {"quant_method": info["method"], "bits": info["bits"], "group_size": info["group_size"],
-            "quant_seconds": info.get("seconds")}
-
     # ---- `peftkit eval --task wikitext2`: perplexity on the test text ------------------------------------
     @classmethod
     def read_eval_data(cls, request) -> tuple[Path, str]:
         from peftkit.utils.text_windows import read_text
 
-        path = Path(request.data_root or default_wikitext_root()) / TEST_FILE
+        path = Path(request.data_root or wikitext_root()) / TEST_FILE
         return path, read_text(path)
 
     @classmethod
@@ -223,6 +212,17 @@ def quantized_start_point(model_name: str) -> dict:
         return {"task": "wikitext2", "rows": rows}
 
 
+def quantized_start_point(model_name: str) -> dict:
+    """Which quantizer made the base (from its quantization.json), so results can name the start point."""
+    from peftkit.quant.checkpoint import is_quantized_dir, read_info
+
+    if not is_quantized_dir(model_name):
+        return {"quant_method": None, "bits": None}
+    info = read_info(model_name)
+    return {"quant_method": info["method"], "bits": info["bits"], "group_size": info["group_size"],
+            "quant_seconds": info.get("seconds")}
+
+
 @TASKS.register("calibration", help="The calibration text of `peftkit quantize` (WikiText-2 token windows).")
 class CalibrationText(Task):
     """Not trained on: what a quantize recipe's calibration and model sections must satisfy."""
@@ -235,7 +235,11 @@ class CalibrationText(Task):
         from peftkit.quant.checks import model_problems
 
         c = recipe.calib
-        path = Path(c.root or default_wikitext_root()).expanduser() / c.file
-        problems = [] if path.is_file() else [
-            f"calib.root/calib.file: {path} does not exist (set calib.root or env PEFTKIT_WIKITEXT)"]
+        if c.root is None and not os.environ.get(WIKITEXT_ENV):
+            problems = [f"calib.root: null, and env {WIKITEXT_ENV} is not set either: set calib.root (or the "
+                        f"variable) to the directory holding {c.file}"]
+        else:
+            path = Path(c.root or wikitext_root()).expanduser() / c.file
+            problems = [] if path.is_file() else [
+                f"calib.root/calib.file: {path} does not exist (set calib.root or env {WIKITEXT_ENV})"]
         return problems + model_problems(recipe.quant, recipe.model.name)

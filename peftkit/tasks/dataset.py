@@ -317,6 +317,7 @@ class OwnData(Task):
         if start:
             out.update({f"{k}_start": v for k, v in start.items() if isinstance(v, float)})
         return out
+
     # ---- `peftkit eval --task FILE|DATASET`: labeled rows of one's own -------------------------------
     @classmethod
     def read_eval_data(cls, request) -> Table:
@@ -385,7 +386,6 @@ def read_labeled(spec: str, limit: int | None) -> Table:
             raise UserError(f"dataset {spec} has neither a validation nor a test split (it has: {', '.join(splits)}).")
         table = read_hub(name, config or None, split)
     return Table(table.rows[:limit], table.where) if limit else table
-
 
 
 class _Labeled(OwnData):

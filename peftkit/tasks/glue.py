@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import UserError, did_you_mean
+from peftkit.paths import glue_root
 from peftkit.tasks.base import Task, TaskData
 from peftkit.utils.registry import TASKS
 
@@ -66,7 +67,7 @@ def get_task(name: str) -> GlueTask:
 
 def data_root(root: str | None) -> Path | None:
     """The configured data root: the recipe's data.root, else env PEFTKIT_DATA_DIR, else None (hub)."""
-    chosen = root or os.environ.get("PEFTKIT_DATA_DIR")
+    chosen = root or glue_root()
     return Path(chosen).expanduser() if chosen else None
 
 
@@ -118,7 +119,7 @@ def _load_from_hub(task: str, split: str) -> list[dict]:
     except UserError as e:
         raise UserError(f"GLUE task {task} needs either a local data root or the dataset nyu-mll/glue in datasets' "
                         f"cache: {e} Set data.root in the recipe or env PEFTKIT_DATA_DIR to a directory laid out as "
-                        f"<task>/<split>.jsonl (for this project: ../shared/data/glue).") from None
+                        f"<task>/<split>.jsonl.") from None
 
 
 def _label(task: GlueTask, raw) -> int | float | None:

@@ -1,7 +1,7 @@
 """Plain text as token windows: calibration for quantization, causal-LM training and perplexity.
 
-WikiText-2 files are read from a local directory (env PEFTKIT_WIKITEXT, else ../shared/data/wikitext-2
-next to the repository): wiki.test.raw for perplexity, wiki.valid.tokens for calibration and training.
+WikiText-2 files are read from a local directory (data.root, else env PEFTKIT_WIKITEXT: peftkit.paths):
+wiki.test.raw for perplexity, wiki.valid.tokens for calibration and training.
 """
 
 from __future__ import annotations
@@ -10,14 +10,10 @@ import os
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.paths import WIKITEXT_TEST, WIKITEXT_TRAIN
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TEST_FILE = "wiki.test.raw"
-TRAIN_FILE = "wiki.valid.tokens"
-
-
-def default_wikitext_root() -> str:
-    return os.environ.get("PEFTKIT_WIKITEXT") or str(REPO_ROOT.parent / "shared" / "data" / "wikitext-2")
+TEST_FILE = WIKITEXT_TEST
+TRAIN_FILE = WIKITEXT_TRAIN
 
 
 def read_text(path) -> str:

@@ -86,14 +86,8 @@ def test_eval_on_a_fine_tuned_adapter_dir_and_json(tmp_path, capsys):
             if "lora_B" in n:
                 p.add_(0.01)
     tuned.save_pretrained(tmp_path / "tuned")
-    import os
-
-    os.environ["PEFTKIT_WIKITEXT"] = str(data)
-    try:
-        rows = evaluate("wikitext2", [str(tmp_path / "q"), str(tmp_path / "tuned")], seq_len=32, max_windows=2,
-                        json_path=str(tmp_path / "p.json"))["rows"]
-    finally:
-        del os.environ["PEFTKIT_WIKITEXT"]
+    rows = evaluate("wikitext2", [str(tmp_path / "q"), str(tmp_path / "tuned")], data_root=str(data), seq_len=32,
+                    max_windows=2, json_path=str(tmp_path / "p.json"))["rows"]
     assert rows[0]["ppl"] != rows[1]["ppl"] and all(r["windows"] == 2 for r in rows)
     assert json.loads((tmp_path / "p.json").read_text())["rows"][1]["model"] == str(tmp_path / "tuned")
     assert "ppl" in capsys.readouterr().out
