@@ -58,6 +58,7 @@ def test_an_unquantized_output_written_when_bits_16_meant_not_quantized_still_lo
     info_path = tmp_path / "q" / "quantization.json"
     info = json.loads(info_path.read_text())
     assert info["bits"] is None and {layer["bits"] for layer in info["layers"].values()} == {None}
+    assert all(w.kind == "none" and w.bits is None for w in load_quantized_weights(tmp_path / "q").values())
     ids = windows(2, seed=5)
     with torch.no_grad():
         expected = load_quantized(tmp_path / "q")(input_ids=ids).logits
