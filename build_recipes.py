@@ -2,7 +2,7 @@
 
 The recipes live once, in configs/<group>/*.yaml at the top of the repository. `build_py` adds them to the
 package's data files as peftkit/recipes/<group>/*.yaml, so a built wheel carries them and
-peftkit.config.loader.configs_dir() finds them beside the code. setuptools' package-dir cannot map a folder
+peftkit.paths.configs_dir() finds them beside the code. setuptools' package-dir cannot map a folder
 outside the package tree into it while the packages are found automatically, hence this hook. An editable install
 copies nothing (setuptools' build_py does no work in editable mode); configs_dir() then reads configs/ in the
 repository, so an edited recipe takes effect without a reinstall.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftkit.bench.common import machine_info  # noqa: E402
+from peftkit.bench.harness import machine_info  # noqa: E402
 
 METRICS = ("accuracy", "f1", "macro_f1", "pearson", "spearman", "matthews_correlation")
 

@@ -51,7 +51,7 @@ done
 "$PYTHON" - <<'EOF'
 import json
 
-from peftkit.bench.common import format_table
+from peftkit.bench.harness import format_table
 
 rows = json.load(open("docs/results/lm-finetune-2bit.json"))["rows"]
 print(format_table([{k: r[k] for k in ("method", "bits", "ppl_before", "ppl_after", "steps", "seconds")} for r in rows]))

@@ -154,7 +154,7 @@ def main() -> None:
         parser.error("--seeds: give at least one seed, each >= 0")
     args.commit = commit()
 
-    from peftkit.bench.common import write_bench
+    from peftkit.bench.harness import write_bench
 
     new, pretrain_dirs = [], []
     for seed in seeds:

@@ -41,8 +41,8 @@ def main() -> None:
 
     import torch
 
-    from peftkit.bench.common import training_step
-    from peftkit.bench.memory import build_model, make_batch, prepare
+    from peftkit.bench.harness import training_step
+    from peftkit.bench.costs import build_model, make_batch, prepare
     from peftkit.utils.env import matmul_kind, matmul_peak_flops
     from peftkit.utils.tables import machine_info
 

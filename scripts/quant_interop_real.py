@@ -65,7 +65,7 @@ def windows_of(model_dir: str, text_file: Path, n: int, seq: int):
 def main() -> None:
     import torch
 
-    from peftkit.bench.common import write_bench
+    from peftkit.bench.harness import write_bench
     from peftkit.quant.checkpoint import read_info
 
     parser = argparse.ArgumentParser()

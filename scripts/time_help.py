@@ -32,7 +32,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         rows.append({"command": " ".join(["peftkit", *argv[1:]]), "median_seconds": round(statistics.median(times), 3),
                      "max_seconds": round(max(times), 3), "repeats": args.repeats})
-    from peftkit.bench.common import format_table, machine_info
+    from peftkit.bench.harness import format_table, machine_info
 
     payload = {"bench": "cli-help", "title": "CLI start-up (issue 2, acceptance 6: --help under 1 s)",
                "machine": machine_info(), "command": "python scripts/time_help.py", "rows": rows}

@@ -27,7 +27,7 @@ from typing import Literal, Optional
 
 from pydantic import StrictBool
 
-from peftkit.bench.common import time_interleaved
+from peftkit.bench.harness import time_interleaved
 from peftkit.config.base import BenchSettings, option
 from peftkit.config.schema import like_train
 from peftkit.utils.registry import BENCHES

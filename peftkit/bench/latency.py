@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 from typing import Literal, Optional
 
-from peftkit.bench.common import time_interleaved
+from peftkit.bench.harness import time_interleaved
 from peftkit.config.base import BenchSettings, option
 from peftkit.config.schema import like_train
 from peftkit.utils.registry import BENCHES

@@ -45,21 +45,26 @@ The paper's claim: MEFT's activation memory is <= 16% of full fine-tuning's (84%
 from __future__ import annotations
 
 import copy
-import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 from pydantic import StrictBool
 
-from peftkit.bench.common import time_interleaved, training_step
+from peftkit.bench.costs import (
+    bench_device,
+    build_model,
+    label_of,
+    make_batch,
+    parse_label,
+    peak_memory_in_fresh_process,
+    prepare,
+    saved_tensor_bytes,
+    synchronize,
+    to_device,
+)
+from peftkit.bench.harness import time_interleaved, training_step
 from peftkit.config.base import BenchSettings, option
 from peftkit.utils.env import matmul_peak_flops
 from peftkit.utils.registry import BENCHES
@@ -73,23 +78,6 @@ DEPTHS = (2, 4, 8, 12)
 # and in reversible segments of 2 layers (method.segment_layers: right, but 2 more saved streams per segment).
 DEPTH_FLOAT_ROWS = tuple({"stream_arithmetic": "float", **extra} for extra in ({}, {"segment_layers": 2}))
 GRAD_NOISE_FACTOR = 10  # grad_error_flag: a row's gradient error above this many times fp32 autograd's own
-
-
-def label_of(name: str, options: dict | None) -> str:
-    """A row's method label: the name plus its non-default options, e.g. ``meft3[num_rev_layers=3]``."""
-    if not options:
-        return name
-    return name + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
-
-
-def parse_label(label: str) -> tuple[str, dict]:
-    """(method name with any "+gc", options) of a row label made by ``label_of``."""
-    name, _, rest = label.partition("[")
-    options = {}
-    for item in filter(None, rest.rstrip("]").split(",")):
-        key, _, value = item.partition("=")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value  # "float" stays a string
-    return name, options
 
 
 def recipe_contenders() -> list[str]:
@@ -113,61 +101,9 @@ SETTINGS = {  # quick: a few minutes on 2 shared cores
 }
 
 
-# ---- measuring -------------------------------------------------------------------------------------
-def saved_tensor_bytes(model, batch: dict) -> int:
-    """Bytes autograd saves for backward in one training forward of ``model(**batch).loss`` (then backward)."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in own:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(**batch).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
-
-
+# ---- measuring (saved bytes, fresh-process peaks and the contenders are bench.costs') -----------------------
 def trainable_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# ---- building the contenders -------------------------------------------------------------------------
-def build_model(spec: dict):
-    """A sequence classifier: minilm-l6 weights (spec["model"] == "minilm-l6") or a random one from a config."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    torch.manual_seed(spec.get("seed", 0))
-    if spec["model"] == "config":
-        config = AutoConfig.for_model("bert", **spec["config"], num_labels=2)
-        return AutoModelForSequenceClassification.from_config(config)
-    from transformers.utils import logging
-
-    from peftkit.models.aliases import resolve_model
-
-    logging.set_verbosity_error()  # the "classifier newly initialised" report is expected
-    return AutoModelForSequenceClassification.from_pretrained(resolve_model(spec["model"]), num_labels=2)
-
-
-def prepare(method_name: str, model, options: dict | None = None):
-    """(method plugin, prepared model); ``options`` are the recipe's method section (name excluded). A name ending
-    in "+gc" turns on gradient checkpointing, as ``train.gradient_checkpointing`` does in a run."""
-    from peftkit.methods import create_method
-
-    method_name, label_options = parse_label(method_name)
-    options = {**label_options, **(options or {})}
-    name, _, flag = method_name.partition("+")
-    method = create_method(name, {k: v for k, v in options.items() if k != "name"})
-    with warnings.catch_warnings():  # meft3's "rounding may be amplified" warning: here memory is measured, not grads
-        warnings.simplefilter("ignore", UserWarning)
-        model = method.prepare(model)
-    if flag == "gc":
-        method.enable_gradient_checkpointing(model)
-    return method, model
 
 
 def step_flops(method, model, batch: dict) -> tuple[int, str]:
@@ -280,129 +216,7 @@ def gradient_errors(method, model, batch: dict) -> dict:
             "grad_error_worst": max(error, key=error.get)}
 
 
-def bench_device() -> torch.device:
-    """CUDA when there is one (fp32 there too, so that byte counts compare with CPU runs), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def make_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000 if vocab_size > 2000 else 5, vocab_size, (batch, seq), generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "token_type_ids": torch.zeros_like(ids), "labels": torch.randint(0, 2, (batch,), generator=generator)}
-
-
-def make_optimizer(method, model, materialize: bool = False):
-    # foreach=False: no model-sized temporaries in the step, so peak RSS reflects activations
-    optimizer = torch.optim.AdamW(method.param_groups(model, 0.01), lr=1e-5, foreach=False)
-    if materialize:  # allocate grads and AdamW state now, so that later growth is activation memory
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
-    return optimizer
-
-
-def train_step(model, optimizer, batch) -> None:
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=False)
-
-
-# ---- peak RSS in a fresh process ---------------------------------------------------------------------
-def _maxrss_bytes() -> int:
-    """Peak RSS of this process: VmHWM where /proc has it, else ru_maxrss.
-
-    ru_maxrss of a child started by fork+exec never reports less than the parent's RSS at the fork (Linux keeps
-    the pre-exec memory map's high-water mark), so a fresh interpreter launched by a big bench process would read
-    the parent's size; VmHWM belongs to the child's own memory map only.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def rss_child(spec: dict) -> dict:
-    """Runs in a fresh interpreter: baseline peak, then peak over a few training steps."""
-    torch.set_num_threads(spec.get("threads", 1))
-    device = torch.device(spec.get("device", "cpu"))
-    method, model = prepare(spec["method"], build_model(spec).to(device), spec.get("method_options"))
-    model.train()
-    optimizer = make_optimizer(method, model, materialize=True)
-    batch = to_device(make_batch(model.config.vocab_size, spec["batch"], spec["seq"]), device)
-    with torch.no_grad():
-        model(**batch)
-    cuda = device.type == "cuda"
-    if cuda:  # on a GPU the memory that matters is the device's: peak allocated over the steps, minus the start
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda_baseline = torch.cuda.memory_allocated(device)
-    peak_was_reset = _reset_peak_rss()
-    baseline = _maxrss_bytes()
-    for _ in range(spec["steps"]):
-        train_step(model, optimizer, batch)
-    result = {"baseline": baseline, "peak": _maxrss_bytes(), "peak_was_reset": peak_was_reset}
-    if cuda:
-        torch.cuda.synchronize(device)
-        result.update(cuda_baseline=cuda_baseline, cuda_peak=torch.cuda.max_memory_allocated(device))
-    return result
-
-
-def _reset_peak_rss() -> bool:
-    """Give free heap pages back to the OS, then reset the peak-RSS counter to the current RSS (Linux >= 4.0)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_in_fresh_process(spec: dict, timeout: float = 600) -> dict:
-    """What training steps add to a FRESH interpreter's peaks: {"peak_rss_bytes", "peak_cuda_bytes"}.
-
-    ``spec``: model, batch, seq, steps, threads, method, optional method_options and device ("cuda" adds the
-    device's peak allocated bytes; None on the CPU)."""
-    code = ("import json, sys; from peftkit.bench.memory import rss_child; "
-            "print('RSS ' + json.dumps(rss_child(json.loads(sys.argv[1]))))")
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "MALLOC_MMAP_THRESHOLD_": "262144"}  # tensors > 256 KiB are mmapped: freed memory leaves the RSS
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RSS ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"peak-memory subprocess for {spec['method']} failed:\n{proc.stderr[-2000:]}")
-    result = json.loads(lines[-1][4:])
-    print(f"[memory]   {spec['method']}: {result}", flush=True)
-    cuda = result["cuda_peak"] - result["cuda_baseline"] if "cuda_peak" in result else None
-    return {"peak_rss_bytes": result["peak"] - result["baseline"], "peak_cuda_bytes": cuda}
-
-
 # ---- the bench ---------------------------------------------------------------------------------------
-def synchronize(device) -> None:
-    if device.type == "cuda":  # kernels run asynchronously: a timer must wait for them
-        torch.cuda.synchronize(device)
-
-
 def fresh_peaks(spec: dict, settings: dict, label: str, methods=METHODS) -> dict:
     """method -> peak_memory_in_fresh_process(...) for every method of the bench, one fresh interpreter each."""
     peaks = {}

@@ -32,7 +32,7 @@ def step_child(spec: dict) -> dict:
     """Runs in a fresh interpreter (see module doc)."""
     import torch
 
-    from peftkit.bench.memory import _maxrss_bytes, _reset_peak_rss
+    from peftkit.bench.costs import _maxrss_bytes, _reset_peak_rss
 
     torch.set_num_threads(spec.get("threads", 1))
     torch.manual_seed(0)

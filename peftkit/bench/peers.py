@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from peftkit.bench.glue import BenchRows, default_data_root
+from peftkit.bench.harness import BenchRows
+from peftkit.paths import glue_root
 from peftkit.config.base import BenchSettings, option
 from peftkit.config.schema import like_train
 from peftkit.utils.registry import BENCHES
@@ -209,7 +210,7 @@ def loftq_rows(base, s: dict) -> list[dict]:
 # ---- (c) PaFi vs peft Super-Tuning ---------------------------------------------------------------------
 def sparse_rows(base, s: dict) -> list[dict]:
 
-    from peftkit.bench.common import training_step
+    from peftkit.bench.harness import training_step
     from peftkit.methods import create_method
     from peftkit.models.load import count_parameters
     from peftkit.tasks.glue import PadCollator
@@ -273,7 +274,7 @@ def run(quick: bool, options: dict) -> list[dict]:
     from peftkit.models.load import load_model
 
     s = settings(quick, options)
-    s["data_root"] = s["data_root"] or default_data_root()
+    s["data_root"] = s["data_root"] or glue_root()
     if s.get("threads"):  # e.g. 1 on a shared machine: oversubscribed thread pools slow every contender
         torch.set_num_threads(int(s["threads"]))
     torch.manual_seed(s["seed"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 def run_bench(name: str, quick: bool, json_out: str | None, items: list[str]):
     import typer
 
-    from peftkit.bench.common import write_bench
+    from peftkit.bench.harness import write_bench
     from peftkit.config.loader import load_settings
     from peftkit.utils.output_paths import check_output_file
     from peftkit.utils.registry import BENCHES

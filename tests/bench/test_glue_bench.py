@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from peftkit.bench import glue
-from peftkit.bench.common import write_bench
+from peftkit.bench import costs, glue, grid
+from peftkit.bench.harness import write_bench
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_grid_rows_have_every_column_and_trace_to_the_runs(tiny_grid, tmp_path):
     assert by["lora"]["stored_bytes"] < by["full"]["stored_bytes"]
     # stored bytes are the model files only: adding up final/ minus the tokenizer files gives the same figure
     final = tmp_path / "work" / "full-sst2" / "final"
-    weights = sum(p.stat().st_size for p in final.iterdir() if p.name not in glue.TOKENIZER_FILES)
+    weights = sum(p.stat().st_size for p in final.iterdir() if p.name not in costs.TOKENIZER_FILES)
     assert by["full"]["stored_bytes"] == weights
     assert (final / "tokenizer_config.json").exists()
     # both keep every Linear's input for backward (full for the weight gradients, LoRA for A's), so the two
@@ -56,31 +56,31 @@ def test_grid_rows_have_every_column_and_trace_to_the_runs(tiny_grid, tmp_path):
 
 def test_methods_without_a_recipe_borrow_the_lora_schedule(tmp_path):
     s = glue.settings(True, {"model": "m"})
-    raw = glue.recipe_for("bitfit", "sst2", s, tmp_path / "r")
+    raw = grid.recipe_for("bitfit", "sst2", s, tmp_path / "r")
     assert raw["method"] == {"name": "bitfit"}
-    assert raw["train"]["max_steps"] == s["max_steps"] and raw["data"]["limit"] == s["limit"]
+    assert raw["train"]["max_steps"] == s.max_steps and raw["data"]["limit"] == s.limit
     assert raw["output"] == {"dir": str(tmp_path / "r"), "overwrite": True}
-    lora = glue.recipe_for("lora", "sst2", s, tmp_path / "r")
+    lora = grid.recipe_for("lora", "sst2", s, tmp_path / "r")
     assert lora["method"]["name"] == "lora" and lora["train"]["lr"] == raw["train"]["lr"]
 
 
 def test_peak_memory_comes_from_a_fresh_process_per_row_with_its_recipe_options(monkeypatch):
     calls = []
-    monkeypatch.setattr("peftkit.bench.memory.peak_memory_in_fresh_process",
+    monkeypatch.setattr("peftkit.bench.costs.peak_memory_in_fresh_process",
                         lambda spec: calls.append(spec) or {"peak_rss_bytes": 7, "peak_cuda_bytes": None})
     s = glue.settings(True, {"model": "m", "batch_size": 4})
     peaks = glue.peak_memory(["lora", "full", "pafi-r0.001"], s)
     assert {row: p["peak_rss_bytes"] for row, p in peaks.items()} == {"lora": 7, "full": 7, "pafi-r0.001": 7}
     assert [c["method"] for c in calls] == ["lora", "full", "pafi"]
     assert calls[2]["method_options"]["rho"] == 0.001  # a row's own recipe options reach the fresh process
-    assert all(c["batch"] == 4 and c["seq"] == s["max_length"] for c in calls)
+    assert all(c["batch"] == 4 and c["seq"] == s.max_length for c in calls)
 
 
 def test_a_row_is_a_recipe_stem_and_seeds_apply_to_the_small_tasks_only(tmp_path):
     s = glue.settings(False, {"model": "m", "seeds": "1,2", "tasks": ["sst2", "rte"]})
-    raw = glue.recipe_for("pafi-r0.01", "rte", s, tmp_path / "r", seed=2)
+    raw = grid.recipe_for("pafi-r0.01", "rte", s, tmp_path / "r", seed=2)
     assert raw["method"]["name"] == "pafi" and raw["method"]["rho"] == 0.01 and raw["train"]["seed"] == 2
-    plan = glue.planned_runs(["pafi-r0.01"], s, tmp_path)
+    plan = grid.planned_runs(["pafi-r0.01"], s, tmp_path)
     assert [(task, seed, d.name) for _, task, seed, d in plan] == [
         ("sst2", None, "pafi-r0.01-sst2"), ("rte", 1, "pafi-r0.01-rte-seed1"), ("rte", 2, "pafi-r0.01-rte-seed2")]
 
@@ -94,7 +94,7 @@ def test_seeded_cells_report_the_mean_and_sample_std(tmp_path):
         (run / "metrics.json").write_text(json.dumps({"accuracy": acc, "trainable_pct": 1.0, "steps": 3, "seed": seed,
                                                        "train_seconds": 2.0, "n_eval": 4, "baseline": {"accuracy": 0.5}}))
         plan.append(("lora", "rte", seed, run))
-    r = glue.collect_results(plan)[("lora", "rte")]
+    r = grid.collect_results(plan)[("lora", "rte")]
     assert r["value"] == pytest.approx(0.6) and r["value_std"] == pytest.approx(0.1414, abs=1e-4)
     assert r["values"] == [0.5, 0.7] and r["seeds"] == [1, 2] and r["stored_bytes"] == 10
 
@@ -103,28 +103,28 @@ def test_finetune_off_reports_finished_runs_and_needs_one_per_cell(tmp_path):
     s = glue.settings(True, {"finetune": False})
     plan = [("lora", "rte", 1, tmp_path / "lora-rte-seed1"), ("lora", "rte", 2, tmp_path / "lora-rte-seed2")]
     with pytest.raises(FileNotFoundError, match="no finished run"):
-        glue.run_finetunes(plan, s, tmp_path)
+        grid.run_finetunes(plan, s, tmp_path)
     (tmp_path / "lora-rte-seed1").mkdir()
     (tmp_path / "lora-rte-seed1" / "metrics.json").write_text("{}")
-    assert glue.run_finetunes(plan, s, tmp_path) == plan[:1]  # the unfinished second seed is left out
+    assert grid.run_finetunes(plan, s, tmp_path) == plan[:1]  # the unfinished second seed is left out
 
 
 def test_every_cell_gets_its_first_seed_before_any_second(tmp_path):
     s = glue.settings(False, {"seeds": [1, 2], "tasks": ["sst2", "rte"]})
-    plan = glue.planned_runs(["a", "b"], s, tmp_path)
+    plan = grid.planned_runs(["a", "b"], s, tmp_path)
     assert [d.name for *_, d in plan] == ["a-sst2", "a-rte-seed1", "b-sst2", "b-rte-seed1", "a-rte-seed2", "b-rte-seed2"]
 
 
 def test_apiq_is_left_out_by_default():
-    assert "apiq" not in glue.methods_to_run(glue.settings(True, {}))
-    assert glue.methods_to_run(glue.settings(True, {"methods": "lora, full"})) == ["lora", "full"]
+    assert "apiq" not in grid.methods_to_run(glue.settings(True, {}))
+    assert grid.methods_to_run(glue.settings(True, {"methods": "lora, full"})) == ["lora", "full"]
 
 
 def test_stored_bytes_ignores_tokenizer_files(tmp_path):
     (tmp_path / "adapter.safetensors").write_bytes(b"x" * 100)
     (tmp_path / "vocab.txt").write_bytes(b"y" * 50)
     (tmp_path / "peftkit.json").write_bytes(b"{}")
-    assert glue.stored_bytes(Path(tmp_path)) == 100
+    assert costs.stored_bytes(Path(tmp_path)) == 100
 
 
 @pytest.mark.slow
@@ -145,16 +145,16 @@ def test_parallel_jobs_give_the_same_metrics_as_in_process_runs(tiny_grid, tmp_p
 def test_a_row_can_override_train_keys_and_a_search_runs_each_rate(tmp_path):
     s = glue.settings(False, {"model": "m", "tasks": ["rte"], "methods": ["lora", "pafi-r0.01"],
                               "lr_search": {"pafi-r0.01": [1e-3, 3e-4]}})
-    rows = glue.methods_to_run(s)
+    rows = grid.methods_to_run(s)
     assert rows == ["lora", "pafi-r0.01@lr=0.001", "pafi-r0.01@lr=0.0003"]
-    raw = glue.recipe_for(rows[2], "rte", s, tmp_path / "r")
+    raw = grid.recipe_for(rows[2], "rte", s, tmp_path / "r")
     assert raw["method"]["rho"] == 0.01 and raw["train"]["lr"] == 3e-4  # the stem's recipe, the row's rate
-    train = glue.recipe_for("lora@lr=5e-4,warmup_ratio=0.1", "rte", s, tmp_path / "r")["train"]
+    train = grid.recipe_for("lora@lr=5e-4,warmup_ratio=0.1", "rte", s, tmp_path / "r")["train"]
     assert train["lr"] == 5e-4 and train["warmup_ratio"] == 0.1
-    assert [d.name for *_, d in glue.planned_runs(rows, s, tmp_path)] == [
+    assert [d.name for *_, d in grid.planned_runs(rows, s, tmp_path)] == [
         "lora-rte", "pafi-r0.01-lr0.001-rte", "pafi-r0.01-lr0.0003-rte"]
     with pytest.raises(ValueError, match="stem@key=value"):
-        glue.split_row("lora@lr")
+        grid.split_row("lora@lr")
 
 
 def test_the_selected_row_keeps_the_best_rate_per_task_with_its_grid():
@@ -163,7 +163,7 @@ def test_the_selected_row_keeps_the_best_rate_per_task_with_its_grid():
 
     rows = [row("full", "rte", 0.6), row("pafi@lr=0.001", "rte", 0.55), row("pafi@lr=0.003", "rte", 0.62),
             row("pafi@lr=0.001", "mrpc", 0.88), row("pafi@lr=0.003", "mrpc", 0.85)]
-    picked = {r["task"]: r for r in glue.selected_rows(rows, {"pafi": [1e-3, 3e-3]})}
+    picked = {r["task"]: r for r in grid.selected_rows(rows, {"pafi": [1e-3, 3e-3]})}
     assert picked["rte"]["method"] == "pafi" and picked["rte"]["lr"] == 3e-3 and picked["rte"]["value"] == 0.62
     assert picked["mrpc"]["lr"] == 1e-3 and picked["mrpc"]["lr_grid"] == {"0.001": 0.88, "0.003": 0.85}
 
@@ -183,8 +183,8 @@ def test_a_learning_rate_search_runs_end_to_end(tiny_grid, tmp_path):
     assert [r["method"] for r in rows] == ["lora@lr=0.0001", "lora@lr=0.01", "lora"]
     tried, selected = rows[:2], rows[2]
     for r in tried:  # each rate trained with its own learning rate, in its own run dir
-        recipe = (tmp_path / "work" / glue.run_dir_name(r["method"] + "-sst2") / "config.yaml").read_text()
-        assert f"lr: {glue.split_row(r['method'])[1]['lr']}" in recipe
+        recipe = (tmp_path / "work" / grid.run_dir_name(r["method"] + "-sst2") / "config.yaml").read_text()
+        assert f"lr: {grid.split_row(r['method'])[1]['lr']}" in recipe
     assert selected["lr_grid"] == {"0.0001": tried[0]["value"], "0.01": tried[1]["value"]}
     assert selected["value"] == max(r["value"] for r in tried) and selected["lr"] in (1e-4, 1e-2)
     assert tried[0]["saved_bytes"] == tried[1]["saved_bytes"] == selected["saved_bytes"] > 0  # costs once per stem
@@ -193,8 +193,8 @@ def test_a_learning_rate_search_runs_end_to_end(tiny_grid, tmp_path):
 def test_a_search_on_search_seeds_runs_only_the_best_rate_on_the_other_seeds(tmp_path):
     s = glue.settings(False, {"model": "m", "tasks": ["rte", "sst2"], "methods": ["full", "pafi"], "seeds": [1, 2, 3],
                               "seed_tasks": ["rte"], "search_seeds": [1], "lr_search": {"pafi": [1e-3, 3e-3]}})
-    rows = glue.methods_to_run(s)
-    first = [(row, task, seed) for row, task, seed, _ in glue.planned_runs(rows, s, tmp_path)]
+    rows = grid.methods_to_run(s)
+    first = [(row, task, seed) for row, task, seed, _ in grid.planned_runs(rows, s, tmp_path)]
     # the unsearched row runs every seed, the rates only the search seed; sst2 is not a seed task
     assert sorted(first) == sorted([("full", "rte", 1), ("full", "rte", 2), ("full", "rte", 3), ("full", "sst2", None),
                                     ("pafi@lr=0.001", "rte", 1), ("pafi@lr=0.003", "rte", 1),
@@ -202,16 +202,16 @@ def test_a_search_on_search_seeds_runs_only_the_best_rate_on_the_other_seeds(tmp
     searched = {("full", "rte"): {"value": 0.6}, ("full", "sst2"): {"value": 0.9},
                 ("pafi@lr=0.001", "rte"): {"value": 0.55}, ("pafi@lr=0.003", "rte"): {"value": 0.62},
                 ("pafi@lr=0.001", "sst2"): {"value": 0.88}, ("pafi@lr=0.003", "sst2"): {"value": 0.85}}
-    second = glue.more_seeds_of_the_best_rates(searched, s, tmp_path)
+    second = grid.more_seeds_of_the_best_rates(searched, s, tmp_path)
     assert [(row, task, seed, d.name) for row, task, seed, d in second] == [
         ("pafi@lr=0.003", "rte", 2, "pafi-lr0.003-rte-seed2"), ("pafi@lr=0.003", "rte", 3, "pafi-lr0.003-rte-seed3")]
     # after the other seeds the best rate's mean may fall below another rate's: the choice stays the search's
     rows_out = [{"method": "pafi@lr=0.001", "task": "rte", "value": 0.55},
                 {"method": "pafi@lr=0.003", "task": "rte", "value": 0.50}]
-    picked = glue.selected_rows(rows_out, s["lr_search"], {cell: r["value"] for cell, r in searched.items()})
+    picked = grid.selected_rows(rows_out, s.lr_search, {cell: r["value"] for cell, r in searched.items()})
     assert picked[0]["lr"] == 3e-3 and picked[0]["value"] == 0.50
     assert picked[0]["lr_grid"] == {"0.001": 0.55, "0.003": 0.62}
-    assert glue.more_seeds_of_the_best_rates(searched, {**s, "search_seeds": None}, tmp_path) == []
+    assert grid.more_seeds_of_the_best_rates(searched, s.model_copy(update={"search_seeds": None}), tmp_path) == []
 
 
 def test_search_seeds_must_be_seeds_of_a_search():
@@ -233,11 +233,26 @@ def test_the_average_row_is_the_mean_of_the_tasks_and_of_each_seed():
             # a rate that ran three seeds on rte and one on mrpc: no average that would mix them
             {"method": "bitfit", "task": "rte", "metric": "accuracy", "value": 0.6, "seeds": [1, 2], "values": [0.5, 0.7]},
             {"method": "bitfit", "task": "mrpc", "metric": "f1", "value": 0.8}]
-    averages = {r["method"]: r for r in glue.average_rows(rows, ["rte", "mrpc"])}
+    averages = {r["method"]: r for r in grid.average_rows(rows, ["rte", "mrpc"])}
     assert set(averages) == {"full", "pafi"}
     assert averages["full"]["value"] == pytest.approx(0.7) and averages["full"]["task"] == "average"
     assert averages["full"]["values"] == pytest.approx([0.7, 0.7]) and averages["full"]["value_std"] == pytest.approx(0)
     assert averages["pafi"]["value"] == pytest.approx(0.7) and "value_std" not in averages["pafi"]
     assert averages["pafi"]["lr"] == {"rte": 1e-3, "mrpc": 3e-3}
     assert averages["full"]["metric"] == "mean of rte accuracy, mrpc f1"
-    assert glue.average_rows(rows, ["rte"]) == []
+    assert grid.average_rows(rows, ["rte"]) == []
+
+
+def test_settings_are_one_typed_object_with_the_quick_or_full_values_filled_in():
+    quick = glue.settings(True, {"model": "m", "seeds": "1,2", "max_steps": None})
+    assert isinstance(quick, glue.GlueSettings)
+    assert quick.model == "m" and quick.seeds == [1, 2]  # given: the user's, a comma list typed as ints
+    assert quick.max_steps == glue.QUICK["max_steps"] and quick.tasks == glue.QUICK["tasks"]  # None: the quick value
+    assert quick.batch_size == glue.DEFAULTS["batch_size"] and quick.finetune is True
+    full = glue.settings(False, {})
+    assert full.max_steps is None and full.tasks == glue.FULL["tasks"] and full.rss_steps == glue.FULL["rss_steps"]
+    assert glue.settings(True, quick) == quick  # a filled-in object passes through unchanged
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_steps"):
+        glue.settings(True, {"max_steps": 0})  # the same ranges as `--set`

@@ -1,4 +1,5 @@
-"""What every bench shares: machine facts, timing, the JSON file and the printed table.
+"""What every bench shares: its typed settings with the quick or full values filled in, timing, the rows with their
+notes, the JSON file and the printed table.
 
 Conventions (see docs/benchmarks.md): contenders are measured side by side in one
 process with the same threads; times are medians of repeats after warm-up; ratios to the
@@ -11,10 +12,38 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
+from peftkit.config.base import BenchSettings
 from peftkit.utils.output_paths import write_result_json
 from peftkit.utils.tables import format_table, machine_info
+
+S = TypeVar("S", bound=BenchSettings)
+
+
+def with_defaults(settings: S, *layers: dict) -> S:
+    """``settings`` with every field the user left unset (or set to None) taken from the first layer that names it
+    (the quick or full values, then the bench's own defaults), validated again: the one typed object a bench's run
+    reads, instead of a dict of settings."""
+    values = {k: v for k, v in settings.given().items() if v is not None}
+    for layer in layers:
+        for key, value in layer.items():
+            values.setdefault(key, value)
+    return type(settings).model_validate(values)
+
+
+class BenchRows(list):
+    """Rows plus top-level JSON fields (``extra``, e.g. notes) that write_bench adds to the file."""
+
+    def __init__(self, rows=(), extra: dict | None = None):
+        super().__init__(rows)
+        self.extra = extra or {}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
