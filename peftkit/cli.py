@@ -170,7 +170,7 @@ def env():
 
 @recipes_app.command("list")
 def recipes_list():
-    """List the shipped recipes: name, kind, method, model, task."""
+    """List the shipped recipes: name, group, kind, method, model, task."""
     from peftkit.commands.recipes import list_recipes
 
     _run(lambda: typer.echo(list_recipes()))
