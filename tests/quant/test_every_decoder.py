@@ -175,3 +175,32 @@ def test_quantized_and_fine_tuned_outputs_load_outside_peftkit(quantized, wikite
     _same_logits(theirs, tuned, ids, 1e-6)
     with torch.no_grad():  # the fine-tuned LoRA differs from the quantizer's
         assert not torch.equal(tuned(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("method,bits,storage", [("nf", 4, "bitsandbytes"), ("loftq", 3, "nf"), ("apiq-lw", 2, "gptq"),
+                                                 ("gptq", 3, "gptq")])
+@pytest.mark.parametrize("label", ["qwen2", "gemma2", "phi3"])
+def test_every_quantizer_reloads_on_biased_softcapped_and_fused_families(tmp_path, label, method, bits, storage):
+    """The other quantizers on Qwen2 (q/k/v biases), Gemma-2 (softcapping, sliding window) and Phi-3 (fused
+    projections): the output reloads in peftkit to the quantizer's model; an NF4 output also loads with transformers +
+    bitsandbytes to peftkit's logits (computing in float32, as tests/quant/test_bnb_interop.py does for LLaMA)."""
+    from helpers.quant import options
+
+    from peftkit.quant.bnb_format import compute_in_float32
+    from peftkit.quant.checkpoint import load_quantized, read_info, save_quantized
+    from peftkit.quant.pipeline import quantize_model
+
+    model = structured_decoder(label)
+    result = quantize_model(model, options(method, bits=bits, group_size=GROUP, epochs=1), windows(4, 16),
+                            log=lambda s: None)
+    save_quantized(tmp_path / "q", model, result)
+    assert read_info(tmp_path / "q")["storage"] == storage
+    ids = windows(2, 16, seed=7)
+    ours = load_quantized(tmp_path / "q")
+    _same_logits(ours, stored_reference(model, result), ids, 1e-5)
+    if storage == "bitsandbytes":
+        pytest.importorskip("bitsandbytes")
+        from transformers import AutoModelForCausalLM
+
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32, device_map="cpu").eval()
+        _same_logits(compute_in_float32(theirs), ours, ids, 1e-6)
