@@ -1,4 +1,4 @@
-"""Weight quantization for LoRA fine-tuning: RTN, normal-float (QLoRA), LoftQ and ApiQ.
+"""Weight quantization for LoRA fine-tuning: RTN, normal-float (QLoRA), LoftQ, ApiQ and GPTQ, on any pre-norm decoder.
 
 One job per module:
   uniform.py          asymmetric/symmetric b-bit group-wise quantizer with learnable weight clipping
@@ -10,10 +10,13 @@ One job per module:
   quantized_weight.py one quantized matrix: codes (held packed) + scales (+ zeros), dequantize
   qlinear.py          QuantLinear: fake-quant weight + LoRA, the module calibration trains
   loftq.py            LoftQ initialisation (alternating quantization and rank-r SVD)
-  blocks.py           decoder blocks of a model: cached block inputs, target linears, forward order
+  checks.py           what can be quantized, read from the model's structure (the one check: recipe and pipeline)
+  block_inputs.py     each block's inputs and the keyword arguments its decoder passes it, from the model's forward
+  blocks.py           decoder blocks of a model: running one alone, linear inputs, forward order, skeleton loading
   apiq.py             ApiQ calibration of one block (layer-wise and block-wise objectives)
-  pipeline.py         quantize a whole model block by block; build the quantized model + LoRA
-  gptq_baseline.py    the GPTQ baseline of the quant bench (GPTQModel's solver, imported only there)
+  quantizers/         the registered quantizers (QUANTIZERS), one file each: rtn, nf, loftq, apiq_lw, apiq_bw, gptq
+  pipeline.py         quantize a whole model block by block through the quantizer; build the quantized model + LoRA
+  gptq_baseline.py    the GPTQ baseline of the quant bench (the gptq quantizer with no LoRA)
   checkpoint.py       save / load a quantized model directory (GPTQ / bitsandbytes / peftkit NF checkpoint + peft
                       adapter), packed
 
