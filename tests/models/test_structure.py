@@ -94,3 +94,33 @@ def test_tied_embeddings_are_read_from_the_tensors(family, tied):
     assert structure_of(model).tied_embeddings is (model.get_output_embeddings().weight
                                                     is model.get_input_embeddings().weight)
     assert structure_of(model).tied_embeddings is tied
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_the_structure_read_from_a_config_alone_is_the_loaded_model_s(family):
+    """structure_from_config builds a shrunken random model (two blocks, width 64) from the config: what it reads is
+    what the full model shows, so a checkpoint is judged from its config.json before any weight loads."""
+    from transformers import AutoConfig, AutoModel
+
+    from peftkit.models.structure import structure_from_config, structure_of
+
+    config = AutoConfig.for_model(family, **{**COMMON, **SIZES[family]})
+    config.hidden_size, config.num_hidden_layers = 96, 3  # through each config's attribute_map (n_embd, dim, ...)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:1] * 3
+    loaded = structure_of(AutoModel.from_config(config))
+    shrunk = structure_from_config(config)
+    assert shrunk.hidden_size == 64 and shrunk.num_layers == 2
+    assert (shrunk.layers_path, shrunk.linear_leaf_names, shrunk.norm_position, shrunk.fused_qkv, shrunk.fused_gate_up,
+            shrunk.gated_mlp, shrunk.causal, shrunk.run_order, shrunk.final_norm_path) == (
+        loaded.layers_path, loaded.linear_leaf_names, loaded.norm_position, loaded.fused_qkv, loaded.fused_gate_up,
+        loaded.gated_mlp, loaded.causal, loaded.run_order, loaded.final_norm_path)
+    assert [(p.path, p.side, p.reads_stream, p.bias) for p in shrunk.projections] == [
+        (p.path, p.side, p.reads_stream, p.bias) for p in loaded.projections]
+
+
+@pytest.mark.parametrize("family,causal", [("bert", False), ("modernbert", False), ("llama", True), ("gpt2", True)])
+def test_a_decoder_is_told_from_an_encoder_by_what_its_first_position_sees(family, causal):
+    from peftkit.models.structure import structure_of
+
+    assert structure_of(build(family)).causal is causal
