@@ -158,14 +158,15 @@ def run(quick: bool, options: dict) -> list[dict]:
                        "rel_output_error": ((y_q - y_fp).norm() / y_fp.norm()).item(),
                        "ppl": perplexity_of_windows(model, ppl_windows)["ppl"], "seconds": round(seconds, 2),
                        **storage(fp_model, result)}
-                if method == "apiq-bw" and bits == min(s["bits"]) and s["step_memory"]:
+                if method == "apiq-bw" and bits == min(b for b in s["bits"] if b is not None) and s["step_memory"]:
                     row.update(_step_memory(fp_model, result, tokenizer, s["model"]))
                 nan_events = sum(len(b.get("nan_events", [])) for b in result.blocks)
                 if nan_events:
                     row["nan_events"] = nan_events
                 rows.append(row)
                 label = " ".join(f"{k}={v}" for k, v in variant.items())
-                print(f"{method} {bits}-bit {label}: rel. output error {row['rel_output_error']:.4f}, ppl {row['ppl']:.4g}, "
+                width = f"{bits}-bit" if bits is not None else "unquantized"
+                print(f"{method} {width} {label}: rel. output error {row['rel_output_error']:.4f}, ppl {row['ppl']:.4g}, "
                       f"{row['bits_per_weight']:.3f} bits/weight, {seconds:.1f} s", flush=True)
                 del model
     return rows
@@ -193,7 +194,8 @@ class QuantSettings(BenchSettings):
     model: Optional[str] = option(None, "Decoder alias or directory (default smollm2-135m).", min_length=1)
     methods: Optional[list[Literal["rtn", "nf", "loftq", "apiq-lw", "apiq-bw", "gptq"]]] = option(
         None, "Quantizers (all; gptq = GPTQModel's GPTQ solver, no LoRA).", min_length=1)
-    bits: Optional[list[Literal[2, 3, 4]]] = option(None, "Bit widths (2, 3, 4).", min_length=1)
+    bits: Optional[list[Optional[Literal[2, 3, 4]]]] = option(
+        None, "Bit widths (2, 3, 4; null = each method's LoRA on the unquantized model).", min_length=1)
     group_size: Optional[int] = option(None, "Group size (64).", ge=1, le=65536)
     calib_windows: Optional[int] = option(None, "Calibration windows (quick 8, full 64).", ge=2, le=1_000_000)
     calib_seq_len: Optional[int] = option(None, "Tokens per calibration window (quick 64, full 512).", ge=2, le=1_048_576)
