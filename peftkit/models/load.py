@@ -105,7 +105,7 @@ def check_weights_file(path: str | Path, what: str, remedy: str) -> None:
             raise UserError(f"{what}: {path} does not exist and {pickled[0]} stands in its place, a pickle file, which "
                             f"peftkit does not open (unpickling can run arbitrary code). Where you trust that file, "
                             f"convert it once: python -c \"import torch; from safetensors.torch import save_file; "
-                            f"save_file(torch.load('{pickled[0]}'), '{path}')\". Otherwise: {remedy}")
+                            f"save_file(torch.load('{pickled[0]}', weights_only=True), '{path}')\". Otherwise: {remedy}")
         raise UserError(f"{what}: {path} does not exist. {remedy}")
     if path.suffix in PICKLE_SUFFIXES:
         raise UserError(f"{what}: {path} is a pickle file, which peftkit does not open (unpickling can run arbitrary "
