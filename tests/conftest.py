@@ -7,6 +7,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The data beside this checkout, as the Makefile exports it (package code has no default location for it).
 os.environ.setdefault("PEFTKIT_WIKITEXT", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"))
+os.environ.setdefault("PEFTKIT_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
