@@ -23,14 +23,18 @@ def support_rows() -> list[dict]:
     rows = []
     for entry in METHODS.entries():
         method = entry.target
-        cells, why = {}, {}
-        for name, family in families.items():
-            reason = method.unsupported(family)
-            cells[name] = "-" if reason else "yes"
-            if reason:
-                why.setdefault(reason, []).append(name)
-        rows.append({"method": entry.name, **cells, "heads": ", ".join(sorted(method.heads)),
-                     "needs": ", ".join(method.needs) or "nothing", "why": why})
+        variants = [(entry.name, method.needs)] + [
+            (f"{entry.name} ({option}={value})", tuple(dict.fromkeys((*method.needs, *extra))))
+            for (option, value), extra in method.option_needs.items()]
+        for label, needs in variants:
+            cells, why = {}, {}
+            for name, family in families.items():
+                reason = method.unsupported(family, needs)
+                cells[name] = "-" if reason else "yes"
+                if reason:
+                    why.setdefault(reason, []).append(name)
+            rows.append({"method": label, **cells, "heads": ", ".join(sorted(method.heads)),
+                         "needs": ", ".join(needs) or "nothing", "why": why})
     return rows
 
 

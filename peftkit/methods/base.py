@@ -56,6 +56,8 @@ class Method:
     # model's structure. A model whose family lacks one is refused before training, with the reason; the support
     # table (`peftkit methods`, docs/methods/support.md) is computed from the same declarations.
     needs: ClassVar[tuple[str, ...]] = ()
+    # What an option value adds to ``needs``: (option, value) -> capabilities (HiWi's bias target needs FFN biases).
+    option_needs: ClassVar[dict[tuple[str, Any], tuple[str, ...]]] = {}
     # train.gradient_checkpointing: null takes this. On for quantized bases, where the weights are small and the
     # activations are most of a step's memory (peft's prepare_model_for_kbit_training makes the same choice).
     checkpoints_by_default: ClassVar[bool] = False
@@ -67,9 +69,11 @@ class Method:
 
     # ---- applying the method -------------------------------------------------------------
     def needed(self) -> tuple[str, ...]:
-        """What this method, with its options, needs of a family (default: ``needs``; a method whose options can
-        make a need go away, e.g. explicit target modules, says so here)."""
-        return self.needs
+        """What this method, with its options, needs of a family: ``needs`` and the ``option_needs`` of the options
+        set (a method whose options can make a need go away, e.g. explicit target modules, says so here)."""
+        extra = [need for (option, value), needs in self.option_needs.items()
+                 if getattr(self.options, option, None) == value for need in needs]
+        return tuple(dict.fromkeys((*self.needs, *extra)))
 
     @classmethod
     def unsupported(cls, family, needs: tuple[str, ...] | None = None) -> str | None:

@@ -41,7 +41,7 @@ class PeftBackedMethod(Method):
 
     def needed(self):
         """Explicit ``method.targets`` are honoured on any model (peft says when one matches nothing)."""
-        return () if getattr(self.options, "targets", None) else self.needs
+        return () if getattr(self.options, "targets", None) else super().needed()
 
     def peft_config(self, model):  # pragma: no cover - every subclass defines it or overrides prepare
         raise TypeError(f"method {self.name!r} defines neither peft_config() nor prepare()")

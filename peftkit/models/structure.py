@@ -260,7 +260,7 @@ _FROM_CONFIG: dict[str, Structure] = {}
 
 
 def shrunken_config(config):
-    """A copy of ``config`` with one block and width 64: every width equal to the hidden size becomes 64, every
+    """A copy of ``config`` with two blocks and width 64: every width equal to the hidden size becomes 64, every
     width equal to the FFN size 128 (names through the config's own attribute_map), 4 heads of 16."""
     import copy
 
