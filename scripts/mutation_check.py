@@ -128,7 +128,7 @@ MUTANTS: list[Mutant] = [
       "lora_alpha=options.alpha,", "lora_alpha=options.r,",
       "the lora method passes r as alpha (scaling 1)",
       LORA_T + "test_lora_method_update_is_alpha_over_r_times_BAx"),
-    M("lora-alpha-quantized-model", "peftkit/quant/pipeline.py",
+    M("lora-alpha-quantized-model", "peftkit/quant/result.py",
       "LoraConfig(r=r, lora_alpha=alpha,", "LoraConfig(r=r, lora_alpha=r,",
       "the peft model of a quantized result is built with scaling 1",
       LORA_T + "test_quantizer_lora_is_built_with_alpha_over_r"),

@@ -41,7 +41,7 @@ def step_child(spec: dict) -> dict:
 
     from peftkit.quant.checkpoint import load_quantized_base, read_info
     from peftkit.quant.packed_linear import register_lora
-    from peftkit.quant.pipeline import lora_config
+    from peftkit.quant.result import lora_config
 
     lora = read_info(spec["quant_dir"])["lora"]
     r = spec.get("lora_r") or lora["r"]

@@ -68,7 +68,7 @@ class QuantizedLoRA(PeftBackedMethod):
         from peftkit.models.load import check_adapter_dir
         from peftkit.quant.checkpoint import read_info
         from peftkit.quant.packed_linear import register_lora
-        from peftkit.quant.pipeline import lora_config
+        from peftkit.quant.result import lora_config
 
         options, quant_dir = self.options, self.quant_dir
         if quant_dir is None:

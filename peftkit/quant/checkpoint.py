@@ -34,7 +34,7 @@ from peftkit.errors import UserError
 from peftkit.quant import bnb_format
 from peftkit.quant.gptq_format import from_gptq, quantization_config
 from peftkit.quant.packed_linear import PackedLinear, register_lora
-from peftkit.quant.pipeline import QuantResult, lora_config
+from peftkit.quant.result import QuantResult, lora_config
 from peftkit.quant.quantized_weight import QuantizedWeight
 
 BASE_FILE = "model.safetensors"

@@ -89,7 +89,7 @@ def test_quantize_output_reloads_in_peftkit_to_the_quantizers_model(quantized, l
     from transformers import AutoModelForCausalLM
 
     from peftkit.quant.checkpoint import load_quantized, load_quantized_weights, read_info
-    from peftkit.quant.pipeline import QuantResult
+    from peftkit.quant.result import QuantResult
 
     model_dir, out = quantized(label, method)
     info = read_info(out)

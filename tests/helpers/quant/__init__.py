@@ -120,7 +120,7 @@ def stored_reference(model, result):
     kernels compute it (a float16 product) and every other tensor rounded to float16, as the file stores them."""
     import copy
 
-    from peftkit.quant.pipeline import attach_lora
+    from peftkit.quant.result import attach_lora
 
     reference = copy.deepcopy(model)
     with torch.no_grad():
