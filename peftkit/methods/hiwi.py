@@ -182,6 +182,7 @@ class HiWi(Method):
     Options = HiWiOptions
     can_merge = True
     unmerged_export = "delta"
+    option_needs = {("target", "bias"): ("mlp_biases",)}  # the bias variant adapts the FFN biases
 
     def __init__(self, options: HiWiOptions | None = None):
         super().__init__(options)

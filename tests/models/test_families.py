@@ -89,6 +89,7 @@ def table():
 
 
 def cells(head: str, supported: bool):
+    """(family label, method) pairs; a method's option variants (``option_needs``) as "method:option=value"."""
     from peftkit.utils.registry import METHODS
 
     found = []
@@ -97,10 +98,14 @@ def cells(head: str, supported: bool):
         if head == "causal_lm" and family.kind != "decoder":
             continue
         for entry in METHODS.entries():
-            if entry.name in OWN_BASE or head not in entry.target.heads:
+            method = entry.target
+            if entry.name in OWN_BASE or head not in method.heads:
                 continue
-            if (entry.target.unsupported(family) is None) == supported:
+            if (method.unsupported(family) is None) == supported:
                 found.append((label, entry.name))
+            for (option, value), extra in method.option_needs.items():
+                if (method.unsupported(family, (*method.needs, *extra)) is None) == supported and supported:
+                    found.append((label, f"{entry.name}:{option}={value}"))
     return found
 
 
@@ -134,8 +139,11 @@ def text_rows(tmp_path_factory):
 
 
 def recipe(model, rows, method: str, out, **data) -> dict:
+    """A recipe; ``method`` may carry one option as "name:option=value"."""
+    name, _, option = method.partition(":")
+    options = dict([option.split("=")]) if option else {}
     return {"model": {"name": str(model)}, "data": {"train_file": str(rows), "max_length": 16, **data},
-            "method": {"name": method}, "output": {"dir": str(out)}, "train": dict(TRAIN)}
+            "method": {"name": name, **options}, "output": {"dir": str(out)}, "train": dict(TRAIN)}
 
 
 def logits_of(model, tok, texts):
@@ -155,7 +163,7 @@ def assert_plain_libraries_load_it(run, base, method_name: str, head: str, texts
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if head == "seq_cls" else AutoModelForCausalLM
-    method = METHODS.get(method_name)
+    method = METHODS.get(method_name.partition(":")[0])
     ours, tok = peftkit.load(run, merge=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -253,6 +261,26 @@ def test_each_unsupported_cell_is_refused_with_its_reason_before_data_is_read(tm
         run_training(load_recipe(recipe(checkpoint(label), rows, method, tmp_path / "run", label_column="sentiment"),
                                  kind="finetune"))
     assert f"method {method} does not support {model_type} models: {why}." in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("label", ["qwen2", "llama"])
+def test_an_option_that_needs_more_is_refused_where_the_family_lacks_it(tmp_path, monkeypatch, checkpoint, rows,
+                                                                       label):
+    """HiWi's bias target adapts the FFN biases (``option_needs``): Qwen2 has biases, on q/k/v only, so bitfit runs on
+    it but hiwi target=bias does not; LLaMA has none."""
+    import peftkit.tasks.dataset
+    from peftkit.train.pipeline import run_training
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the data was read before the model's family was checked")
+
+    monkeypatch.setattr(peftkit.tasks.dataset, "read_file", no_reading)
+    r = recipe(checkpoint(label), rows, "hiwi", tmp_path / "run", label_column="sentiment")
+    r["method"]["target"] = "bias"
+    with pytest.raises(UserError) as e:
+        run_training(load_recipe(r, kind="finetune"))
+    assert f"method hiwi does not support {label} models: its FFN projections have no bias terms." in str(e.value)
     assert not (tmp_path / "run").exists()
 
 
