@@ -307,8 +307,21 @@ def structure_from_config(config) -> Structure:
     key = config.to_json_string(use_diff=False)
     if key not in _FROM_CONFIG:
         small = shrunken_config(config)
-        with torch.random.fork_rng():
+        # the first call may come from inside a caller's forward (layers_of in a model's forward) under a FLOP counter
+        # or another dispatch mode: the shrunken model's forwards are not the caller's computation
+        with _outside_dispatch_modes(), torch.random.fork_rng():
             torch.manual_seed(0)
             model = AutoModel.from_config(small)
-        _FROM_CONFIG[key] = structure_of(model)
+            _FROM_CONFIG[key] = structure_of(model)
     return _FROM_CONFIG[key]
+
+
+def _outside_dispatch_modes():
+    """A context in which torch's active dispatch modes (FlopCounterMode, ...) do not see the operations run."""
+    import contextlib
+
+    try:
+        from torch.utils._python_dispatch import _disable_current_modes
+    except ImportError:  # a torch without it: the modes see the trace, which changes no result
+        return contextlib.nullcontext()
+    return _disable_current_modes()

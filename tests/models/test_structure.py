@@ -124,3 +124,17 @@ def test_a_decoder_is_told_from_an_encoder_by_what_its_first_position_sees(famil
     from peftkit.models.structure import structure_of
 
     assert structure_of(build(family)).causal is causal
+
+
+def test_reading_a_structure_from_a_config_is_not_counted_by_a_caller_s_flop_counter():
+    """layers_of may first run inside a model's forward under a FLOP counter (the 3ML pretraining cost): the shrunken
+    model's own forwards are not the caller's computation."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig
+
+    from peftkit.models.structure import structure_from_config
+
+    config = AutoConfig.for_model("bert", **{**COMMON, "intermediate_size": 136})  # not read before: not cached
+    with FlopCounterMode(display=False) as counter:
+        structure = structure_from_config(config)
+    assert structure.num_layers == 2 and counter.get_total_flops() == 0
