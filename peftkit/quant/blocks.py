@@ -1,8 +1,7 @@
 """The decoder blocks of a model as calibration sees them.
 
-Block inputs are captured once (embeddings only, the model is stopped at block 0) together with the
-keyword arguments the model passes to its blocks (rotary embeddings, causal mask), so each block can
-then be run on its own: calibration never re-runs the whole model per layer.
+Block inputs are captured once together with the keyword arguments the decoder passes each block
+(block_inputs.py), so each block can then be run on its own: calibration never re-runs the whole model per layer.
 
 A model can also be opened as a skeleton (``load_skeleton``): everything outside the blocks is loaded,
 the blocks' parameters stay on the meta device and are read from the checkpoint's safetensors files one
@@ -14,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftkit.models.families import Family, family_of, layers_of
+from peftkit.models.families import layers_of
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -22,24 +21,6 @@ SAFE_INDEX = "model.safetensors.index.json"
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once it captured what it needed."""
-
-
-def decoder_family(model) -> Family:
-    fam = family_of(model)
-    if fam.kind != "decoder" or fam.name == "gpt2":
-        raise ValueError(f"quantization supports LLaMA-family and OPT decoders, not {fam.name!r}")
-    return fam
-
-
-def target_leaf_names(fam: Family) -> list[str]:
-    """The projection Linears of one block (leaf names, e.g. q_proj ... down_proj)."""
-    return [n.split(".")[-1] for n in (*fam.attn_linears, *fam.ffn_linears)]
-
-
-def block_linears(block: nn.Module, leaves: list[str]) -> dict[str, nn.Linear]:
-    """Name (inside the block) -> Linear, for every Linear whose leaf name is in ``leaves``."""
-    return {name: m for name, m in block.named_modules()
-            if isinstance(m, nn.Linear) and name.split(".")[-1] in leaves}
 
 
 def block_prefixes(model) -> list[str]:
@@ -52,41 +33,6 @@ def replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     parent_name, _, leaf = dotted.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, new)
-
-
-@torch.no_grad()
-def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """(hidden states entering block 0 for every window (N, T, d), block kwargs for one window).
-
-    The kwargs are taken from a batch of one window; their batch dimension broadcasts.
-    """
-    first = layers_of(model)[0]
-    captured: dict = {}
-
-    def hook(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        hidden = []
-        for ids in input_ids.split(8):
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
-            hidden.append(captured["hidden"])
-        try:
-            model(input_ids=input_ids[:1], use_cache=False)
-        except _Stop:
-            pass
-    finally:
-        handle.remove()
-    kwargs = captured["kwargs"]
-    for key in ("past_key_values", "past_key_value", "use_cache", "output_attentions"):
-        kwargs.pop(key, None)
-    return torch.cat(hidden), kwargs
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
