@@ -57,10 +57,10 @@ def test_run_on_a_model_dir_and_on_a_quantize_output_dir(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    result = quantize_model(model, options("rtn", bits=16), None, log=lambda s: None)
+    result = quantize_model(model, options("rtn", bits=None), None, log=lambda s: None)
     save_quantized(tmp_path / "q16", model, result, AutoTokenizer.from_pretrained(model_dir))
     q16 = evaluate("wikitext2", str(tmp_path / "q16"), data_root=str(data), seq_len=32, max_windows=3)["rows"][0]
-    # 16 bits, B = 0: the FP model, up to its float16 storage (GPTQ checkpoints store unpacked tensors in float16)
+    # not quantized, B = 0: the FP model, up to its float16 storage (GPTQ checkpoints store unpacked tensors in float16)
     assert q16["ppl"] == pytest.approx(fp["ppl"], rel=1e-4) and q16["ppl"] != fp["ppl"]
 
 
