@@ -28,10 +28,10 @@ import time
 from types import SimpleNamespace
 from typing import Annotated, Literal, Optional
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, field_validator
 
 from peftkit.config.base import BenchSettings, option
-from peftkit.utils.registry import BENCHES
+from peftkit.utils.registry import BENCHES, QUANTIZERS
 
 METHODS = ("rtn", "nf", "loftq", "apiq-lw", "apiq-bw", "gptq")
 # Quick calibration has 8 windows: one per step (8 steps per block); at 4 per step ApiQ-bw 2-bit r16 reached ppl 7.7e4
@@ -136,22 +136,18 @@ def run(quick: bool, options: dict) -> list[dict]:
             for variant in _variants(method, s):
                 lr_lora, lr_clip = _learning_rates(method, s)
                 start = time.perf_counter()
-                if method == "gptq":
-                    from peftkit.quant.gptq_baseline import gptq_quantize
-
-                    result = gptq_quantize(fp_model, calib, bits, s["group_size"], s["batch_size"], log=lambda line: None)
-                    seconds = time.perf_counter() - start
+                q = SimpleNamespace(method=method, bits=bits, group_size=s["group_size"], symmetric=False,
+                                    lora_r=variant["lora_r"], lora_alpha=s["lora_alpha"], lora_targets=None,
+                                    loftq_iters=variant.get("loftq_iters", 1), epochs=s["epochs"], lr_lora=lr_lora,
+                                    lr_clip=lr_clip, weight_decay=0.0, aug_loss=True, batch_size=s["batch_size"], seed=0)
+                calib_ids = calib if QUANTIZERS.get(method).calibrated else None
+                result = quantize_model(fp_model, q, calib_ids, log=lambda line: None)
+                seconds = time.perf_counter() - start
+                if result.lora_r:
+                    model = build_quantized_model(copy.deepcopy(fp_model), result)
+                else:  # GPTQ's row: no LoRA
                     model = copy.deepcopy(fp_model)
                     apply_quantized_weights(model, result.weights)
-                else:
-                    q = SimpleNamespace(method=method, bits=bits, group_size=s["group_size"], symmetric=False,
-                                        lora_r=variant["lora_r"], lora_alpha=s["lora_alpha"], lora_targets=None,
-                                        loftq_iters=variant.get("loftq_iters", 1), epochs=s["epochs"], lr_lora=lr_lora,
-                                        lr_clip=lr_clip, weight_decay=0.0, aug_loss=True, batch_size=s["batch_size"], seed=0)
-                    calib_ids = calib if method.startswith("apiq") else None
-                    result = quantize_model(fp_model, q, calib_ids, log=lambda line: None)
-                    seconds = time.perf_counter() - start
-                    model = build_quantized_model(copy.deepcopy(fp_model), result)
                 model.eval()
                 y_q = last_hidden(model)
                 row = {"method": method, "bits": bits, "group_size": s["group_size"], **variant,
@@ -192,8 +188,8 @@ def _step_memory(fp_model, result, tokenizer, model_name: str) -> dict:
 
 class QuantSettings(BenchSettings):
     model: Optional[str] = option(None, "Decoder alias or directory (default smollm2-135m).", min_length=1)
-    methods: Optional[list[Literal["rtn", "nf", "loftq", "apiq-lw", "apiq-bw", "gptq"]]] = option(
-        None, "Quantizers (all; gptq = GPTQModel's GPTQ solver, no LoRA).", min_length=1)
+    methods: Optional[list[str]] = option(
+        None, "Registered quantizers (default all; gptq = GPTQModel's GPTQ solver, no LoRA).", min_length=1)
     bits: Optional[list[Optional[Literal[2, 3, 4]]]] = option(
         None, "Bit widths (2, 3, 4; null = each method's LoRA on the unquantized model).", min_length=1)
     group_size: Optional[int] = option(None, "Group size (64).", ge=1, le=65536)
@@ -214,6 +210,14 @@ class QuantSettings(BenchSettings):
     step_memory: Optional[StrictBool] = option(
         None, "Measure the packed model's memory and a LoRA step's peak against the float32 model, for ApiQ-bw at the "
               "lowest bit width (true; fresh processes, about a minute per rank).")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value):
+        problems = [QUANTIZERS.unknown(name) for name in value or ()]
+        if any(problems):
+            raise ValueError("; ".join(p for p in problems if p))
+        return value
 
 
 @BENCHES.register("quant", help="Output error, perplexity and stored bits per weight of RTN, NF, LoftQ, ApiQ-lw/bw, GPTQ at 2/3/4 bits.")

@@ -301,11 +301,9 @@ class QuantArgs(Section):
     def _method(cls, value: str) -> str:
         from peftkit.utils.registry import QUANTIZERS
 
-        if value not in QUANTIZERS:
-            from peftkit.errors import did_you_mean
-
-            raise ValueError(f"unknown quantizer {value!r}{did_you_mean(value, QUANTIZERS.names())}; "
-                             f"known: {', '.join(QUANTIZERS.names())}")
+        problem = QUANTIZERS.unknown(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("bits", mode="before")

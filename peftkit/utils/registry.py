@@ -94,11 +94,18 @@ class Registry:
     def help(self, name: str) -> str:
         return self._index()[name][1] if name in self._index() else ""
 
+    def unknown(self, name: str) -> str | None:
+        """Why ``name`` is no registered plugin (with the closest name and the known ones), or None when it is one."""
+        index = self._index()
+        if name in index:
+            return None
+        return f'unknown {self.kind} "{name}"{did_you_mean(name, index)}; known: {", ".join(index)}'
+
     def entry(self, name: str) -> Entry:
         index = self._index()
-        if name not in index:
-            raise UserError(f'unknown {self.kind} "{name}"{did_you_mean(name, index)}; '
-                            f"known: {', '.join(index)}. {self.hint}")
+        problem = self.unknown(name)
+        if problem:
+            raise UserError(f"{problem}. {self.hint}")
         if name not in self._entries:
             importlib.import_module(index[name][0])
         return self._entries[name]

@@ -51,3 +51,18 @@ def test_the_pipeline_hands_every_block_to_the_registered_quantizer(monkeypatch)
     assert seen[0][1] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
                           "self_attn.q_proj", "self_attn.v_proj"]
     assert seen[0][2] == (4, 16, 64) and "position_embeddings" in seen[0][3]
+
+
+def test_a_recipe_and_the_quant_bench_accept_exactly_the_registered_quantizers():
+    import pytest
+    from pydantic import ValidationError
+
+    from peftkit.bench.quant import QuantSettings
+    from peftkit.config.schema import QuantArgs
+
+    for name in QUANTIZERS.names():
+        assert QuantArgs(method=name).method == name and QuantSettings(methods=[name]).methods == [name]
+    with pytest.raises(ValidationError, match='unknown quantizer "apiq_bw" \\(did you mean "apiq-bw"\\?\\); known: apiq-bw'):
+        QuantArgs(method="apiq_bw")
+    with pytest.raises(ValidationError, match='unknown quantizer "awq"'):
+        QuantSettings(methods=["rtn", "awq"])
