@@ -17,7 +17,6 @@ One job per module:
   quantizers/         the registered quantizers (QUANTIZERS), one file each: rtn, nf, loftq, apiq_lw, apiq_bw, gptq
   pipeline.py         quantize a whole model block by block through the quantizer; build the quantized model + LoRA
   result.py           QuantResult (what a quantizer produced) and the peft LoRA config it is worn with
-  gptq_baseline.py    the GPTQ baseline of the quant bench (the gptq quantizer with no LoRA)
   checkpoint.py       save / load a quantized model directory (GPTQ / bitsandbytes / peftkit NF checkpoint + peft
                       adapter), packed
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers.quant import structured_llama, windows
 
-from peftkit.quant.gptq_baseline import gptq_codes, gptq_quantize
 from peftkit.quant.pipeline import apply_quantized_weights, quantize_model
+from peftkit.quant.quantizers.gptq import gptq_codes
 
 
 def _gptqmodel_decode(Q, scale, zero, bits, group):
@@ -54,7 +54,8 @@ def test_gptq_beats_rtn_on_held_out_windows():
 
     fp_model = structured_llama(layers=2, hidden=128)
     calib, held_out = windows(16, 32, seed=1), windows(4, 32, seed=2)
-    gptq = gptq_quantize(fp_model, calib, 3, 32, log=lambda s: None)
+    gptq = quantize_model(fp_model, options("gptq", bits=3, group_size=32, lora_r=0, batch_size=4), calib,
+                          log=lambda s: None)
     rtn = quantize_model(fp_model, options("rtn", bits=3, group_size=32), None, log=lambda s: None)
     assert gptq.weights.keys() == rtn.weights.keys() and gptq.lora == {} and gptq.lora_r == 0
     for w in gptq.weights.values():
