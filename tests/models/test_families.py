@@ -15,11 +15,12 @@ from peftkit.models.families import FAMILIES
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
               max_position_embeddings=64)
 DECODER = dict(COMMON, num_key_value_heads=2)
-# label -> (model_type, config values): 16 families, Llama-3 (rope scaling) beside LLaMA
+# label -> (model_type, config values): 17 families, Llama-3 (rope scaling) beside LLaMA
 TINY = {
     "bert": ("bert", COMMON),
     "roberta": ("roberta", dict(COMMON, max_position_embeddings=70)),
     "xlm-roberta": ("xlm-roberta", dict(COMMON, max_position_embeddings=70)),
+    "electra": ("electra", dict(COMMON, embedding_size=32)),
     "deberta-v2": ("deberta-v2", COMMON),
     "distilbert": ("distilbert", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)),
     "modernbert": ("modernbert", dict(COMMON, global_attn_every_n_layers=1, local_attention=16)),

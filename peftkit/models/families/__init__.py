@@ -313,7 +313,7 @@ class _TestedFamilies(Mapping):
 
 
 FAMILIES: Mapping[str, Family] = _TestedFamilies((
-    "bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "modernbert",
+    "bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "distilbert", "modernbert",
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "gpt2",
 ))
 
