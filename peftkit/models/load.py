@@ -165,8 +165,17 @@ def check_model_dir(directory: str | Path, name: str | None = None, need_weights
     name = name or str(directory)
     config = read_model_config(directory, name)
     if config["model_type"] not in FAMILIES and not any_model_type:
-        raise _model_error(name, f"{directory / 'config.json'} has model_type {config['model_type']!r}, which peftkit "
-                                 f"does not support", f"Supported model types: {', '.join(FAMILIES)}.")
+        # a family outside the tested ones is read from its structure like any other; only one whose structure
+        # cannot be read (an encoder-decoder, no list of identical blocks, a type transformers does not know) is refused
+        from peftkit.models.families import family_of_config
+
+        try:
+            family_of_config(config)
+        except Exception as e:  # noqa: BLE001 - whatever stops transformers from building it: the reason is shown
+            raise _model_error(name, f"{directory / 'config.json'} has model_type {config['model_type']!r}, which "
+                                     f"peftkit does not support: {e}",
+                               f"Supported model types: {', '.join(FAMILIES)} (tested in the suite), and others "
+                               f"whose blocks peftkit can read from the model.") from None
     if not need_weights:
         return config
     files = _weight_files(directory, name)

@@ -36,6 +36,8 @@ TINY = {
     "opt": ("opt", dict(COMMON, ffn_dim=64, word_embed_proj_dim=32)),
     "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
 }
+# model types outside FAMILIES: read from their structure, never listed anywhere in peftkit
+UNLISTED = {"starcoder2": ("starcoder2", DECODER), "camembert": ("camembert", dict(COMMON, max_position_embeddings=70))}
 TRAIN = {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "threads": 1, "eval_batch_size": 8}
 # methods whose base is not a transformers checkpoint: apiq fine-tunes a `peftkit quantize` output (tests/quant/)
 OWN_BASE = {"apiq"}
@@ -45,7 +47,7 @@ def tiny_config(label: str, tok):
     from transformers import AutoConfig
 
     model_type, values = TINY[label]
-    if FAMILIES[model_type].kind == "encoder":
+    if kind_of(model_type) == "encoder":
         special = {"pad_token_id": 1 if "roberta" in model_type else 0}
         if model_type == "modernbert":
             special.update(bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, cls_token_id=tok.cls_token_id,
@@ -55,13 +57,21 @@ def tiny_config(label: str, tok):
     return AutoConfig.for_model(model_type, vocab_size=len(tok), num_labels=2, **special, **values)
 
 
+def kind_of(model_type: str) -> str:
+    from transformers import AutoConfig
+
+    from peftkit.models.families import family_of_config
+
+    return (FAMILIES[model_type] if model_type in FAMILIES else family_of_config(AutoConfig.for_model(model_type))).kind
+
+
 def save_family(directory, label: str, head: str = "seq_cls", seed: int = 0):
     """A random 2-layer model of family ``label`` with a tokenizer, as a checkpoint directory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     model_type = TINY[label][0]
-    if FAMILIES[model_type].kind == "encoder":
+    if kind_of(model_type) == "encoder":
         tok = tiny_bert_tokenizer(directory)
         if model_type != "bert":  # these take no token type ids
             tok.model_input_names = ["input_ids", "attention_mask"]
@@ -225,6 +235,24 @@ def test_each_supported_cell_trains_saves_reloads_and_predicts(tmp_path, checkpo
     records = predict(str(run), str(rows))
     assert len(records) == 24 and {r["label"] for r in records} <= {"negative", "positive"}
     assert_plain_libraries_load_it(run, model, method, "seq_cls", ["good film", "bad plot or good"])
+
+
+@pytest.mark.parametrize("label", sorted(UNLISTED))
+def test_a_family_outside_the_tested_ones_is_read_from_its_structure_and_fine_tunes(tmp_path, monkeypatch, rows, label):
+    from peftkit.commands.predict import predict
+    from peftkit.models.families import family_of_config
+    from peftkit.models.load import check_model_dir
+    from peftkit.train.pipeline import run_training
+
+    assert label not in FAMILIES
+    monkeypatch.setitem(TINY, label, UNLISTED[label])
+    model = save_family(tmp_path / "model", label)
+    assert check_model_dir(model)["model_type"] == label
+    family = family_of_config(check_model_dir(model))
+    assert family.lacks("linear_projections") is None
+    run = run_training(load_recipe(recipe(model, rows, "lora", tmp_path / "run", label_column="sentiment"),
+                                   kind="finetune"))
+    assert len(predict(str(run), str(rows))) == 24
 
 
 @pytest.mark.slow
