@@ -61,12 +61,20 @@ class TrainArgs(Section):
     threads: Optional[Count] = option(None, "torch.set_num_threads (null = torch's default).", ge=1, le=1024)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "fp32", "Mixed precision of the forward and backward (autocast; fp16 adds a gradient scaler). 'auto' picks bf16 "
-                "on CUDA devices with bf16 and on CPUs with AMX, else fp32; the run logs what it picked.")
+                "on CUDA devices with bf16; on a CPU it times a bf16 and an fp32 matmul of the model's shapes once per "
+                "machine (cached in the peftkit cache) and picks bf16 where it is at least 1.3x faster, else fp32; the "
+                "run logs what it picked and the measured ratio.")
     gradient_checkpointing: Optional[StrictBool] = option(
         None, "Recompute each layer's activations in backward instead of keeping them (less memory, ~1/3 more compute). "
               "null = the method's default: on for a quantized base (method apiq), off otherwise.")
     optimizer: Literal["adamw", "adamw8bit"] = option(
-        "adamw", "adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: optimizer state in 8 bits).")
+        "adamw", "adamw (torch's, its fused kernel where the device has one) or adamw8bit (bitsandbytes' 8-bit AdamW: "
+                 "optimizer state in 8 bits).")
+    compile: StrictBool = option(
+        False, "torch.compile the model's forward and backward (inductor; on a CPU its C++ backend, which needs a C++ "
+               "compiler). The first steps pay the compilation (tens of seconds on a CPU, again for new sequence "
+               "lengths), so it pays off only on long runs. Where compiling fails, or the method cannot be compiled "
+               "(MEFT's reversible layers), the run logs one line and continues eagerly.")
     strategy: Literal["ddp", "fsdp"] = option(
         "ddp", "Under torchrun: ddp (a full replica per process) or fsdp (FSDP2: parameters, gradients and optimizer "
                "state sharded across processes, for models that do not fit one device; full, bitfit).")
@@ -357,7 +365,8 @@ class Recipe(Section):
         """The settings that change what a run computes: what a checkpoint must share with the run resuming it."""
         settings = self.to_dict()
         settings.pop("output", None)
-        for key in ("resume", "resume_any", "threads", "log_every", "eval_batch_size", "report_to"):
+        # how the same arithmetic is executed (threads, compiled or eager) is not a result-changing setting
+        for key in ("resume", "resume_any", "threads", "compile", "log_every", "eval_batch_size", "report_to"):
             settings.get("train", {}).pop(key, None)
         return settings
 

@@ -49,6 +49,8 @@ class Method:
     # FSDP shards parameters into DTensors: methods whose state is plain named parameters work as they are;
     # parametrizations, peft wrappers and custom autograd functions have not been checked under it.
     supports_fsdp: ClassVar[bool] = False
+    # Why train.compile runs this method eagerly (one log line), or None: torch.compile is tried, eager where it fails.
+    compile_refusal: ClassVar[str | None] = None
     unmerged_export: ClassVar[str] = "peftkit"
     # The task heads (model.task_head) the method is built and tested for.
     heads: ClassVar[frozenset[str]] = frozenset({"seq_cls"})

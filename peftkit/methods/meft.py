@@ -470,6 +470,8 @@ class _MEFT(Method):
     # post-norm encoder blocks re-composed from the parts their run order shows; pre-norm decoder blocks likewise,
     # with the decoder's input builder from its family file (peftkit/models/families/)
     needs = ("recomposable_block",)
+    # train.compile runs MEFT eagerly: dynamo breaks the graph at every exactness check of the streams (.item())
+    compile_refusal = "its reversible layers are a custom autograd.Function that checks its streams on the host"
 
     def _layers_to_wrap(self, container, layers_attr: str):
         """The layer list MEFT will wrap, after the checks both wrappers need."""

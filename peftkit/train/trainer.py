@@ -39,8 +39,30 @@ from peftkit.utils.atomic import atomic_write_text, open_append
 from peftkit.utils.env import resolve_precision
 
 
+def adamw_kernel(groups) -> dict:
+    """{'fused': True} where torch has a fused AdamW kernel for every parameter's device (CPU and CUDA in torch >= 2.4:
+    one kernel per parameter instead of a dozen elementwise ops), else {'foreach': True} on CUDA, else {} (torch's
+    own choice). Sharded (DTensor) parameters keep torch's choice."""
+    import torch
+
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused_devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        fused_devices = set()
+    params = [p for group in groups for p in group["params"]]
+    plain = all(type(p) is torch.nn.Parameter and p.is_floating_point() for p in params)
+    if plain and params and all(p.device.type in fused_devices for p in params):
+        return {"fused": True}
+    if plain and params and all(p.device.type == "cuda" for p in params):
+        return {"foreach": True}
+    return {}
+
+
 def make_optimizer(options, groups):
-    """AdamW over the method's parameter groups: torch's, or bitsandbytes' 8-bit one (``train.optimizer``)."""
+    """AdamW over the method's parameter groups: torch's (fused where it has the kernel, adamw_kernel), or
+    bitsandbytes' 8-bit one (``train.optimizer``)."""
     import torch
 
     kwargs = {"lr": options.lr, "betas": tuple(options.adam_betas), "eps": options.adam_eps}
@@ -53,7 +75,23 @@ def make_optimizer(options, groups):
             raise UserError(f"train.optimizer: adamw8bit needs bitsandbytes, which cannot be imported ({e}). "
                             f"Install it (pip install bitsandbytes) or use train.optimizer=adamw.") from None
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs, **adamw_kernel(groups))
+
+
+def matmul_shapes(model, options, dataset: Sequence[dict]) -> tuple[int, int, int] | None:
+    """(rows, hidden, intermediate) of the model's typical matmul in this run, for precision 'auto' to time: rows =
+    batch size x the longest of the first rows' sequences (128 where the data holds no input_ids); None where the
+    model's config names no hidden size."""
+    config = getattr(model, "config", None)
+    hidden = next((getattr(config, name) for name in ("hidden_size", "n_embd", "d_model")
+                   if isinstance(getattr(config, name, None), int)), None)
+    if hidden is None:
+        return None
+    intermediate = next((getattr(config, name) for name in ("intermediate_size", "ffn_dim", "n_inner")
+                         if isinstance(getattr(config, name, None), int)), 4 * hidden)
+    first = (dataset[i] for i in range(min(64, len(dataset))))
+    lengths = [len(row["input_ids"]) for row in first if isinstance(row, dict) and "input_ids" in row]
+    return options.batch_size * (max(lengths) if lengths else 128), hidden, intermediate
 
 
 RESUME_KEYS = ("step", "epoch", "batch_in_epoch", "best_value", "best_step", "python_rng")
@@ -154,6 +192,10 @@ def _previous_method(run_dir: Path | None) -> dict:
     return method if isinstance(method, dict) else {}
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class Interrupted(Exception):
     """Training was stopped by SIGINT/SIGTERM after saving a checkpoint (exit code 130)."""
 
@@ -206,12 +248,14 @@ class Trainer:
         if not groups:
             raise RunFailed(f"method {method.name!r} left no parameter trainable; nothing to train.")
         self.optimizer = make_optimizer(options, groups)
-        self.precision, why = resolve_precision(options.precision)
+        self.precision, why = resolve_precision(
+            options.precision, matmul_shapes(self.raw_model, options, train_dataset) if options.precision == "auto" else None)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # fp16's narrow range needs the loss scaled (and the gradients unscaled before clipping); bf16 does not
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         if options.precision != "fp32":
             self.log(f"precision {self.precision} ({why})")
+        self._compile_unproven = options.compile and self._compile_model()
         shard = len(train_dataset) // self.dist.world_size
         if shard == 0:
             raise RunFailed(f"the training set has {len(train_dataset)} rows, fewer than the {self.dist.world_size} processes.")
@@ -497,11 +541,52 @@ class Trainer:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
+    # ---- compilation (train.compile) ------------------------------------------------------------
+    def _compile_model(self) -> bool:
+        """torch.compile the model's forward in place (inductor; its C++ backend on a CPU), so the module, its
+        attributes and its state-dict keys stay the same; autograd runs the compiled backward. False (eager, with one
+        log line) for a method that declares it cannot be compiled (``compile_refusal``: e.g. a custom
+        autograd.Function that frees activations itself) or where torch.compile refuses at once."""
+        refusal = self.method.compile_refusal
+        if refusal:
+            self.log(f"train.compile: running eager: method {self.method.name!r} cannot be compiled ({refusal})")
+            return False
+        try:
+            self.raw_model.compile(options={"fallback_random": True})  # dropout draws as eager: same seed, same masks
+        except Exception as e:  # any refusal here only costs the speed-up
+            self.log(f"train.compile: running eager: torch.compile failed ({_first_line(e)})")
+            return False
+        return True
+
+    def _run_eager(self, error: BaseException) -> None:
+        self.raw_model._compiled_call_impl = None  # what Module.compile() set; None = the plain forward
+        self.log(f"train.compile: running eager: compiling the model failed ({type(error).__name__}: "
+                 f"{_first_line(error)})")
+
     # ---- the loop ------------------------------------------------------------------------------
     def optimizer_step(self, batches) -> tuple[float, int]:
         """One optimizer step over ``grad_accum`` micro-batches: the loss, backward, clipping, AdamW, schedule and
         the method's after-step hook. Returns (mean loss, rows). This is the step every run takes and every bench
-        times."""
+        times. Under train.compile the first step compiles (forward, then backward); where that fails the step is
+        taken again eagerly from the same gradients and random state."""
+        if not self._compile_unproven:
+            return self._optimizer_step(batches)
+        import torch
+
+        batches = list(batches)
+        rng = torch.get_rng_state()
+        try:
+            result = self._optimizer_step(batches)
+        except Exception as e:
+            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            self._run_eager(e)
+            torch.set_rng_state(rng)
+            result = self._optimizer_step(batches)
+        self._compile_unproven = False
+        return result
+
+    def _optimizer_step(self, batches) -> tuple[float, int]:
         import torch
 
         self.optimizer.zero_grad(set_to_none=True)

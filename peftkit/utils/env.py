@@ -29,7 +29,8 @@ def cpu_flags() -> set[str]:
 
 
 def matmul_kind() -> str:
-    """What makes bf16 fast or slow here: 'cuda-bf16', 'cuda', 'cpu-amx-bf16', 'cpu-avx512-bf16' or 'cpu-avx2'."""
+    """A description for machine records (nothing decides from it; precision 'auto' measures): what may make bf16
+    fast or slow here: 'cuda-bf16', 'cuda', 'cpu-amx-bf16', 'cpu-avx512-bf16' or 'cpu-avx2'."""
     import torch
 
     if torch.cuda.is_available():
@@ -70,21 +71,117 @@ def bf16_or_fp32_dtype_name() -> str:
     return "float32" if cpu_bf16_failure() else "bfloat16"
 
 
-def resolve_precision(precision: str) -> tuple[str, str]:
-    """(fp32 | bf16 | fp16, why) for ``train.precision``. 'auto' picks bf16 only where it is fast: a CUDA device with
-    bf16, or a CPU with AMX tiles (a 1024^2 bf16 matmul ~10x fp32 there), and only where this process's bf16
-    kernels actually run (cpu_bf16_failure); elsewhere fp32 (bf16 matmuls are ~100x slower on AVX2-only CPUs)."""
+AUTO_BF16_MIN_SPEEDUP = 1.3  # bf16 must beat fp32 by this much at the model's shapes for precision 'auto' to pick it
+AUTO_MEASURE_MAX_ROWS = 4096  # more rows per matmul change the ratio little and only lengthen the measurement
+PRECISION_CACHE_FILE = "precision_auto.json"
+
+
+def cpu_model() -> str:
+    """The CPU's model string (/proc/cpuinfo 'model name'), else platform.processor(), else 'unknown cpu'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def matmul_seconds(dtype_name: str, rows: int, hidden: int, intermediate: int, repeats: int = 3) -> float:
+    """Seconds of one (rows x hidden) @ (hidden x hidden) and one (rows x hidden) @ (hidden x intermediate) matmul in
+    ``dtype_name`` on the CPU: best of ``repeats`` after one warm-up call (repeats=0: the warm-up call's own time)."""
+    import time
+
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    x = torch.randn(rows, hidden, dtype=dtype)
+    square, wide = torch.randn(hidden, hidden, dtype=dtype), torch.randn(intermediate, hidden, dtype=dtype)
+
+    def once() -> float:
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, square)
+        torch.nn.functional.linear(x, wide)
+        return time.perf_counter() - start
+
+    warm = once()
+    return min((once() for _ in range(repeats)), default=warm)
+
+
+def measure_bf16_speedup(rows: int, hidden: int, intermediate: int) -> float:
+    """fp32 seconds over bf16 seconds for the model's matmuls (matmul_seconds). bf16 is first tried on an eighth of
+    the rows: where it is far slower (an AVX2-only CPU, ~100x) the full bf16 measurement would take seconds, and
+    the scaled scout already decides."""
+    fp32 = matmul_seconds("fp32", rows, hidden, intermediate)
+    scout_rows = max(1, rows // 8)
+    scout = matmul_seconds("bf16", scout_rows, hidden, intermediate, repeats=0) * rows / scout_rows
+    if scout > 3 * fp32:
+        return fp32 / scout
+    return fp32 / matmul_seconds("bf16", rows, hidden, intermediate)
+
+
+def _read_precision_cache(path) -> dict:
+    """The cached measurements, or {} where the file is absent, unreadable or not what this module writes (it is
+    then measured again and rewritten)."""
+    import json
+
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(cached, dict):
+        return {}
+    return {key: value for key, value in cached.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}
+
+
+def bf16_speedup(rows: int, hidden: int, intermediate: int) -> tuple[float, str]:
+    """(fp32 time / bf16 time at these shapes, 'measured' | 'cached'): measured once per machine and kept in the
+    peftkit cache, keyed by the CPU model, torch version, thread count and shapes."""
+    import torch
+
+    from peftkit.paths import cache_dir
+    from peftkit.utils.atomic import atomic_write_json
+
+    key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {rows}x{hidden}x{intermediate}"
+    path = cache_dir() / PRECISION_CACHE_FILE
+    cached = _read_precision_cache(path)
+    if key in cached:
+        return float(cached[key]), "cached"
+    ratio = measure_bf16_speedup(rows, hidden, intermediate)
+    try:  # a cache that cannot be written costs only a measurement next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**cached, key: ratio})
+    except OSError:
+        pass
+    return ratio, "measured"
+
+
+def resolve_precision(precision: str, shapes: tuple[int, int, int] | None = None) -> tuple[str, str]:
+    """(fp32 | bf16 | fp16, why) for ``train.precision``. 'auto' on CUDA: bf16 where the device supports it. On a
+    CPU it is measured, never read from feature flags: a bf16 and an fp32 matmul of the model's ``shapes``
+    (rows = batch x sequence, hidden, intermediate) are timed once per machine (bf16_speedup) and bf16 is picked
+    where it is at least AUTO_BF16_MIN_SPEEDUP times faster and this process's bf16 kernels run (cpu_bf16_failure).
+    Measured ratios span ~8x (AMX) to ~0.01x (AVX2 only)."""
     if precision != "auto":
         return precision, "set by train.precision"
-    kind = matmul_kind()
-    if kind == "cuda-bf16":
-        return "bf16", f"auto: {kind} runs bf16 matmuls fast"
-    if kind == "cpu-amx-bf16":
-        failure = cpu_bf16_failure()
-        if failure:
-            return "fp32", f"auto: {kind}, but this process's bf16 kernels fail ({failure})"
-        return "bf16", f"auto: {kind} runs bf16 matmuls fast"
-    return "fp32", f"auto: {kind} has no fast bf16 matmul"
+    import torch
+
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"auto: {torch.cuda.get_device_name(0)} supports bf16"
+        return "fp32", f"auto: {torch.cuda.get_device_name(0)} has no bf16"
+    failure = cpu_bf16_failure()
+    if failure:
+        return "fp32", f"auto: this process's bf16 kernels fail ({failure})"
+    rows, hidden, intermediate = shapes or (AUTO_MEASURE_MAX_ROWS, 768, 3072)
+    rows = max(1, min(rows, AUTO_MEASURE_MAX_ROWS))
+    ratio, source = bf16_speedup(rows, hidden, intermediate)
+    figures = f"bf16 matmul {ratio:.3g}x fp32 at {rows}x{hidden}x{intermediate} on {cpu_model()}, {source}"
+    if ratio >= AUTO_BF16_MIN_SPEEDUP:
+        return "bf16", f"auto: {figures}"
+    return "fp32", f"auto: {figures}; bf16 needs {AUTO_BF16_MIN_SPEEDUP}x"
 
 
 def matmul_peak_flops(dtype_name: str = "fp32", size: int = 1024, repeats: int = 5) -> float:

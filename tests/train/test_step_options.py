@@ -1,5 +1,4 @@
-"""Training-step options: mixed precision (autocast, fp16 scaler), gradient checkpointing, 8-bit AdamW, and how
-'auto' precision reads the machine."""
+"""Training-step options: mixed precision (autocast, fp16 scaler), gradient checkpointing, fused and 8-bit AdamW."""
 
 import copy
 
@@ -39,21 +38,14 @@ def test_mixed_precision_trains_and_stays_close_to_fp32(precision):
     assert next(trainer.raw_model.parameters()).dtype == torch.float32  # weights stay fp32 (mixed precision)
 
 
-def test_auto_precision_follows_the_machine(monkeypatch):
+def test_explicit_precision_is_the_users(monkeypatch):
+    """An explicit precision is kept whatever the machine (auto is measured: tests/train/test_precision_auto.py)."""
     from peftkit.utils import env
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(env, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
-    assert env.resolve_precision("auto")[0] == "fp32"
-    monkeypatch.setattr(env, "cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16", "amx_tile"})
-    monkeypatch.setattr(env, "cpu_bf16_failure", lambda: None)
-    assert env.resolve_precision("auto") == ("bf16", "auto: cpu-amx-bf16 runs bf16 matmuls fast")
-    assert env.resolve_precision("fp16")[0] == "fp16"
-    # the kernels this process would use fail (an AMX machine run with ATEN_CPU_CAPABILITY=avx2): fp32, with why
     monkeypatch.setattr(env, "cpu_bf16_failure", lambda: "pack_vnni2 is only supported when avx512 is supported")
-    precision, why = env.resolve_precision("auto")
-    assert precision == "fp32" and "pack_vnni2" in why
-    assert env.resolve_precision("bf16")[0] == "bf16"  # an explicit choice is the user's
+    monkeypatch.setattr(env, "matmul_seconds", lambda *args, **kwargs: pytest.fail("an explicit precision is not timed"))
+    for precision in ("fp32", "bf16", "fp16"):
+        assert env.resolve_precision(precision) == (precision, "set by train.precision")
 
 
 def test_bf16_probe_reports_a_kernel_that_raises(monkeypatch):
@@ -122,3 +114,30 @@ def test_adamw8bit_keeps_8_bit_state():
     assert type(trainer.optimizer).__name__ == "AdamW8bit" and all(torch.isfinite(torch.tensor(losses)))
     states = [s for s in trainer.optimizer.state.values() if "state1" in s]
     assert states and any(s["state1"].dtype == torch.uint8 for s in states)  # tensors of >= 4096 entries
+
+
+def test_fused_adamw_is_selected_and_steps_as_the_unfused_one():
+    from helpers.tiny import tiny_bert
+
+    from peftkit.train.trainer import make_optimizer
+
+    method = create_method("full")
+    _, trainer = _steps(method.prepare(tiny_bert()), method, n=1)
+    assert trainer.optimizer.defaults["fused"] is True  # torch 2.13 has a fused AdamW kernel for the CPU
+
+    models = [method.prepare(tiny_bert()) for _ in range(2)]
+    for model in models:
+        model.train()
+        torch.manual_seed(0)
+        model(**_batch()).loss.backward()
+    options = TrainArgs(lr=1e-2, weight_decay=0.1)
+    fused = make_optimizer(options, method.param_groups(models[0], 0.1))
+    plain = torch.optim.AdamW(method.param_groups(models[1], 0.1), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, fused=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(2):  # the second step uses the moments the first one left
+        fused.step()
+        plain.step()
+    before = dict(tiny_bert().named_parameters())
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert not torch.equal(a, before[name])  # both stepped
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
