@@ -58,6 +58,63 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(times)
 
 
+class Clocks:
+    """Wall and process CPU seconds of the block it wraps (``with Clocks() as spent: ...; spent.wall, spent.cpu``).
+    CPU seconds are every thread of this process together, so cpu / wall is about the cores a step kept busy: a
+    contender that is slower on the wall clock but uses fewer cores shows it here."""
+
+    wall = cpu = 0.0
+
+    def __enter__(self) -> "Clocks":
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+    @classmethod
+    def summed(cls, spans) -> "Clocks":
+        """One span holding the wall and CPU seconds of ``spans`` together."""
+        total = cls()
+        total.wall, total.cpu = sum(c.wall for c in spans), sum(c.cpu for c in spans)
+        return total
+
+
+def cpu_timed(fn: Callable[[], object], spans: list) -> Callable[[], object]:
+    """``fn`` that appends the process CPU seconds of each of its calls to ``spans`` (beside a wall-clock timer such
+    as time_interleaved, which calls it once per round, warm-up rounds first)."""
+    def timed():
+        with Clocks() as spent:
+            result = fn()
+        spans.append(spent.cpu)
+        return result
+
+    return timed
+
+
+def count_step_flops(method, model, batch: dict) -> int:
+    """FLOPs of one training forward + backward of ``model`` on ``batch`` as torch.utils.flop_counter counts them:
+    2·m·n·k for each matmul (and attention where the kernel has a formula); elementwise work and the optimizer are
+    not counted (the usual MFU convention). Gradients are cleared afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            method.compute_loss(model, batch).backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def mfu(flops: float | None, seconds: float | None, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: ``flops`` of the work done in ``seconds`` of wall time over the machine's measured
+    matmul FLOP/s (peftkit.utils.env.matmul_peak_flops); None where any of the three is missing."""
+    if not flops or not seconds or not peak_flops:
+        return None
+    return flops / seconds / peak_flops
+
+
 def training_step(method, model, lr: float = 1e-5):
     """The trainer's own optimizer step (loss, backward, clipping, AdamW, schedule, the method's hook) on a batch it
     is handed: what a run does per step, so a bench times exactly that."""

@@ -17,11 +17,14 @@ Per method, on the same model, batch and sequence length:
                     allocated before the steps: activation memory as the MEFT paper measures it.
   step_seconds      median time of the trainer's own optimizer step (forward, backward, clipping, AdamW, schedule;
                     contenders alternate in this process).
+  step_cpu_seconds  median process CPU seconds of the same steps (every thread together: step_cpu_seconds /
+                    step_seconds is about the cores a step kept busy).
   trainable_params  parameters that receive gradients.
   step_flops        FLOPs of one forward + backward, counted by torch.utils.flop_counter (a "+gc" row includes the
                     recomputed forward); flops_per_second = step_flops / step_seconds.
-  mfu               the method's FLOPs without recomputation per second of its step, over matmul_peak_flops: the best
-                    of five 1024^2 fp32 matmuls on this machine with the same threads (machine limit, not a peer).
+  mfu               the method's FLOPs without recomputation (step_flops of its row without "+gc") / step_seconds /
+                    matmul_peak_flops: the best of five 1024^2 fp32 matmuls (2·1024^3 FLOPs each) on this machine with
+                    the same threads (machine limit, not a peer).
   grad_error        the worst layer's (or the head's) relative error of the trainable gradients of the method's
                     backward as it trains (MEFT's reconstruction, checkpointing's recomputation) against plain fp32
                     autograd through the same network and batch (dropout at 0 for the measurement);
@@ -64,7 +67,7 @@ from peftkit.bench.costs import (
     synchronize,
     to_device,
 )
-from peftkit.bench.harness import time_interleaved, training_step
+from peftkit.bench.harness import cpu_timed, mfu, time_interleaved, training_step
 from peftkit.config.base import BenchSettings, option
 from peftkit.utils.env import matmul_peak_flops
 from peftkit.utils.registry import BENCHES
@@ -252,21 +255,25 @@ def main_rows(settings: dict, model_name: str) -> list[dict]:
     # Step time: contenders alternate (one step each per round, the order rotating by round) so that load changes on
     # a shared machine hit all of them alike; the median of `repeats` rounds after one warm-up round.
     print("[memory] step time", flush=True)
-    medians = time_interleaved({name: (lambda step=step: step(batch)) for name, (_, step) in contenders.items()},
+    cpu_spans = {name: [] for name in contenders}
+    medians = time_interleaved({name: cpu_timed(lambda step=step: step(batch), cpu_spans[name])
+                                for name, (_, step) in contenders.items()},
                                repeats=settings["repeats"], warmup=1, sync=lambda: synchronize(device))
     times = {name: [seconds] for name, seconds in medians.items()}
+    cpu_seconds = {name: statistics.median(spans[1:]) for name, spans in cpu_spans.items()}  # after the warm-up round
     rows = []
     for name, (model, _) in contenders.items():
         rows.append({"method": name, "layers": base.config.num_hidden_layers, "hidden": base.config.hidden_size,
                      "batch": settings["batch"], "seq": settings["seq"], "saved_bytes": saved[name],
                      "peak_rss_bytes": peak_rss[name], "step_seconds": statistics.median(times[name]),
+                     "step_cpu_seconds": cpu_seconds[name],
                      "trainable_params": trainable_params(model),
                      "saved_ratio_vs_full": saved[name] / saved["full"],
                      "peak_rss_ratio_vs_full": peak_rss[name] / peak_rss["full"] if peak_rss["full"] > 0 else None,
                      "step_ratio_vs_full": statistics.median(times[name]) / statistics.median(times["full"]),
                      "step_flops": flops[name][0], "flops_counted": flops[name][1],
                      "flops_per_second": flops[name][0] / statistics.median(times[name]),
-                     "mfu": flops[name.split("+")[0]][0] / statistics.median(times[name]) / peak,
+                     "mfu": mfu(flops[name.split("+")[0]][0], statistics.median(times[name]), peak),
                      "matmul_peak_flops": peak, **_cuda_columns(peaks, name), "device": device.type,
                      **_meft_columns(name), **grad_errors[name]})
     return rows
@@ -318,7 +325,7 @@ def depth_rows(settings: dict) -> list[dict]:
             errors = gradient_errors(method, model, batch) if name.startswith("meft") else {}
             rows.append({"method": name, "layers": layers, "hidden": 768, "batch": settings["sweep_batch"],
                          "seq": settings["sweep_seq"], "saved_bytes": saved, "peak_rss_bytes": peak_rss.get(name),
-                         "step_seconds": None, "trainable_params": trainable_params(model),
+                         "step_seconds": None, "step_cpu_seconds": None, "trainable_params": trainable_params(model),
                          "saved_ratio_vs_full": saved / full_bytes,
                          "saved_vs_fewest_layers": saved / shallowest[name],
                          "peak_rss_ratio_vs_full": peak_rss[name] / peak_rss["full"] if peak_rss.get("full") else None,

@@ -16,6 +16,16 @@ Rows: comparison, peftkit, peer, ratio (= peftkit / peer), unit, plus what was h
 (c) PaFi vs peft's Super-Tuning tuner (smallest |w|, the same trainable fraction): training step time
     (alternating, median) and trainable parameters on the same model and batch.
 
+Beside each timed figure, per contender: wall seconds (``*_seconds``: a whole train() run in (a), all matrices in
+(b), one step in (c); medians where repeated), process CPU seconds over the same span (``*_cpu_seconds``: every
+thread of the process, so cpu / wall is about the cores kept busy) and MFU (``*_mfu``) = FLOPs / wall seconds /
+matmul_peak_flops("fp32") (the best of five 1024^2 fp32 matmuls here, same threads). FLOPs = what
+torch.utils.flop_counter counts in one training forward + backward of the contender's model on one batch (2·m·n·k
+per matmul; elementwise work and the optimizer not counted), times the steps of the span: in (a) the same count for
+both tools (the same LoRA model and batches), and the wall time includes each tool's setup and peftkit's final
+checkpoint, so it is the MFU a user's run gets. LoftQ (b) is not a training step: its MFU is null; so are the
+columns of rows that time nothing (parameter counts).
+
 options (all optional): model, data_root, task, batch_size, max_length, steps, repeats, lr, lora_r, lora_alpha,
 loftq_rank, loftq_iters, loftq_matrices, rho, skip (list of a/b/c), threads (torch.set_num_threads).
 """
@@ -26,14 +36,14 @@ import contextlib
 import copy
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
-from peftkit.bench.harness import BenchRows
+from peftkit.bench.harness import BenchRows, Clocks, count_step_flops, mfu
 from peftkit.paths import glue_root
 from peftkit.config.base import BenchSettings, option
 from peftkit.config.schema import like_train
+from peftkit.utils.env import matmul_peak_flops
 from peftkit.utils.registry import BENCHES
 
 QUICK = dict(steps=10, repeats=5, loftq_matrices=12, loftq_iters=1, step_repeats=5)
@@ -71,8 +81,8 @@ def lora_model(base, s: dict):
     return method, method.prepare(copy.deepcopy(base))
 
 
-def hf_trainer_run(base, rows: list[dict], s: dict) -> float:
-    """Seconds of ``transformers.Trainer.train()`` for ``steps`` steps (model built before the clock)."""
+def hf_trainer_run(base, rows: list[dict], s: dict) -> Clocks:
+    """Wall and CPU seconds of ``transformers.Trainer.train()`` for ``steps`` steps (model built before the clock)."""
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -86,13 +96,13 @@ def hf_trainer_run(base, rows: list[dict], s: dict) -> float:
                                  logging_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
                                  dataloader_num_workers=0, seed=s["seed"], use_cpu=not torch.cuda.is_available())
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=PadCollator(0, False))
-        start = time.perf_counter()
-        trainer.train()
-        return time.perf_counter() - start
+        with Clocks() as spent:
+            trainer.train()
+        return spent
 
 
-def peftkit_run(base, rows: list[dict], s: dict) -> float:
-    """Seconds of peftkit's ``Trainer.train()`` (what ``peftkit finetune`` runs) for ``steps`` steps."""
+def peftkit_run(base, rows: list[dict], s: dict) -> Clocks:
+    """Wall and CPU seconds of peftkit's ``Trainer.train()`` (what ``peftkit finetune`` runs) for ``steps`` steps."""
     from peftkit.config.schema import TrainArgs
     from peftkit.tasks.glue import PadCollator
     from peftkit.train.trainer import Trainer
@@ -103,9 +113,33 @@ def peftkit_run(base, rows: list[dict], s: dict) -> float:
                            log_every=s["steps"], seed=s["seed"], group_by_length=False, select_best=False)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, method, options, Path(out), rows, PadCollator(0, False), log=lambda msg: None)
-        start = time.perf_counter()
-        trainer.train()
-        return time.perf_counter() - start
+        with Clocks() as spent:
+            trainer.train()
+        return spent
+
+
+def lora_step_flops(base, rows: list[dict], s: dict) -> int:
+    """FLOPs of one training step of the LoRA model both tools train, on its first batch (count_step_flops)."""
+    from peftkit.tasks.glue import PadCollator
+
+    method, model = lora_model(base, s)
+    model.train()
+    return count_step_flops(method, model, PadCollator(0, False)(rows[: s["batch_size"]]))
+
+
+def cost_columns(spans: dict[str, list[Clocks]] | None, flops: dict[str, float | None] | None = None,
+                 peak_flops: float | None = None) -> dict:
+    """peftkit_/peer_ seconds, cpu_seconds and mfu of a row from the repeated spans of the two contenders ('peftkit'
+    and 'peer'): medians of wall and of CPU seconds, MFU = flops / median wall / peak; all None for a row that times
+    nothing."""
+    columns = {}
+    for side in ("peftkit", "peer"):
+        timed = (spans or {}).get(side)
+        wall = statistics.median(c.wall for c in timed) if timed else None
+        columns[f"{side}_seconds"] = wall
+        columns[f"{side}_cpu_seconds"] = statistics.median(c.cpu for c in timed) if timed else None
+        columns[f"{side}_mfu"] = mfu((flops or {}).get(side), wall, peak_flops)
+    return columns
 
 
 def trainer_rows(base, s: dict) -> list[dict]:
@@ -115,15 +149,18 @@ def trainer_rows(base, s: dict) -> list[dict]:
     for round_ in range(s["repeats"] + 1):  # alternate, rotating who goes first; round 0 warms up
         order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
         for name in order:
-            seconds = runs[name](base, rows, s)
-            print(f"[peers] round {round_} {name}: {seconds:.2f} s", flush=True)
+            spent = runs[name](base, rows, s)
+            print(f"[peers] round {round_} {name}: {spent.wall:.2f} s ({spent.cpu:.2f} s CPU)", flush=True)
             if round_:
-                times[name].append(seconds)
+                times[name].append(spent)
     examples = s["steps"] * s["batch_size"]
-    speed = {name: examples / statistics.median(t) for name, t in times.items()}
+    speed = {name: examples / statistics.median(c.wall for c in t) for name, t in times.items()}
+    run_flops = s["steps"] * lora_step_flops(base, rows, s)
     return [{"comparison": "LoRA training throughput: peftkit trainer vs transformers.Trainer + peft",
              "peftkit": speed["peftkit"], "peer": speed["hf"], "ratio": speed["peftkit"] / speed["hf"],
              "unit": "examples/second (higher is better)",
+             **cost_columns({"peftkit": times["peftkit"], "peer": times["hf"]},
+                            {"peftkit": run_flops, "peer": run_flops}, matmul_peak_flops("fp32")),
              "setting": f"{s['model']}, {s['task']} rows, batch {s['batch_size']} x {s['max_length']} tokens, "
                         f"{s['steps']} steps per run, median of {s['repeats']} alternating runs"}]
 
@@ -192,17 +229,21 @@ def loftq_rows(base, s: dict) -> list[dict]:
 
     linears = [(n, m) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n
                and m.weight.shape[0] % 64 == 0 and m.weight.shape[1] % 64 == 0][: s["loftq_matrices"]]
-    ratios, ours, theirs = [], [], []
+    errors, spans = {"peftkit": [], "peer": []}, {"peftkit": [], "peer": []}
     for name, module in linears:
         weight = module.weight.detach().float()
-        e_ours = relative_error(weight, *peftkit_loftq(weight, 4, s["loftq_rank"], s["loftq_iters"]))
-        e_peer = relative_error(weight, *peft_loftq(weight, 4, s["loftq_rank"], s["loftq_iters"]))
-        ours.append(e_ours)
-        theirs.append(e_peer)
-        ratios.append(e_ours / e_peer)
+        for side, loftq in (("peftkit", peftkit_loftq), ("peer", peft_loftq)):
+            with Clocks() as clock:
+                q, A, B = loftq(weight, 4, s["loftq_rank"], s["loftq_iters"])
+            spans[side].append(clock)
+            errors[side].append(relative_error(weight, q, A, B))
+    ours, theirs = errors["peftkit"], errors["peer"]
+    ratios = [e_ours / e_peer for e_ours, e_peer in zip(ours, theirs)]
+    totals = {side: [Clocks.summed(clocks)] for side, clocks in spans.items()}  # all matrices: one span per side
     return [{"comparison": "LoftQ 4-bit reconstruction error: peftkit loftq vs peft loftq_init",
              "peftkit": statistics.median(ours), "peer": statistics.median(theirs),
              "ratio": statistics.median(ratios), "unit": "||W - (Q + BA)|| / ||W||, median over matrices (lower is better)",
+             **cost_columns(totals),
              "setting": f"{len(linears)} Linear weights of {s['model']}, NF4 block 64, rank {s['loftq_rank']}, "
                         f"{s['loftq_iters']} iteration(s); ratio range {min(ratios):.4f}..{max(ratios):.4f}"}]
 
@@ -216,20 +257,24 @@ def sparse_rows(base, s: dict) -> list[dict]:
     from peftkit.tasks.glue import PadCollator
 
     batch = PadCollator(0, False)(fixed_length_rows(s, s["batch_size"]))
-    contenders = {}
+    contenders, flops = {}, {}
     for name in ("pafi", "supertuning"):
         method = create_method(name, rho=s["rho"])
         model = method.prepare(copy.deepcopy(base))
         model.train()
+        flops[name] = count_step_flops(method, model, batch)
         contenders[name] = (method, model, training_step(method, model, lr=1e-4))
     times = {name: [] for name in contenders}
     for round_ in range(s["step_repeats"] + 1):
         for name, (method, model, step) in contenders.items():
-            start = time.perf_counter()
-            step(batch)
+            with Clocks() as spent:
+                step(batch)
             if round_:
-                times[name].append(time.perf_counter() - start)
-    step = {n: statistics.median(t) for n, t in times.items()}
+                times[name].append(spent)
+    step = {n: statistics.median(c.wall for c in t) for n, t in times.items()}
+    sides = {"peftkit": "pafi", "peer": "supertuning"}
+    costs = cost_columns({side: times[name] for side, name in sides.items()},
+                         {side: flops[name] for side, name in sides.items()}, matmul_peak_flops("fp32"))
     params = {n: count_parameters(m)[0] for n, (_, m, _) in contenders.items()}
     entries = {n: block_trainable(m) for n, (_, m, _) in contenders.items()}
     setting = (f"{s['model']}, rho {s['rho']} (peft sparsity {1 - s['rho']:.3f}, smallest |w|), batch {s['batch_size']}"
@@ -237,14 +282,16 @@ def sparse_rows(base, s: dict) -> list[dict]:
     return [{"comparison": "sparse tuning step time: peftkit pafi vs peft supertuning", "peftkit": step["pafi"],
              "peer": step["supertuning"], "ratio": step["pafi"] / step["supertuning"],
              "unit": f"seconds per training step, median of {s['step_repeats']} alternating (lower is better)",
-             "setting": setting},
+             **costs, "setting": setting},
             {"comparison": "sparse tuning trainable parameters: peftkit pafi vs peft supertuning",
              "peftkit": params["pafi"], "peer": params["supertuning"], "ratio": params["pafi"] / params["supertuning"],
-             "unit": "trainable parameters, all (task head and pooler included)", "setting": setting},
+             "unit": "trainable parameters, all (task head and pooler included)", **cost_columns(None),
+             "setting": setting},
             {"comparison": "sparse tuning selected entries: peftkit pafi vs peft supertuning",
              "peftkit": entries["pafi"], "peer": entries["supertuning"],
              "ratio": entries["pafi"] / entries["supertuning"],
-             "unit": "trainable parameters outside the task head and pooler (the sparse entries)", "setting": setting}]
+             "unit": "trainable parameters outside the task head and pooler (the sparse entries)", **cost_columns(None),
+             "setting": setting}]
 
 
 HEAD_MARKERS = ("classifier", "pooler", "score")

@@ -38,6 +38,47 @@ def test_both_trainers_run_the_same_number_of_steps_and_report_a_ratio(tiny_peer
     assert "examples/second" in row["unit"]
 
 
+COST_COLUMNS = {f"{side}_{column}" for side in ("peftkit", "peer") for column in ("seconds", "cpu_seconds", "mfu")}
+
+
+def test_the_trainer_row_has_wall_cpu_seconds_and_mfu(tiny_peers, monkeypatch):
+    s, base = tiny_peers
+    monkeypatch.setattr(peers, "matmul_peak_flops", lambda dtype_name: 1e9)  # a stated machine limit
+    [row] = peers.trainer_rows(base, s)
+    assert COST_COLUMNS <= set(row)
+    step_flops = peers.lora_step_flops(base, peers.fixed_length_rows(s, s["steps"] * s["batch_size"]), s)
+    for side in ("peftkit", "peer"):
+        assert row[f"{side}_cpu_seconds"] > 0
+        # examples/second and the wall seconds are one measurement; MFU = steps x step FLOPs / wall / peak
+        assert row[side] == pytest.approx(s["steps"] * s["batch_size"] / row[f"{side}_seconds"])
+        assert row[f"{side}_mfu"] == pytest.approx(s["steps"] * step_flops / row[f"{side}_seconds"] / 1e9)
+
+
+def test_step_flops_are_the_counted_matmuls_of_forward_and_backward():
+    from peftkit.bench.harness import count_step_flops
+
+    class SumOfLinear:  # the loss of a method: one (m x k) @ (k x n) matmul, input without gradient
+        def compute_loss(self, model, batch):
+            return model(batch["x"]).sum()
+
+    m, k, n = 8, 16, 4
+    model = torch.nn.Linear(k, n, bias=False)
+    # forward 2mkn; backward only the weight gradient (the input needs none): 2mkn more
+    assert count_step_flops(SumOfLinear(), model, {"x": torch.randn(m, k)}) == 4 * m * k * n
+    assert model.weight.grad is None  # cleared afterwards
+
+
+def test_clocks_read_wall_and_process_cpu_time(monkeypatch):
+    from peftkit.bench import harness
+
+    monkeypatch.setattr(harness.time, "perf_counter", iter([10.0, 12.5]).__next__)
+    monkeypatch.setattr(harness.time, "process_time", iter([3.0, 3.75]).__next__)
+    with harness.Clocks() as spent:
+        pass
+    assert (spent.wall, spent.cpu) == (2.5, 0.75)
+    assert harness.mfu(4e9, 2.0, 1e9) == 2.0 and harness.mfu(None, 2.0, 1e9) is None
+
+
 def test_peft_loftq_runs_here_and_matches_ours_at_4_bits():
     pytest.importorskip("bitsandbytes")  # peft's LoftQ quantizes with it (in requirements.txt; absent on some GPU images)
     torch.manual_seed(0)
@@ -68,7 +109,26 @@ def test_sparse_peer_rows_compare_the_same_budget(tiny_peers):
         pytest.skip("this peft has no Super-Tuning tuner")
     step, params, entries = peers.sparse_rows(base, s)
     assert step["peftkit"] > 0 and step["peer"] > 0 and step["ratio"] == pytest.approx(step["peftkit"] / step["peer"])
+    assert step["peftkit_seconds"] == step["peftkit"] and step["peer_seconds"] == step["peer"]
+    assert step["peftkit_cpu_seconds"] > 0 and step["peer_cpu_seconds"] > 0
+    assert step["peftkit_mfu"] > 0 and step["peer_mfu"] > 0
+    assert all(params[c] is None and entries[c] is None for c in COST_COLUMNS)  # counts, nothing timed
     assert params["peftkit"] >= entries["peftkit"] and params["peer"] >= entries["peer"]
     # same rho: PaFi ranks across the pool, peft per matrix; the sparse entries agree up to rounding per matrix
     assert entries["ratio"] == pytest.approx(1.0, abs=0.05)
     assert 0 < entries["peer"] < 0.01 * sum(p.numel() for p in base.parameters())
+
+
+def test_the_loftq_row_times_both_sides_and_has_no_mfu(monkeypatch):
+    def loftq(weight, bits, rank, iters):  # a stand-in that works for its CPU time
+        for _ in range(20):
+            weight @ weight.T
+        return torch.zeros_like(weight), torch.zeros(rank, weight.shape[1]), torch.zeros(weight.shape[0], rank)
+
+    monkeypatch.setattr(peers, "peftkit_loftq", loftq)
+    monkeypatch.setattr(peers, "peft_loftq", loftq)
+    base = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 128))
+    [row] = peers.loftq_rows(base, {"loftq_matrices": 2, "loftq_rank": 4, "loftq_iters": 1, "model": "two linears"})
+    assert row["peftkit"] == pytest.approx(1.0) and row["ratio"] == pytest.approx(1.0)
+    for side in ("peftkit", "peer"):
+        assert row[f"{side}_seconds"] > 0 and row[f"{side}_cpu_seconds"] > 0 and row[f"{side}_mfu"] is None
