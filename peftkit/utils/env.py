@@ -110,15 +110,15 @@ def matmul_seconds(dtype_name: str, rows: int, hidden: int, intermediate: int, r
 
 
 def measure_bf16_speedup(rows: int, hidden: int, intermediate: int) -> float:
-    """fp32 seconds over bf16 seconds for the model's matmuls (matmul_seconds). bf16 is first tried on an eighth of
-    the rows: where it is far slower (an AVX2-only CPU, ~100x) the full bf16 measurement would take seconds, and
-    the scaled scout already decides."""
-    fp32 = matmul_seconds("fp32", rows, hidden, intermediate)
+    """fp32 seconds over bf16 seconds for the model's matmuls (matmul_seconds). bf16 and fp32 are first compared on
+    an eighth of the rows: where bf16 is far slower (an AVX2-only CPU, ~100x) the full bf16 measurement would take
+    seconds, and the scouts' ratio already decides."""
     scout_rows = max(1, rows // 8)
-    scout = matmul_seconds("bf16", scout_rows, hidden, intermediate, repeats=0) * rows / scout_rows
-    if scout > 3 * fp32:
-        return fp32 / scout
-    return fp32 / matmul_seconds("bf16", rows, hidden, intermediate)
+    fp32_scout = matmul_seconds("fp32", scout_rows, hidden, intermediate, repeats=1)
+    bf16_scout = matmul_seconds("bf16", scout_rows, hidden, intermediate, repeats=1)
+    if bf16_scout > 3 * fp32_scout:
+        return fp32_scout / bf16_scout
+    return matmul_seconds("fp32", rows, hidden, intermediate) / matmul_seconds("bf16", rows, hidden, intermediate)
 
 
 def _read_precision_cache(path) -> dict:
