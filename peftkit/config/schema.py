@@ -189,6 +189,10 @@ class DataArgs(Section):
     prompt_column: Optional[str] = option(None, "sft: the column holding the prompt (null = 'prompt').", min_length=1)
     response_column: Optional[str] = option(None, "sft: the column holding the answer, the only tokens the loss is "
                                                   "taken on (null = 'response').", min_length=1)
+    packing: bool = option(False, "causal-lm and sft: put several rows into each training row of up to "
+                                  "data.max_length tokens (sft: whole rows, best-fit decreasing; causal-lm: the same "
+                                  "windows). Position ids restart per row and no row attends to or predicts "
+                                  "another, so the loss is on the same tokens; evaluation is not packed.")
 
     @field_validator("train_split", "eval_split")
     @classmethod
@@ -210,6 +214,12 @@ class DataArgs(Section):
             if stray:
                 raise ValueError(f"{stray[0]}: an option for your own data, which data.task {self.task!r} does not "
                                  f"read; set data.train_file or data.dataset_name (and remove data.task)")
+        if self.packing and self.task != OWN_DATA_TASK:
+            raise ValueError(f"packing: packs rows of data.task_type causal-lm or sft data (data.train_file or "
+                             f"data.dataset_name); data.task {self.task!r} has no rows to pack; remove data.packing")
+        if self.packing and self.task_type in ("classification", "regression"):
+            raise ValueError(f"packing: only for data.task_type causal-lm or sft; a {self.task_type} row is one "
+                             f"sequence with one label; remove data.packing")
         return self
 
 

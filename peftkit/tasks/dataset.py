@@ -151,20 +151,24 @@ class SFTCollator:
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
-def lm_windows(tokenizer, rows: list[str], seq_len: int, where: str):
-    """The rows' tokens joined with EOS between them, cut into non-overlapping windows of seq_len."""
+def lm_windows(tokenizer, rows: list[str], seq_len: int, where: str, with_lengths: bool = False):
+    """The rows' tokens joined with EOS between them, cut into non-overlapping windows of seq_len; with
+    ``with_lengths`` also the length of each row in that stream (its EOS included)."""
     import torch
 
     from peftkit.utils.text_windows import consecutive_windows
 
     stream: list[int] = []
+    lengths: list[int] = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for ids in tokenizer(rows, add_special_tokens=False)["input_ids"]:
         stream += ids + eos
+        lengths.append(len(ids) + len(eos))
     if len(stream) < seq_len:
         raise UserError(f"{where} has {len(stream)} tokens, fewer than one window of data.max_length {seq_len}; "
                         f"lower data.max_length or give more rows.")
-    return consecutive_windows(torch.tensor(stream, dtype=torch.long), seq_len)
+    windows = consecutive_windows(torch.tensor(stream, dtype=torch.long), seq_len)
+    return (windows, lengths) if with_lengths else windows
 
 
 # ---- scores --------------------------------------------------------------------------------------
@@ -278,6 +282,9 @@ class OwnData(Task):
             problems.append("data.text_columns: causal-lm trains on one text column")
         if kind in LM_TYPES:
             problems += filter(None, [lm_method_problem(recipe.method_name, f"data.task_type {kind}")])
+        elif d.packing:
+            problems.append(f"data.packing: only for data.task_type causal-lm or sft; this recipe trains {kind} "
+                            f"(one sequence, one label per row); remove data.packing")
         return problems
 
     def __init__(self, recipe):
@@ -290,6 +297,14 @@ class OwnData(Task):
             tokenizer.pad_token = tokenizer.eos_token  # decoders: pad with EOS, as the model config is set to
         return tokenizer
 
+    def build_model(self, method, tokenizer):
+        model = super().build_model(method, tokenizer)
+        if self.recipe.data.packing:
+            from peftkit.tasks.packing import check_documents_stay_apart
+
+            check_documents_stay_apart(model, self.recipe.model.name)
+        return model
+
     def describe(self, data) -> str:
         i = data.info
         line = (f"{self.recipe.model.name} / {self.task_type} on {i['train_source']}: {i['n_train']} training rows, "
@@ -300,6 +315,8 @@ class OwnData(Task):
         if i.get("dropped_train") or i.get("dropped_eval"):
             line += (f"; rows without a response token left after the cut (dropped): {i.get('dropped_train', 0)} "
                      f"training, {i.get('dropped_eval', 0)} validation")
+        if i.get("packed_rows"):
+            line += f"; packed into {i['packed_rows']} training rows of at most {self.recipe.data.max_length} tokens"
         return line
 
     def record(self) -> dict:
@@ -513,12 +530,22 @@ class CausalLM(OwnData):
         require_columns(train, self.text_columns, "data.text_columns")
         require_columns(validation, self.text_columns, "data.text_columns")
         column = self.text_columns[0]
-        train_windows = lm_windows(tokenizer, texts(train, column), d.max_length, train.where)
+        train_windows, lengths = lm_windows(tokenizer, texts(train, column), d.max_length, train.where, True)
         eval_windows = lm_windows(tokenizer, texts(validation, column), d.max_length, validation.where)
         self.info.update({"n_train": len(train.rows), "n_eval": len(validation.rows), "train_source": train.where,
-                          "validation": how, "train_windows": len(train_windows), "eval_windows": len(eval_windows)})
-        return TaskData([{"input_ids": w} for w in train_windows], collate_windows,
-                        lambda model: perplexity_of_windows(model, eval_windows), self.info)
+                          "validation": how, "train_windows": len(train_windows), "eval_windows": len(eval_windows),
+                          "packing": d.packing})
+
+        def evaluate(model) -> dict:
+            return perplexity_of_windows(model, eval_windows)
+
+        if d.packing:  # the same windows; each row attends only to itself inside them
+            from peftkit.tasks.packing import collate_packed_windows, window_positions
+
+            positions = window_positions(lengths, d.max_length, len(train_windows))
+            return TaskData([{"input_ids": w, "position_ids": p} for w, p in zip(train_windows, positions)],
+                            collate_packed_windows, evaluate, self.info)
+        return TaskData([{"input_ids": w} for w in train_windows], collate_windows, evaluate, self.info)
 
     def record(self) -> dict:
         return {**super().record(), "text_columns": self.text_columns}
@@ -550,12 +577,23 @@ class SFT(OwnData):
                                 f"raise data.max_length or shorten the prompts.")
             encoded.append(rows)
             self.info.update({f"longer_{side}": over, f"dropped_{side}": dropped})
-        collate = SFTCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        collate = SFTCollator(pad_id)
         eval_rows, batch_size = encoded[1], self.recipe.train.eval_batch_size
         self.info.update({"n_train": len(encoded[0]), "n_eval": len(eval_rows), "train_source": train.where,
-                          "validation": how, "chat_template": bool(getattr(tokenizer, "chat_template", None))})
-        return TaskData(encoded[0], collate, lambda model: response_loss(model, eval_rows, collate, batch_size),
-                        self.info)
+                          "validation": how, "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+                          "packing": d.packing})
+
+        def evaluate(model) -> dict:
+            return response_loss(model, eval_rows, collate, batch_size)
+
+        if d.packing:  # training rows only: evaluation scores each row alone, so packed and unpacked runs compare
+            from peftkit.tasks.packing import PackedCollator, pack_rows
+
+            packed = pack_rows(encoded[0], d.max_length)
+            self.info["packed_rows"] = len(packed)
+            return TaskData(packed, PackedCollator(pad_id), evaluate, self.info)
+        return TaskData(encoded[0], collate, evaluate, self.info)
 
     def record(self) -> dict:
         prompt, response = self.columns()
