@@ -250,6 +250,10 @@ class Trainer:
         self.optimizer = make_optimizer(options, groups)
         self.precision, why = resolve_precision(
             options.precision, matmul_shapes(self.raw_model, options, train_dataset) if options.precision == "auto" else None)
+        if self.dist.enabled and options.precision == "auto":  # processes timed apart may differ: the main one decides
+            decided = [self.precision, why]
+            torch.distributed.broadcast_object_list(decided, src=0)
+            self.precision, why = decided
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # fp16's narrow range needs the loss scaled (and the gradients unscaled before clipping); bf16 does not
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None

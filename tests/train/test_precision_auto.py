@@ -121,3 +121,19 @@ def test_the_trainer_logs_the_decision_with_the_model_shapes(timed, tmp_path):
     # tiny_bert: hidden 32, intermediate 64; rows = batch 4 x longest sequence 14
     assert ("bf16", 4 * 14, 32, 64) in calls and ("fp32", 4 * 14, 32, 64) in calls
     assert lines == ["precision bf16 (auto: bf16 matmul 3x fp32 at 56x32x64 on Test CPU A, measured)"]
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_under_torchrun_every_process_trains_in_the_main_processes_precision(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "precision_auto_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # rank 1 timed bf16 as slower (fp32 on its own); the main process's bf16 holds for both
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["bf16", "bf16"]
