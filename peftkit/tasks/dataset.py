@@ -14,6 +14,9 @@ What it learns is ``data.task_type``:
                   is taken on the response tokens only (labels -100 on the prompt and on padding); evaluation is
                   the response-only loss and its perplexity.
 
+With ``data.packing: true`` several causal-lm / sft rows share one training row without seeing each other
+(peftkit/tasks/packing.py); evaluation is the same as without it.
+
 Validation rows come from ``data.validation_file``, else the dataset's validation split, else a fixed-seed share
 (``data.validation_fraction``) of the training rows. Rows longer than ``data.max_length`` are truncated and
 counted in the log line that opens the run.
