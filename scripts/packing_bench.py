@@ -93,7 +93,10 @@ def one_run(work: Path, packing: bool, args, index: int) -> dict:
     steps = [r for r in logged if "loss" in r and "elapsed" in r]
     train_losses = [r["loss"] for r in steps]
     # the loop's own time up to the end of its last optimizer step (train_seconds adds the last evaluation and save)
+    first = steps[0]["elapsed"] if steps[0]["step"] == 1 else None
     return {"packing": packing, "steps": metrics["steps"], "train_seconds": steps[-1]["elapsed"],
+            "first_step_seconds": first, "mean_step_seconds_after_first": (
+                (steps[-1]["elapsed"] - first) / (len(steps) - 1) if first is not None and len(steps) > 1 else None),
             "run_train_seconds": metrics["train_seconds"],
             "process_wall_seconds": wall, "process_cpu_seconds": cpu,
             "validation_response_loss_start": metrics["loss_start"], "validation_response_loss": metrics["loss"],
@@ -156,6 +159,9 @@ def build_payload(args, counts: dict, runs: list[dict]) -> dict:
              f"{counts['unpacked_padding_share']:.3f}, packed {counts['packed_padding_share']:.3f}.",
              f"Training tokens/s, packed over unpacked (best run of each): {summary['tokens_per_second_ratio_best']:.3f}; "
              f"tokens per process CPU second: {summary['tokens_per_cpu_second_ratio_best']:.3f}.",
+             f"First optimizer step (mean of the runs): unpacked {mean(False, 'first_step_seconds'):.1f} s, packed "
+             f"{mean(True, 'first_step_seconds'):.1f} s; later steps {mean(False, 'mean_step_seconds_after_first'):.2f} s "
+             f"and {mean(True, 'mean_step_seconds_after_first'):.2f} s.",
              f"Validation answer loss after one epoch (mean of the runs): unpacked "
              f"{mean(False, 'validation_response_loss'):.4f} in {runs[0]['steps']} steps, packed "
              f"{mean(True, 'validation_response_loss'):.4f} in {runs[1]['steps']} steps; before training "
