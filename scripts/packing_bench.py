@@ -26,13 +26,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def children_cpu_seconds() -> float:
@@ -140,6 +133,7 @@ def main() -> None:
 
 
 def build_payload(args, counts: dict, runs: list[dict]) -> dict:
+    from peftkit.utils.env import cpu_model
     from peftkit.utils.tables import machine_info
 
     def best(packing: bool, key: str) -> float:
@@ -166,7 +160,7 @@ def build_payload(args, counts: dict, runs: list[dict]) -> dict:
              f"{mean(False, 'validation_response_loss'):.4f} in {runs[0]['steps']} steps, packed "
              f"{mean(True, 'validation_response_loss'):.4f} in {runs[1]['steps']} steps; before training "
              f"{runs[0]['validation_response_loss_start']:.4f}."]
-    return {"bench": "packing-sft", "machine": {**machine_info(), "cpu_model": cpu_name()},
+    return {"bench": "packing-sft", "machine": {**machine_info(), "cpu_model": cpu_model()},
             "command": " ".join(["python", "scripts/packing_bench.py", *sys.argv[1:]]),
             "settings": vars(args), "data": counts, "rows": runs, "summary": summary, "notes": notes}
 

@@ -18,11 +18,12 @@ import argparse
 import contextlib
 import copy
 import json
-import platform
 import statistics
 import time
 
 import torch
+
+from peftkit.utils.env import cpu_model
 
 CONTENDERS = [  # (label, method, options)
     ("full", "full", {}),
@@ -34,15 +35,6 @@ CONTENDERS = [  # (label, method, options)
 ]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def has_amx() -> bool:
@@ -111,7 +103,7 @@ def main() -> None:
                      "step_seconds": round(statistics.median(times[key]), 3),
                      "trainable_params": trainable_params(model)})
     print(json.dumps({"model": args.model, "batch": args.batch, "seq": args.seq, "threads": args.threads,
-                      "repeats": args.repeats, "cpu": cpu_name(), "amx_bf16": has_amx(),
+                      "repeats": args.repeats, "cpu": cpu_model(), "amx_bf16": has_amx(),
                       "torch": torch.__version__, "rows": rows}, indent=1))
 
 

@@ -85,7 +85,7 @@ def cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown cpu"
+    return platform.processor() or platform.machine() or "unknown cpu"
 
 
 def matmul_seconds(dtype_name: str, rows: int, hidden: int, intermediate: int, repeats: int = 3) -> float:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import platform
 
-from peftkit.utils.env import matmul_kind
+from peftkit.utils.env import cpu_model, matmul_kind
 
 
 def machine_info() -> dict:
     import torch
 
     info = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -20,14 +20,6 @@ def machine_info() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "matmul_kind": matmul_kind(),  # whether bf16 is fast here: AMX, AVX512-BF16 without AMX, AVX2 only, CUDA
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     for pkg in ("transformers", "peft"):
         try:
             from importlib.metadata import version
