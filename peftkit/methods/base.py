@@ -186,7 +186,7 @@ class Method:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def export_delta(self, model) -> dict:
-        """NAME -> (op, {suffix: tensor}) of a loaded run (see delta_format), for ``unmerged_export = "delta"``."""
+        """NAME -> (op, {suffix: tensor}) of a loaded run (see peftkit/artifacts/delta.py), for ``unmerged_export = "delta"``."""
         raise TypeError(f"method {self.name!r} has no compact delta format")
 
     def load_base(self, model_args, task_head: str, num_labels: int | None, problem_type: str | None):
