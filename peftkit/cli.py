@@ -43,8 +43,10 @@ def _main(version: bool = typer.Option(False, "--version", "-V", callback=_versi
 def _run(fn, *args, **kwargs):
     """Call a command body; turn user errors into one paragraph + exit 2, failed runs into exit 1."""
     from peftkit.errors import RunFailed, UserError
+    from peftkit.utils.env import separate_compile_cache_per_capability
     from peftkit.utils.quiet import quiet_libraries
 
+    separate_compile_cache_per_capability()
     quiet_libraries()
     try:
         return fn(*args, **kwargs)

@@ -10,6 +10,11 @@ os.environ.setdefault("PEFTKIT_WIKITEXT", str(Path(__file__).resolve().parents[2
 os.environ.setdefault("PEFTKIT_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from peftkit.utils.env import separate_compile_cache_per_capability  # noqa: E402 - needs the paths above
+
+# a run of the suite with ATEN_CPU_CAPABILITY forced must not reuse kernels another capability compiled
+separate_compile_cache_per_capability()
+
 import pytest  # noqa: E402
 
 

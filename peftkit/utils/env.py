@@ -28,6 +28,28 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def separate_compile_cache_per_capability() -> str | None:
+    """Give torch.compile's kernel cache a folder of its own per forced CPU capability; return it (None: untouched).
+
+    inductor keys its cached C++ kernels by the hardware, not by ``ATEN_CPU_CAPABILITY``: kernels compiled by a
+    default run are reused by a run forced to ``avx2`` on the same machine, where they compute garbage (an
+    "index out of bounds" from the kernel, or a NaN loss). Nothing changes where the capability is not forced or
+    the user chose a cache folder (``TORCHINDUCTOR_CACHE_DIR``)."""
+    import getpass
+    import tempfile
+
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if not capability or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "user"
+    folder = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}-{capability}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
+
+
 def matmul_kind() -> str:
     """A description for machine records (nothing decides from it; precision 'auto' measures): what may make bf16
     fast or slow here: 'cuda-bf16', 'cuda', 'cpu-amx-bf16', 'cpu-avx512-bf16' or 'cpu-avx2'."""

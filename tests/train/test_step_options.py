@@ -141,3 +141,22 @@ def test_fused_adamw_is_selected_and_steps_as_the_unfused_one():
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert not torch.equal(a, before[name])  # both stepped
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_forced_cpu_capability_compiles_into_a_cache_of_its_own(monkeypatch):
+    import os
+
+    from peftkit.utils.env import separate_compile_cache_per_capability
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert separate_compile_cache_per_capability() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    avx2 = separate_compile_cache_per_capability()
+    assert avx2 and avx2.endswith("-avx2") and os.environ["TORCHINDUCTOR_CACHE_DIR"] == avx2
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert separate_compile_cache_per_capability().endswith("-avx512")  # one folder per capability
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/chosen")
+    assert separate_compile_cache_per_capability() is None  # the user's choice stands
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/chosen"
