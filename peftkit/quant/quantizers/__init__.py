@@ -13,6 +13,7 @@ attributes.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,7 +34,7 @@ class BlockWork:
     options: Any  # the quant section (QuantArgs or an object with its fields)
 
 
-class Quantizer:
+class Quantizer(abc.ABC):
     """What a quantizer is: its needs (``calibrated``), what it learns (``learned_clipping``) and the codes it
     writes (``codes``: "uniform", stored in the GPTQ layout; "nf", normal-float, stored for bitsandbytes at 4 bits)."""
 
@@ -43,7 +44,7 @@ class Quantizer:
     codes: ClassVar[str] = "uniform"
     symmetric_refusal: ClassVar[str | None] = None  # why quant.symmetric does not apply, where it does not
 
+    @abc.abstractmethod
     def quantize_block(self, work: BlockWork) -> tuple[dict, list]:
         """(path -> QuantizedWeight for every QuantLinear of ``work.qblock``, CalibReports). Afterwards each QuantLinear
         computes with the weight that is stored (``QuantLinear.freeze``) and holds its initial LoRA."""
-        raise NotImplementedError
