@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -82,13 +83,17 @@ def test_second_run_on_same_output_dir_is_refused_by_the_lock(straight):
     first = start_cli("finetune", path, log=Path(setup["root"]) / "shared-dir.log")
     try:
         _wait_until_training(run, first)
-        # the second run, plain, resuming, or asking to overwrite: each refused, naming the lock
-        for extra in ([], ["train.resume=auto"], ["output.overwrite=true"]):
-            second = invoke("finetune", path, *extra)
-            assert second.exit_code == 2, second.output
-            assert "in use by another run" in second.output and str(run / ".lock") in second.output
-            assert f"process {first.pid}" in second.output
-        assert first.poll() is None, "the first run ended before the second tried; make it longer"
+        # paused mid-run (it keeps its lock): the attempts below meet a live run however fast either machine is
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            # the second run, plain, resuming, or asking to overwrite: each refused, naming the lock
+            for extra in ([], ["train.resume=auto"], ["output.overwrite=true"]):
+                second = invoke("finetune", path, *extra)
+                assert second.exit_code == 2, second.output
+                assert "in use by another run" in second.output and str(run / ".lock") in second.output
+                assert f"process {first.pid}" in second.output
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         assert first.wait(timeout=300) == 0, (Path(setup["root"]) / "shared-dir.log").read_text()
     finally:
         if first.poll() is None:
