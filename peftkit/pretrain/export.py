@@ -5,10 +5,11 @@ fine-tuning method can start from it (``peftkit finetune ... model.name=<dir>``)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from peftkit.utils.atomic import replace_dir
 
 INFO_FILE = "pretrain.json"
 
@@ -22,9 +23,7 @@ def export_encoder(model, tokenizer, out_dir: Path, info: dict | None = None) ->
         model.mlm.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / INFO_FILE).write_text(json.dumps(info or {}, indent=2, default=str))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir, tmp.with_name(f"{tmp.name}-old"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -59,15 +59,16 @@ def load_tokenizer(source: str, paths: list[Path], vocab_size: int, cache_root: 
     target = Path(cache_root) / f"bpe-{_fingerprint(paths, vocab_size)}"
     if (target / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(target)
-    import os
     import shutil
     import tempfile
+
+    from peftkit.utils.atomic import TargetAppeared, publish_dir
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bpe-", dir=target.parent))
     tokenizer = train_bpe(paths, vocab_size, tmp)
     try:
-        os.replace(tmp, target)  # atomic: a concurrent run either sees nothing or the whole tokenizer
-    except OSError:  # another process finished first
+        publish_dir(tmp, target)  # a concurrent run either sees nothing or the whole tokenizer
+    except TargetAppeared:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
