@@ -21,23 +21,45 @@ from torch import nn
 
 from peftkit.quant.gptq_format import dequantize_gptq, to_gptq
 from peftkit.quant.normal_float import nf_dequantize
-from peftkit.quant.packing import pack_codes, unpack_codes
+from peftkit.quant.packing import fast_gptq_layout, pack_codes, unpack_codes, unpack_gptq_t
+
+
+def _rerun_for_backward() -> bool:
+    """Whether this forward's saved tensors are dropped and rebuilt for the backward, or this forward is that
+    rebuild: gradient checkpointing (torch.utils.checkpoint: its pack hook discards what the first forward saves,
+    its recompute hook keeps what the rerun saves until the backward uses it; the reentrant form reruns the forward
+    inside the backward). There, saving the unpacked weight costs nothing for long and spares the backward its own
+    unpack: two unpacks per layer and step with checkpointing, as without it."""
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is not None and getattr(hooks[0], "__qualname__", "").startswith(
+                ("_checkpoint_hook.", "_recomputation_hook.")):
+            return True
+        return torch._C._current_graph_task_id() != -1
+    except (AttributeError, RuntimeError):  # private hooks moved: unpack again in the backward, slower but right
+        return False
 
 
 class _UnpackedMatmul(torch.autograd.Function):
-    """y = x W^T + b with W unpacked by ``unpack()`` in forward and again in backward (nothing weight-sized saved)."""
+    """y = x W^T + b with W^T unpacked by ``unpack_t()``: in the forward, and again in the backward, so that nothing
+    weight-sized is saved (the input x is not saved either: the frozen weight gets no gradient). Under gradient
+    checkpointing the unpacked weight is saved instead (see _rerun_for_backward)."""
 
     @staticmethod
     def forward(ctx, x, bias, module):
-        weight = module.unpack(x.dtype)
+        weight_t = module.unpack_t(x.dtype)
         ctx.module = module
-        return nn.functional.linear(x, weight, bias)
+        ctx.kept = x.requires_grad and _rerun_for_backward()
+        if ctx.kept:
+            ctx.save_for_backward(weight_t)
+        return nn.functional.linear(x, weight_t.T, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.module.unpack(grad_out.dtype)
+            weight_t = ctx.saved_tensors[0] if ctx.kept else ctx.module.unpack_t(grad_out.dtype)
+            grad_x = grad_out @ weight_t.T
         return grad_x, None, None
 
 
@@ -57,6 +79,7 @@ class PackedLinear(nn.Module):
             self.register_buffer("bias", bias)
         else:
             self.bias = None
+        self._fast_gptq = kind == "gptq" and fast_gptq_layout(self.g_idx, bits, group_size, in_features, out_features)
 
     @classmethod
     def from_quantized(cls, quantized, bias: torch.Tensor | None = None) -> "PackedLinear":
@@ -80,6 +103,14 @@ class PackedLinear(nn.Module):
         shape = (self.out_features, self.in_features)
         codes = unpack_codes(self.qweight, self.bits, shape)
         return nf_dequantize(codes, self.absmax, self.bits, self.group_size).to(dtype)
+
+    def unpack_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The transposed weight (in, out) in ``dtype``, equal to ``unpack(dtype).T``. GPTQ at 2, 4 or 8 bits without
+        reordering unpacks straight into this layout (GPTQ packs along the input dimension) in a few whole-tensor
+        ops; other layouts transpose ``unpack``."""
+        if self._fast_gptq:
+            return unpack_gptq_t(self.qweight, self.qzeros, self.scales, self.bits, self.group_size, dtype)
+        return self.unpack(dtype).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

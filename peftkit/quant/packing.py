@@ -41,3 +41,40 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch
     shifts = torch.arange(8, device=packed.device) * bits
     codes = (words[:, None] >> shifts) & (2 ** bits - 1)
     return codes.reshape(-1)[:count].reshape(tuple(shape)).to(torch.uint8)
+
+
+def fast_gptq_layout(g_idx: torch.Tensor, bits: int, group_size: int, in_features: int, out_features: int) -> bool:
+    """Whether ``unpack_gptq_t`` reads these GPTQ tensors: whole bytes of codes (2, 4 or 8 bits), no reordering
+    (g_idx = i // group_size) and groups of whole 32-bit words."""
+    if bits not in (2, 4, 8) or group_size % (32 // bits) or in_features % group_size or g_idx.numel() != in_features:
+        return False
+    return bool(torch.equal(g_idx.long(), torch.arange(in_features, device=g_idx.device) // group_size))
+
+
+def unpack_gptq_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """W^T (in, out) of GPTQ tensors without reordering, equal bit for bit to ``dequantize_gptq(...).T``.
+
+    qweight (in * b / 32, out) packs each output column along the input dimension, so it unpacks into W^T with no
+    transpose of anything weight-sized: byte k of word r holds input rows r * 32/b + k * 8/b + j at bits [b*j, b*j+b).
+    The float16 product scale * (q - z) that GPTQ kernels compute is formed in float32, where it is exact (an 11-bit
+    scale times an integer below 2^8), and rounded once to float16, as float16 arithmetic rounds it. Each step is
+    one whole-tensor op on bytes or floats (per-code shifts of int32 words and gathering scales by g_idx, as
+    ``dequantize_gptq`` does, cost several times more).
+    """
+    words, out_features = qweight.shape
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    in_features = words * 32 // bits
+    groups = in_features // group_size
+    planes = qweight.view(torch.uint8).view(words, out_features, 4).permute(0, 2, 1).contiguous()  # (words, 4, out)
+    codes = torch.empty(words, 4, per_byte, out_features, dtype=torch.uint8, device=qweight.device)
+    for j in range(per_byte):
+        torch.bitwise_and(planes >> (bits * j), mask, out=codes[:, :, j])
+    zero_planes = qzeros.view(torch.uint8)  # (groups, out * b / 8): zero points packed along the output dimension
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=qzeros.device)
+    zeros = ((zero_planes.unsqueeze(-1) >> shifts) & mask).reshape(qzeros.shape[0], -1)[:groups, :out_features]
+    weight = torch.empty(groups, group_size, out_features, dtype=torch.float32, device=qweight.device)
+    weight.copy_(codes.view(groups, group_size, out_features))
+    weight.sub_(zeros.unsqueeze(1)).mul_(scales[:groups].unsqueeze(1).float())
+    weight = weight.view(in_features, out_features).to(torch.float16)
+    return weight if dtype == torch.float16 else weight.float().to(dtype)
