@@ -77,7 +77,15 @@ class TrainArgs(Section):
                "(MEFT's reversible layers), the run logs one line and continues eagerly.")
     strategy: Literal["ddp", "fsdp"] = option(
         "ddp", "Under torchrun: ddp (a full replica per process) or fsdp (FSDP2: parameters, gradients and optimizer "
-               "state sharded across processes, for models that do not fit one device; full, bitfit).")
+               "state sharded across processes, for models that do not fit one device; docs/distributed.md says "
+               "what each method shards).")
+    fsdp_mixed_precision: Literal["none", "bf16"] = option(
+        "none", "Under strategy fsdp: bf16 gathers the parameters in bfloat16 for forward and backward and reduces "
+                "gradients in float32 (FSDP2's MixedPrecisionPolicy); the sharded copy the optimizer updates stays "
+                "float32. none = the parameters' own dtype.")
+    fsdp_cpu_offload: StrictBool = option(
+        False, "Under strategy fsdp: keep the sharded parameters, gradients and optimizer state on the CPU between "
+               "uses (FSDP2's CPUOffloadPolicy; the optimizer step runs on the CPU).")
     group_by_length: StrictBool = option(True, "Batch rows of similar length together (less padding; order stays seeded).")
     select_best: StrictBool = option(True, "Final model = best evaluated checkpoint (false: the last one).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = option(
@@ -376,7 +384,8 @@ class Recipe(Section):
         settings = self.to_dict()
         settings.pop("output", None)
         # how the same arithmetic is executed (threads, compiled or eager) is not a result-changing setting
-        for key in ("resume", "resume_any", "threads", "compile", "log_every", "eval_batch_size", "report_to"):
+        for key in ("resume", "resume_any", "threads", "compile", "log_every", "eval_batch_size", "report_to",
+                    "fsdp_cpu_offload"):
             settings.get("train", {}).pop(key, None)
         return settings
 

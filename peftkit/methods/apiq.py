@@ -92,6 +92,23 @@ class QuantizedLoRA(PeftBackedMethod):
                 raise UserError(f"the LoRA in {quant_dir} does not fit the model: unexpected {result.unexpected_keys[:3]}")
         return peft_model
 
+    def fsdp_units(self, model):
+        """Under FSDP each packed Linear is a unit of its own: its packed tensors (integer codes, float scales) are
+        buffers, which FSDP would replicate, so they become frozen Parameters and are sharded like any weight (same
+        state-dict names); gathered by the unit's own hooks before its forward and again before its backward (which
+        unpacks the weight a second time), and never cast by a mixed-precision policy."""
+        from torch import nn
+
+        from peftkit.quant.packed_linear import PackedLinear
+
+        units = [module for module in model.modules() if isinstance(module, PackedLinear)]
+        for module in units:
+            for name, tensor in list(module._buffers.items()):
+                if tensor is not None:
+                    del module._buffers[name]
+                    module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        return units
+
     def merge(self, model):
         """LoRA folded into the unpacked weights: a plain model of the base architecture, no longer low-bit (the
         weights are the quantized ones plus the LoRA update, in full precision)."""

@@ -46,9 +46,13 @@ class Method:
     name: ClassVar[str] = ""
     Options: ClassVar[type[MethodArgs]] = MethodArgs
     can_merge: ClassVar[bool] = False
-    # FSDP shards parameters into DTensors: methods whose state is plain named parameters work as they are;
-    # parametrizations, peft wrappers and custom autograd functions have not been checked under it.
-    supports_fsdp: ClassVar[bool] = False
+    # train.strategy=fsdp (FSDP2, peftkit/train/distributed.py shard_model): parameters become DTensors between
+    # uses and are gathered by hooks around each unit's forward and backward. Every method is checked under it
+    # (tests/train/test_fsdp_methods.py); False refuses the strategy with a reason.
+    supports_fsdp: ClassVar[bool] = True
+    # Shard each transformer block as a unit of its own (gathered around its own forward and backward). False: the
+    # whole model is one unit, for methods whose forward calls pieces of a block rather than the block.
+    fsdp_blocks: ClassVar[bool] = True
     # Why train.compile runs this method eagerly (one log line), or None: torch.compile is tried, eager where it fails.
     compile_refusal: ClassVar[str | None] = None
     unmerged_export: ClassVar[str] = "peftkit"
@@ -68,6 +72,11 @@ class Method:
         if options is not None and not isinstance(options, self.Options):
             raise TypeError(f"method {self.name!r} takes {self.Options.__name__}, got {type(options).__name__}")
         self.options = options if options is not None else self.Options()
+
+    def fsdp_units(self, model) -> list:
+        """Modules FSDP shards as units of their own, inside the blocks and without a mixed-precision cast (e.g.
+        packed quantized weights); called after ``prepare``, before sharding. Default: none."""
+        return []
 
     # ---- applying the method -------------------------------------------------------------
     def needed(self) -> tuple[str, ...]:

@@ -10,7 +10,6 @@ from peftkit.utils.registry import METHODS
 class BitFit(Method):
     name = "bitfit"
     can_merge = True
-    supports_fsdp = True
     unmerged_export = "delta"
     needs = ("biases",)
 

@@ -10,7 +10,6 @@ from peftkit.utils.registry import METHODS
 class FullFineTuning(Method):
     name = "full"
     can_merge = True
-    supports_fsdp = True
     unmerged_export = "transformers"  # the result is the whole model either way
     heads = frozenset({"seq_cls", "causal_lm"})
 

@@ -17,7 +17,6 @@ from peftkit.utils.registry import METHODS
 class HeadOnly(Method):
     name = "head-only"
     can_merge = True  # the head is part of the base architecture
-    supports_fsdp = True
     unmerged_export = "delta"
 
     def prepare(self, model):

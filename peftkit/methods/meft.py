@@ -472,6 +472,11 @@ class _MEFT(Method):
     needs = ("recomposable_block",)
     # train.compile runs MEFT eagerly: dynamo breaks the graph at every exactness check of the streams (.item())
     compile_refusal = "its reversible layers are a custom autograd.Function that checks its streams on the host"
+    # FSDP: the whole model is one unit. The reversible stack calls pieces of each block (attention, FFN, adapters)
+    # rather than the block, so a block's own FSDP hooks would never gather it; as the root unit, the model is
+    # gathered at its forward and stays gathered until its backward ends, which covers the stack's recomputation
+    # in backward (ReversibleStackFunction.backward). Between steps every parameter is still sharded.
+    fsdp_blocks = False
 
     def _layers_to_wrap(self, container, layers_attr: str):
         """The layer list MEFT will wrap, after the checks both wrappers need."""

@@ -64,7 +64,8 @@ class PeftBackedMethod(Method):
         for key, value in get_peft_model_state_dict(model).items():
             # With bias="all", peft lists a head bias under its own name and under modules_to_save, one storage:
             # safetensors refuses shared storage, so the second name gets its own copy.
-            pointer = value.untyped_storage().data_ptr()
+            local = value.to_local() if hasattr(value, "to_local") else value  # under FSDP: this process's shard
+            pointer = local.untyped_storage().data_ptr()
             state[key] = value.detach().clone() if pointer in seen else value.detach()
             seen.add(pointer)
         return state

@@ -72,16 +72,68 @@ def default_device(info: DistInfo):
     return torch.device("cpu")
 
 
-def shard_model(model) -> None:
-    """FSDP2: shard every transformer block, then the rest of the model, across the process group (gloo on CPU,
-    NCCL on GPUs). Parameters become DTensors; each process holds 1/world of them between uses."""
+def fsdp_policies(options) -> dict:
+    """fully_shard's keyword arguments for ``train.fsdp_mixed_precision`` and ``train.fsdp_cpu_offload``:
+    MixedPrecisionPolicy (bf16: parameters gathered and computed in bfloat16, gradients reduced in float32; the
+    sharded master copy the optimizer updates stays float32) and CPUOffloadPolicy (sharded parameters, gradients
+    and optimizer state live on the CPU between uses; pinned memory only where CUDA exists)."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    kwargs = {}
+    if getattr(options, "fsdp_mixed_precision", "none") == "bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if getattr(options, "fsdp_cpu_offload", False):
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    return kwargs
+
+
+def shard_model(model, method=None, options=None) -> None:
+    """FSDP2: shard the model across the process group (gloo on CPU, NCCL on GPUs). Parameters become DTensors;
+    each process holds 1/world of them between uses (frozen ones too: a frozen base is sharded like a trained one).
+
+    The units, innermost first: the modules the method names (``Method.fsdp_units``, e.g. a quantized base's packed
+    Linears, gathered without a mixed-precision cast), then every transformer block (unless the method's
+    ``fsdp_blocks`` is False: MEFT's reversible stack calls pieces of a block, never the block, so a block's hooks
+    would not gather it), then the rest of the model. A unit is gathered before its forward and again before its
+    backward; the root unit stays gathered from its forward to the end of backward."""
     from torch.distributed.fsdp import fully_shard
+
+    policies = fsdp_policies(options)
+    plain = {k: v for k, v in policies.items() if k != "mp_policy"}
+    for unit in (method.fsdp_units(model) if method is not None else []):
+        fully_shard(unit, **plain)
+    if method is None or method.fsdp_blocks:
+        for block in blocks_of(model):
+            fully_shard(block, **policies)
+    fully_shard(model, **policies)
+
+
+def blocks_of(model) -> list:
+    """The transformer blocks to shard one by one: the family's layer list (inside a peft wrapper too), else, for a
+    model no family describes (the pretraining models of peftkit/pretrain, which hold their encoder inside), the
+    elements of every outermost plain ModuleList."""
+    from torch import nn
 
     from peftkit.models.families import layers_of
 
-    for layer in layers_of(model):
-        fully_shard(layer)
-    fully_shard(model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return list(layers_of(inner))
+    except Exception:  # any failure to find the family's path: look at the structure instead
+        pass
+    found, inside = [], set()
+    for name, module in model.named_modules():
+        if type(module) is nn.ModuleList and not any(name.startswith(prefix) for prefix in inside):
+            found += list(module)
+            inside.add(name + ".")
+    return found
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def full_tensors(state: dict) -> dict:
@@ -89,3 +141,54 @@ def full_tensors(state: dict) -> dict:
     from torch.distributed.tensor import DTensor
 
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def load_method_state(method, model, tensors: dict, device) -> None:
+    """Put whole tensors (a checkpoint's method state) into a sharded model: each tensor whose counterpart in the
+    method's current state is a DTensor is cut into this process's shard first, then the method loads them as it
+    would load plain ones (its own key names, its own checks), so a method's state needs no FSDP-specific loader."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    # After a forward without backward (an evaluation) the root unit stays gathered, and what is written into a
+    # gathered parameter is dropped at the next reshard: load into the shards, which outlive it.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    current = method.trainable_state(model)
+    placed = {}
+    for key, value in tensors.items():
+        ours = current.get(key)
+        if isinstance(ours, DTensor):
+            placed[key] = distribute_tensor(value.to(device=ours.device, dtype=ours.dtype), ours.device_mesh,
+                                            ours.placements)
+        else:
+            placed[key] = value.to(device)
+    method.load_trainable_state(model, placed)
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Load an optimizer state whose moments were saved whole: each is cut like the parameter it belongs to."""
+    import torch
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, moments in state["state"].items():
+        param = params[int(index)]
+        state["state"][index] = {
+            k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements)
+            if isinstance(param, DTensor) and torch.is_tensor(v) and v.shape == param.shape else v
+            for k, v in moments.items()}
+    optimizer.load_state_dict(state)
+
+
+def local_bytes(model) -> tuple[int, int]:
+    """(bytes of parameters this process holds, bytes of the whole parameters): with FSDP about 1/world of them."""
+    from torch.distributed.tensor import DTensor
+
+    held = whole = 0
+    for p in model.parameters():
+        size = p.element_size()
+        whole += p.numel() * size
+        held += (p.to_local().numel() if isinstance(p, DTensor) else p.numel()) * size
+    return held, whole

@@ -32,6 +32,8 @@ from peftkit.train.distributed import (
     barrier,
     default_device,
     full_tensors,
+    load_method_state,
+    load_optimizer_state,
     shard_model,
 )
 from peftkit.train.schedule import make_scheduler
@@ -233,9 +235,9 @@ class Trainer:
             if not method.supports_fsdp:
                 from peftkit.errors import UserError
 
-                raise UserError(f"train.strategy: fsdp is not available for method {method.name!r} (it is for full "
-                                f"and bitfit); use train.strategy=ddp.")
-            shard_model(self.raw_model)
+                raise UserError(f"train.strategy: fsdp is not available for method {method.name!r}; "
+                                f"use train.strategy=ddp.")
+            shard_model(self.raw_model, method, options)
         elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -419,29 +421,14 @@ class Trainer:
 
     def _load_state(self, tensors: dict, optimizer_state: dict | None) -> None:
         """Put a checkpoint's method state (and optimizer state) back; under FSDP each process keeps its shard."""
-        import torch
-
         if not self.sharded:
             self.method.load_trainable_state(self.raw_model, {k: v.to(self.device) for k, v in tensors.items()})
             if optimizer_state is not None:
                 self.optimizer.load_state_dict(optimizer_state)
             return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-        )
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        set_model_state_dict(self.raw_model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
-        if optimizer_state is not None:  # re-shard each whole moment like the parameter it belongs to
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            for index, moments in optimizer_state["state"].items():
-                param = params[int(index)]
-                optimizer_state["state"][index] = {
-                    k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements)
-                    if isinstance(param, DTensor) and torch.is_tensor(v) and v.shape == param.shape else v
-                    for k, v in moments.items()}
-            self.optimizer.load_state_dict(optimizer_state)
+        load_method_state(self.method, self.raw_model, tensors, self.device)
+        if optimizer_state is not None:
+            load_optimizer_state(self.optimizer, optimizer_state)
 
     def resume(self, spec: str, allow_foreign: bool = False, found: tuple | None | object = ...) -> None:
         """Apply ``train.resume``: 'auto' = the latest good checkpoint if any (damaged newer ones are passed over
