@@ -101,6 +101,31 @@ def pretrain(recipe: str = typer.Argument(..., help="Pretraining recipe YAML (ml
     _run(run, recipe, list(overrides or []))
 
 
+@app.command()
+def plan(recipe: str = typer.Argument(..., help="Fine-tune recipe YAML file, or the name of a shipped recipe."),
+         overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+         world_size: int = typer.Option(1, "--world-size", min=1, max=65536, help="Processes (GPUs) under torchrun; "
+                                        "train.strategy fsdp shards weights, gradients and optimizer state over them."),
+         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda where there is one)."),
+         memory: Optional[str] = typer.Option(None, "--memory", help="Memory per device to fit in, e.g. 24GiB "
+                                                                    "(default: the GPU's memory, or this machine's RAM)."),
+         bits: Optional[int] = typer.Option(None, "--bits", min=2, max=4, help="Plan the frozen base packed at 2, 3 "
+                                                                              "or 4 bits (a quantize output says its own)."),
+         json_out: Optional[str] = typer.Option(None, "--json", help="Also write the plan to this JSON file.")):
+    """Memory per device of a fine-tune before launching it: weights, gradients, optimizer state, activations."""
+    if device not in (None, "cuda", "cpu"):
+        typer.echo(f"error: --device {device!r} is not a device the plan knows. Use --device cuda or --device cpu.",
+                   err=True)
+        raise typer.Exit(2)
+
+    def body():
+        from peftkit.commands.plan import plan as run
+
+        typer.echo(run(recipe, list(overrides or []), world_size, device, memory, bits, json_out))
+
+    _run(body)
+
+
 @app.command("eval")
 def evaluate(task: str = typer.Option(..., "--task", help="glue, glue:sst2,mrpc, wikitext2, or labeled rows of "
                                                            "your own: a CSV/JSONL/Parquet file or a dataset id."),

@@ -1,0 +1,169 @@
+"""`peftkit plan`: the per-device memory arithmetic (bench/plan.py) and the command around it.
+
+Every model here is a config.json written to a temporary folder (no weights exist): the plan reads nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers.reliability import invoke
+
+
+def _model_dir(tmp_path, kind: str = "llama", layers: int = 2, **kw):
+    from helpers.tiny import tiny_bert_config
+
+    if kind == "llama":
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model("llama", vocab_size=512, hidden_size=64, intermediate_size=160,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, tie_word_embeddings=False, **kw)
+    else:
+        config = tiny_bert_config(layers=layers, hidden=64, vocab_size=512, max_position_embeddings=256, **kw)
+    path = tmp_path / f"{kind}-{layers}"
+    config.save_pretrained(path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json"]
+    return path
+
+
+def _recipe(model_dir, method: dict, kind: str = "llama", batch: int = 4, seq: int = 64, **train) -> dict:
+    data = {"task": "wikitext2", "max_length": seq} if kind == "llama" else {"task": "sst2", "max_length": seq}
+    model = {"name": str(model_dir), **({"task_head": "causal_lm"} if kind == "llama" else {})}
+    return {"kind": "finetune", "model": model, "data": data, "method": method,
+            "train": {"batch_size": batch, "lr": 1e-4, "max_steps": 10, **train}}
+
+
+def _plan(raw: dict, **kw):
+    from peftkit.bench.plan import plan_recipe
+    from peftkit.config.loader import load_recipe
+
+    return plan_recipe(load_recipe(raw, []), **kw)
+
+
+def test_rows_add_up_to_the_peak_and_count_what_the_model_holds(tmp_path):
+    from helpers.tiny import tiny_llama  # noqa: F401  (the same family the planned config describes)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = _model_dir(tmp_path)
+    real = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    params = sum(p.numel() for p in real.parameters())
+    full = _plan(_recipe(path, {"name": "full"}))
+    rows = {r.name: r.bytes for r in full.rows}
+    assert full.facts["trainable_params"] == params
+    assert rows["trainable"] == rows["gradients"] == 4 * params and rows["weights"] == 0
+    assert rows["optimizer state"] == 8 * params
+    assert full.total == (rows["weights"] + rows["trainable"] + rows["optimizer state"] + rows["communication"]
+                          + max(rows["gradients"], rows["activations"] + full.facts["head_gradient_bytes"]))
+
+    from peftkit.bench.costs import prepare
+
+    _, lora_model = prepare("lora", AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)), {"r": 4})
+    lora = _plan(_recipe(path, {"name": "lora", "r": 4}))
+    trainable = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
+    assert lora.facts["trainable_params"] == trainable
+    assert lora.bytes_of("weights") == 4 * params  # the frozen base at float32; the adapters are the trainable row
+    assert lora.total == (4 * params + 4 * trainable + 8 * trainable + lora.bytes_of("activations"))
+    adamw8bit = _plan(_recipe(path, {"name": "lora", "r": 4}, optimizer="adamw8bit"))
+    assert adamw8bit.bytes_of("optimizer state") == 2 * trainable
+
+
+def test_saved_activations_match_what_autograd_keeps(tmp_path):
+    """The model's saved part against bench.costs.saved_tensor_bytes on real tiny models of both block kinds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from peftkit.bench.costs import make_batch, prepare, saved_tensor_bytes
+    from peftkit.bench.plan import activation_model, model_facts
+    from peftkit.config.loader import load_recipe
+
+    batch, seq = 2, 64
+    for kind, builder in (("llama", AutoModelForCausalLM), ("bert", AutoModelForSequenceClassification)):
+        path = _model_dir(tmp_path, kind, layers=3)
+        for method in ("full", "lora", "meft3"):
+            recipe = load_recipe(_recipe(path, {"name": method}, kind, batch=batch, seq=seq), [])
+            facts = model_facts(recipe)
+            planned = activation_model(facts, method, {}, seq, checkpointing=False)
+            torch.manual_seed(0)
+            config = AutoConfig.from_pretrained(path)
+            _, model = prepare(method, builder.from_config(config))
+            model.train()
+            inputs = make_batch(config.vocab_size, batch, seq)
+            if kind == "llama":
+                inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                          "labels": inputs["input_ids"]}
+            measured = saved_tensor_bytes(model, inputs) / (batch * seq)
+            predicted = 4 * (planned.saved + planned.loss_saved)
+            assert abs(predicted / measured - 1) < 0.1, (kind, method, predicted, measured)
+
+
+def test_fsdp_shards_over_the_world_size_and_ddp_replicates(tmp_path):
+    path = _model_dir(tmp_path)
+    one = _plan(_recipe(path, {"name": "full"}, strategy="fsdp"))
+    four = _plan(_recipe(path, {"name": "full"}, strategy="fsdp"), world_size=4)
+    for row in ("weights", "trainable", "gradients", "optimizer state"):
+        assert four.bytes_of(row) == -(-one.bytes_of(row) // 4), row
+    assert four.bytes_of("activations") == one.bytes_of("activations")  # each process its own micro-batch
+    assert four.bytes_of("communication") > 0 and four.total < one.total
+    ddp = _plan(_recipe(path, {"name": "full"}, strategy="ddp"), world_size=4)
+    for row in ("weights", "trainable", "gradients", "optimizer state", "activations"):
+        assert ddp.bytes_of(row) == one.bytes_of(row), row
+    assert ddp.bytes_of("communication") == ddp.bytes_of("gradients")  # the all-reduce buckets
+
+
+def test_fewer_bits_shrink_the_frozen_weights(tmp_path):
+    from peftkit.bench.plan import packed_bytes
+
+    path = _model_dir(tmp_path)
+    plain = _plan(_recipe(path, {"name": "lora"})).bytes_of("weights")
+    four = _plan(_recipe(path, {"name": "lora"}), bits=4).bytes_of("weights")
+    two = _plan(_recipe(path, {"name": "lora"}), bits=2).bytes_of("weights")
+    assert two < four < plain
+    # GPTQ layout of a 256 x 128 weight in groups of 64 at 2 bits: codes, float16 scales, packed zeros, int32 g_idx
+    assert packed_bytes(256, 128, 2, 64) == 256 * 128 // 4 + 4 * 128 * 2 + 4 * 128 // 4 + 4 * 256
+    with pytest.raises(Exception, match="changes the base weights"):
+        _plan(_recipe(path, {"name": "full"}), bits=4)
+
+
+def test_meft_activations_stay_flat_in_depth_while_lora_grows(tmp_path):
+    def activations(method: str, layers: int) -> int:
+        return _plan(_recipe(_model_dir(tmp_path, layers=layers), {"name": method})).bytes_of("activations")
+
+    lora = activations("lora", 16) / activations("lora", 2)
+    meft = activations("meft3", 16) / activations("meft3", 2)
+    assert lora > 4 and meft == 1.0, (lora, meft)
+
+
+def test_plan_command_prints_the_table_and_json(tmp_path):
+    import yaml
+
+    path = _model_dir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(path, {"name": "lora"})))
+    out = tmp_path / "plan.json"
+    result = invoke("plan", str(recipe), "train.batch_size=2", "--memory", "1KiB", "--device", "cpu", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert "activations" in result.output and "does NOT fit" in result.output
+    data = json.loads(out.read_text())
+    assert data["batch"] == 2 and data["fits"] is False and data["memory"] == 1024
+    assert data["total"] == _plan(_recipe(path, {"name": "lora"}, batch=2)).total
+
+
+@pytest.mark.parametrize("args, words", [
+    (["plan", "no-such-recipe.yaml"], "no-such-recipe"),
+    (["plan", "lora-minilm-sst2", "--memory", "lots"], "not a memory size"),
+    (["plan", "lora-minilm-sst2", "--device", "tpu"], "--device"),
+    (["plan", "lora-minilm-sst2", "model.name=/no/such/model"], "config.json"),
+    (["plan", "hiwi-minilm-sst2"], "no memory model for method"),
+])
+def test_bad_input_exits_2_with_one_paragraph(args, words):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+
+
+def test_help_lists_plan():
+    result = invoke("--help")
+    assert result.exit_code == 0 and "plan" in result.output
+    assert "--world-size" in invoke("plan", "--help").output
