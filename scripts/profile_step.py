@@ -2,7 +2,7 @@
 
     python scripts/profile_step.py --methods full,lora --batch 32 --seq 128 --json docs/results/step-profile.json
 
-For each method (minilm-l6, fp32, the trainer's step: forward, backward, clipping, AdamW, schedule) the rows give
+For each method (minilm-l6, fp32 or --precision bf16, the trainer's step: forward, backward, clipping, AdamW, schedule) the rows give
 the share of the step's CPU time per op group (dropout masks, matmuls, attention, elementwise, normalisation,
 optimizer, the rest), the group's FLOPs where the profiler counts them, and its FLOP/s over the measured matmul peak.
 """
@@ -36,12 +36,22 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def stepper(method, model, precision: str):
+    """The trainer's optimizer step (loss, backward, clipping, AdamW, schedule, the method's hook) in ``precision``."""
+    from peftkit.config.schema import TrainArgs
+    from peftkit.train.trainer import Trainer
+
+    options = TrainArgs(lr=1e-5, weight_decay=0.01, warmup_ratio=0.0, schedule="constant", max_steps=2**31 - 1,
+                        precision=precision)
+    trainer = Trainer.stepper(model, method, options)
+    return lambda batch: trainer.optimizer_step([batch])
+
+
 def main() -> None:
     import copy
 
     import torch
 
-    from peftkit.bench.harness import training_step
     from peftkit.bench.costs import build_model, make_batch, prepare
     from peftkit.utils.env import matmul_kind, matmul_peak_flops
     from peftkit.utils.tables import machine_info
@@ -51,22 +61,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="train.precision of the profiled step (bf16: autocast; its peak is the bf16 matmul's)")
+    parser.add_argument("--top", type=int, default=0, help="also print the N ops with the most self CPU time")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak = matmul_peak_flops("fp32")
+    peak = matmul_peak_flops(args.precision)
     base = build_model({"model": "minilm-l6", "seed": 0})
     batch = make_batch(base.config.vocab_size, args.batch, args.seq)
     rows = []
     for name in args.methods.split(","):
         method, model = prepare(name, copy.deepcopy(base))
         model.train()
-        step = training_step(method, model)
+        step = stepper(method, model, args.precision)
         step(batch)  # warm-up: optimizer state allocated, kernels chosen
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
             step(batch)
         events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
+            print(f"{name:8s} {e.self_cpu_time_total / 1e3:9.1f} ms  {e.count:6d} calls  {e.key}")
         total_us = sum(e.self_cpu_time_total for e in events)
         totals: dict[str, list[float]] = {}
         for e in events:
@@ -81,7 +96,7 @@ def main() -> None:
                      "flops": sum(f for _, f in totals.values()) or None,
                      "fraction_of_matmul_peak": sum(f for _, f in totals.values()) / (total_us / 1e6) / peak})
     payload = {"bench": "step-profile", "machine": {**machine_info(), "matmul_kind": matmul_kind(),
-                                                    "matmul_peak_flops": peak},
+                                                    "matmul_peak_flops": peak, "precision": args.precision},
                "command": " ".join(["python", "scripts/profile_step.py", *sys.argv[1:]]), "rows": rows}
     Path(args.json).write_text(json.dumps(payload, indent=2))
     for row in rows:

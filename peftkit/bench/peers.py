@@ -2,13 +2,18 @@
 
 Rows: comparison, peftkit, peer, ratio (= peftkit / peer), unit, plus what was held equal.
 
-(a) LoRA training throughput: Hugging Face ``transformers.Trainer`` on a peft LoRA model vs peftkit's trainer
-    with its ``lora`` method (what ``peftkit finetune`` runs). Same model (minilm-l6), LoRA options, batch, rows
-    (real SST-2 training rows, every row padded to max_length so that every step has the same shape whatever
-    order either tool draws), steps, optimizer (AdamW, same lr / weight decay, no warmup, clip 1.0) and threads.
-    Each repeat builds a fresh model outside the clock and times the tool's whole ``train()`` call (setup of its
-    data loader / optimizer and peftkit's final checkpoint included: what a user waits for); the tools
-    alternate, the first round is a warm-up; median of the rest -> examples per second.
+(a) Training throughput, LoRA and full fine-tuning: Hugging Face ``transformers.Trainer`` (on the peft LoRA model
+    peftkit's ``lora`` method builds, or on the plain model) vs peftkit's trainer with its ``lora`` / ``full`` method
+    (what ``peftkit finetune`` runs). peftkit runs at its settings for the machine (``precision``, default auto:
+    bf16 where measured faster; ``compile``), and transformers.Trainer in the precision peftkit resolved to
+    (``bf16=True`` where that is bf16). Same model (minilm-l6), batch, rows (real SST-2 training rows that each fill
+    max_length tokens, so every step has one shape and nothing is padded whatever order either tool draws), steps,
+    optimizer (AdamW, same lr / weight decay, linear decay without warmup, clip 1.0) and threads (one by default).
+    Each run builds a fresh model outside the clock; the clock spans the training loop, from the start of the first
+    optimizer step to the end of the last (neither tool's setup before it, nor peftkit's final checkpoint after
+    it). The tools alternate, the first round is a warm-up; medians of the rest. Two rows per method: examples per
+    second (wall) and examples per process CPU-second (on a machine shared with other work the wall clock also
+    counts time spent waiting for a core).
 (b) LoftQ at 4 bits: peft.utils.loftq_utils.loftq_init (bitsandbytes NF4, block 64; it hard-codes a CUDA/XPU
     compute device, so a local wrapper rewrites that device to the weight's own while it runs; site-packages
     untouched) vs peftkit.quant.loftq.loftq_init (NF4, group 64) on the same weight matrices, same rank and
@@ -16,18 +21,19 @@ Rows: comparison, peftkit, peer, ratio (= peftkit / peer), unit, plus what was h
 (c) PaFi vs peft's Super-Tuning tuner (smallest |w|, the same trainable fraction): training step time
     (alternating, median) and trainable parameters on the same model and batch.
 
-Beside each timed figure, per contender: wall seconds (``*_seconds``: a whole train() run in (a), all matrices in
+Beside each timed figure, per contender: wall seconds (``*_seconds``: the training loop of a run in (a), all matrices in
 (b), one step in (c); medians where repeated), process CPU seconds over the same span (``*_cpu_seconds``: every
 thread of the process, so cpu / wall is about the cores kept busy) and MFU (``*_mfu``) = FLOPs / wall seconds /
-matmul_peak_flops("fp32") (the best of five 1024^2 fp32 matmuls here, same threads). FLOPs = what
+matmul_peak_flops of the precision the row trained in (the best of five 1024^2 matmuls here, same threads; fp32
+outside (a)). FLOPs = what
 torch.utils.flop_counter counts in one training forward + backward of the contender's model on one batch (2·m·n·k
 per matmul; elementwise work and the optimizer not counted), times the steps of the span: in (a) the same count for
-both tools (the same LoRA model and batches), and the wall time includes each tool's setup and peftkit's final
-checkpoint, so it is the MFU a user's run gets. LoftQ (b) is not a training step: its MFU is null; so are the
+both tools (the same model and batches). LoftQ (b) is not a training step: its MFU is null; so are the
 columns of rows that time nothing (parameter counts).
 
-options (all optional): model, data_root, task, batch_size, max_length, steps, repeats, lr, lora_r, lora_alpha,
-loftq_rank, loftq_iters, loftq_matrices, rho, skip (list of a/b/c), threads (torch.set_num_threads).
+options (all optional): model, data_root, task, batch_size, max_length, steps, repeats, lr (LoRA), full_lr, methods
+(lora, full), precision, compile, lora_r, lora_alpha, loftq_rank, loftq_iters, loftq_matrices, rho, skip (list of
+a/b/c), threads (torch.set_num_threads; 1 by default).
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ import contextlib
 import copy
 import statistics
 import tempfile
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from peftkit.bench.harness import BenchRows, Clocks, count_step_flops, mfu
 from peftkit.paths import glue_root
@@ -48,15 +55,17 @@ from peftkit.utils.registry import BENCHES
 
 QUICK = dict(steps=10, repeats=5, loftq_matrices=12, loftq_iters=1, step_repeats=5)
 FULL = dict(steps=40, repeats=7, loftq_matrices=36, loftq_iters=5, step_repeats=10)
-DEFAULTS = dict(model="minilm-l6", data_root=None, task="sst2", batch_size=16, max_length=64, lr=1e-3,
-                threads=None, weight_decay=0.01, lora_r=8, lora_alpha=16.0, loftq_rank=16, rho=0.005, seed=42, skip=())
+DEFAULTS = dict(model="minilm-l6", data_root=None, task="sst2", batch_size=32, max_length=32, lr=1e-3, full_lr=2e-5,
+                threads=1, weight_decay=0.01, lora_r=8, lora_alpha=16.0, loftq_rank=16, rho=0.005, seed=42, skip=(),
+                methods=("lora", "full"), precision="auto", compile=False)
 
 
 def settings(quick: bool, options: dict) -> dict:
     s = {**DEFAULTS, **(QUICK if quick else FULL)}
     s.update({k: v for k, v in (options or {}).items() if v is not None})
-    if isinstance(s["skip"], str):
-        s["skip"] = [p.strip() for p in s["skip"].split(",") if p.strip()]
+    for key in ("skip", "methods"):
+        if isinstance(s[key], str):
+            s[key] = [p.strip() for p in s[key].split(",") if p.strip()]
     return s
 
 
@@ -73,58 +82,154 @@ def fixed_length_rows(s: dict, n: int) -> list[dict]:
     return [{k: (v + [pad[k]] * (s["max_length"] - len(v)) if k in pad else v) for k, v in r.items()} for r in rows]
 
 
-# ---- (a) HF Trainer + peft LoRA vs peftkit LoRA -------------------------------------------------------
-def lora_model(base, s: dict):
+# ---- (a) transformers.Trainer vs peftkit's trainer, LoRA and full fine-tuning -----------------------------
+def filled_rows(s: dict, n: int) -> list[dict]:
+    """``n`` training rows that each fill max_length tokens (longer sentences cut there, shorter ones left out), in
+    file order, repeated from the start where the split has fewer: every batch has one shape and no padding, so
+    neither tool gains from how it pads or orders rows."""
+    from peftkit.errors import UserError
+    from peftkit.models.load import load_tokenizer
+    from peftkit.tasks.glue import get_task, load_rows, tokenize_rows
+
+    task = get_task(s["task"])
+    tokenizer = load_tokenizer(s["model"])
+    source = load_rows(task.name, "train", s["data_root"])
+    filled = []
+    for start in range(0, len(source), 4096):  # tokenize in chunks: most runs need a small part of the split
+        tokenized = tokenize_rows(task, source[start : start + 4096], tokenizer, s["max_length"])
+        filled += [r for r in tokenized if len(r["input_ids"]) == s["max_length"]]
+        if len(filled) >= n:
+            break
+    if not filled:
+        raise UserError(f"bench peers: no {task.name} training row fills max_length={s['max_length']} tokens with "
+                        f"{s['model']}'s tokenizer; set a smaller max_length.")
+    return [filled[i % len(filled)] for i in range(n)]
+
+
+def method_model(base, s: dict, name: str):
+    """(method, model) of peftkit's method ``name`` ('lora' or 'full') on a copy of ``base``: the one model both
+    tools train (transformers.Trainer gets the peft model that peftkit's lora method builds)."""
     from peftkit.methods import create_method
 
-    method = create_method("lora", r=s["lora_r"], alpha=s["lora_alpha"])
+    method = create_method("lora", r=s["lora_r"], alpha=s["lora_alpha"]) if name == "lora" else create_method(name)
     return method, method.prepare(copy.deepcopy(base))
 
 
-def hf_trainer_run(base, rows: list[dict], s: dict) -> Clocks:
-    """Wall and CPU seconds of ``transformers.Trainer.train()`` for ``steps`` steps (model built before the clock)."""
-    import torch
-    from transformers import Trainer, TrainingArguments
+def lora_model(base, s: dict):
+    return method_model(base, s, "lora")
 
-    from peftkit.tasks.glue import PadCollator
 
-    _, model = lora_model(base, s)
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, max_steps=s["steps"], per_device_train_batch_size=s["batch_size"],
-                                 learning_rate=s["lr"], weight_decay=s["weight_decay"], warmup_steps=0,
-                                 lr_scheduler_type="linear", max_grad_norm=1.0, save_strategy="no",
-                                 logging_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-                                 dataloader_num_workers=0, seed=s["seed"], use_cpu=not torch.cuda.is_available())
-        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=PadCollator(0, False))
-        with Clocks() as spent:
-            trainer.train()
+def method_lr(s: dict, name: str) -> float:
+    return s["lr"] if name == "lora" else s["full_lr"]
+
+
+class LoopSpan:
+    """Wall and process CPU seconds from the start of a run's first optimizer step to the end of its last: the
+    training loop, without either tool's setup before it or peftkit's final checkpoint after it."""
+
+    def __init__(self):
+        self.start = self.end = None
+
+    def begin(self) -> None:
+        if self.start is None:
+            self.start = (time.perf_counter(), time.process_time())
+
+    def finish(self) -> None:
+        self.end = (time.perf_counter(), time.process_time())
+
+    def clocks(self) -> Clocks:
+        spent = Clocks()
+        spent.wall, spent.cpu = self.end[0] - self.start[0], self.end[1] - self.start[1]
         return spent
 
 
-def peftkit_run(base, rows: list[dict], s: dict) -> Clocks:
-    """Wall and CPU seconds of peftkit's ``Trainer.train()`` (what ``peftkit finetune`` runs) for ``steps`` steps."""
+def hf_trainer_run(base, rows: list[dict], s: dict, name: str = "lora", precision: str = "fp32") -> Clocks:
+    """The training loop's wall and CPU seconds in ``transformers.Trainer.train()`` for ``steps`` steps (model built
+    before the clock), in bf16 autocast (``bf16=True``) where peftkit trains in bf16."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from peftkit.tasks.glue import PadCollator
+
+    span = LoopSpan()
+
+    class Span(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            span.begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            span.finish()
+
+    _, model = method_model(base, s, name)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, max_steps=s["steps"], per_device_train_batch_size=s["batch_size"],
+                                 learning_rate=method_lr(s, name), weight_decay=s["weight_decay"], warmup_steps=0,
+                                 lr_scheduler_type="linear", max_grad_norm=1.0, save_strategy="no",
+                                 logging_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+                                 dataloader_num_workers=0, seed=s["seed"], use_cpu=not torch.cuda.is_available(),
+                                 bf16=precision == "bf16", fp16=precision == "fp16")
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=PadCollator(0, False),
+                          callbacks=[Span()])
+        trainer.train()
+    return span.clocks()
+
+
+def peftkit_options(s: dict, name: str):
     from peftkit.config.schema import TrainArgs
+
+    return TrainArgs(max_steps=s["steps"], batch_size=s["batch_size"], lr=method_lr(s, name),
+                     weight_decay=s["weight_decay"], warmup_ratio=0.0, schedule="linear", max_grad_norm=1.0,
+                     log_every=s["steps"], seed=s["seed"], group_by_length=False, select_best=False,
+                     precision=s["precision"], compile=s["compile"])
+
+
+def peftkit_run(base, rows: list[dict], s: dict, name: str = "lora", precision: str | None = None) -> Clocks:
+    """The training loop's wall and CPU seconds in peftkit's ``Trainer.train()`` (what ``peftkit finetune`` runs)
+    for ``steps`` steps, at the bench's train.precision and train.compile (``precision``: what that must resolve to,
+    the precision the peer was given)."""
     from peftkit.tasks.glue import PadCollator
     from peftkit.train.trainer import Trainer
 
-    method, model = lora_model(base, s)
-    options = TrainArgs(max_steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"],
-                           weight_decay=s["weight_decay"], warmup_ratio=0.0, schedule="linear", max_grad_norm=1.0,
-                           log_every=s["steps"], seed=s["seed"], group_by_length=False, select_best=False)
+    method, model = method_model(base, s, name)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, method, options, Path(out), rows, PadCollator(0, False), log=lambda msg: None)
-        with Clocks() as spent:
-            trainer.train()
-        return spent
+        trainer = Trainer(model, method, peftkit_options(s, name), Path(out), rows, PadCollator(0, False),
+                          log=lambda msg: None)
+        if precision is not None and trainer.precision != precision:
+            raise RuntimeError(f"peftkit resolved precision {trainer.precision}, the peer was given {precision}")
+        span, step = LoopSpan(), trainer.optimizer_step
+
+        def timed_step(batches):
+            span.begin()
+            result = step(batches)
+            span.finish()
+            return result
+
+        trainer.optimizer_step = timed_step
+        trainer.train()
+    return span.clocks()
+
+
+def resolved_precision(base, rows: list[dict], s: dict) -> str:
+    """What peftkit's trainer resolves the bench's train.precision to for this model and these rows."""
+    from peftkit.train.trainer import matmul_shapes
+    from peftkit.utils.env import resolve_precision
+
+    options = peftkit_options(s, "lora")
+    shapes = matmul_shapes(base, options, rows) if options.precision == "auto" else None
+    return resolve_precision(options.precision, shapes)[0]
+
+
+def method_step_flops(base, rows: list[dict], s: dict, name: str = "lora") -> int:
+    """FLOPs of one training step of the model both tools train, on its first batch (count_step_flops)."""
+    from peftkit.tasks.glue import PadCollator
+
+    method, model = method_model(base, s, name)
+    model.train()
+    return count_step_flops(method, model, PadCollator(0, False)(rows[: s["batch_size"]]))
 
 
 def lora_step_flops(base, rows: list[dict], s: dict) -> int:
-    """FLOPs of one training step of the LoRA model both tools train, on its first batch (count_step_flops)."""
-    from peftkit.tasks.glue import PadCollator
-
-    method, model = lora_model(base, s)
-    model.train()
-    return count_step_flops(method, model, PadCollator(0, False)(rows[: s["batch_size"]]))
+    return method_step_flops(base, rows, s, "lora")
 
 
 def cost_columns(spans: dict[str, list[Clocks]] | None, flops: dict[str, float | None] | None = None,
@@ -142,27 +247,44 @@ def cost_columns(spans: dict[str, list[Clocks]] | None, flops: dict[str, float |
     return columns
 
 
+METHOD_LABELS = {"lora": "LoRA", "full": "full fine-tuning"}
+
+
 def trainer_rows(base, s: dict) -> list[dict]:
-    rows = fixed_length_rows(s, s["steps"] * s["batch_size"])
-    runs = {"peftkit": peftkit_run, "hf": hf_trainer_run}
-    times = {name: [] for name in runs}
-    for round_ in range(s["repeats"] + 1):  # alternate, rotating who goes first; round 0 warms up
-        order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
-        for name in order:
-            spent = runs[name](base, rows, s)
-            print(f"[peers] round {round_} {name}: {spent.wall:.2f} s ({spent.cpu:.2f} s CPU)", flush=True)
-            if round_:
-                times[name].append(spent)
-    examples = s["steps"] * s["batch_size"]
-    speed = {name: examples / statistics.median(c.wall for c in t) for name, t in times.items()}
-    run_flops = s["steps"] * lora_step_flops(base, rows, s)
-    return [{"comparison": "LoRA training throughput: peftkit trainer vs transformers.Trainer + peft",
-             "peftkit": speed["peftkit"], "peer": speed["hf"], "ratio": speed["peftkit"] / speed["hf"],
-             "unit": "examples/second (higher is better)",
-             **cost_columns({"peftkit": times["peftkit"], "peer": times["hf"]},
-                            {"peftkit": run_flops, "peer": run_flops}, matmul_peak_flops("fp32")),
-             "setting": f"{s['model']}, {s['task']} rows, batch {s['batch_size']} x {s['max_length']} tokens, "
-                        f"{s['steps']} steps per run, median of {s['repeats']} alternating runs"}]
+    rows = filled_rows(s, s["steps"] * s["batch_size"])
+    precision = resolved_precision(base, rows, s)
+    peak = matmul_peak_flops(precision if precision in ("bf16", "fp16") else "fp32")
+    out = []
+    for name in s["methods"]:
+        runs = {"peftkit": peftkit_run, "peer": hf_trainer_run}
+        times = {side: [] for side in runs}
+        for round_ in range(s["repeats"] + 1):  # alternate, rotating who goes first; round 0 warms up
+            order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
+            for side in order:
+                spent = runs[side](base, rows, s, name, precision)
+                print(f"[peers] {name} round {round_} {side}: {spent.wall:.2f} s ({spent.cpu:.2f} s CPU)", flush=True)
+                if round_:
+                    times[side].append(spent)
+        examples = s["steps"] * s["batch_size"]
+        per_second = {side: examples / statistics.median(c.wall for c in t) for side, t in times.items()}
+        per_cpu = {side: examples / statistics.median(c.cpu for c in t) for side, t in times.items()}
+        run_flops = s["steps"] * method_step_flops(base, rows, s, name)
+        costs = cost_columns(times, {"peftkit": run_flops, "peer": run_flops}, peak)
+        setting = (f"{s['model']}, {s['task']} rows that fill {s['max_length']} tokens, batch {s['batch_size']}, "
+                   f"{s['steps']} steps per run (the loop from the first step's start to the last step's end), "
+                   f"precision {precision} in both (peftkit train.precision={s['precision']}, transformers "
+                   f"bf16={precision == 'bf16'}), peftkit train.compile={s['compile']}, lr {method_lr(s, name)} "
+                   f"linear to 0, clip 1.0, median of {s['repeats']} alternating runs")
+        label = METHOD_LABELS.get(name, name)
+        common = {**costs, "precision": precision, "mfu_peak": f"{precision} matmul", "setting": setting}
+        out += [{"comparison": f"{label} training throughput: peftkit trainer vs transformers.Trainer",
+                 "peftkit": per_second["peftkit"], "peer": per_second["peer"],
+                 "ratio": per_second["peftkit"] / per_second["peer"],
+                 "unit": "examples/second of the training loop (higher is better)", **common},
+                {"comparison": f"{label} training examples per CPU-second: peftkit trainer vs transformers.Trainer",
+                 "peftkit": per_cpu["peftkit"], "peer": per_cpu["peer"], "ratio": per_cpu["peftkit"] / per_cpu["peer"],
+                 "unit": "examples per process CPU-second of the training loop (higher is better)", **common}]
+    return out
 
 
 # ---- (b) LoftQ ----------------------------------------------------------------------------------------
@@ -355,11 +477,15 @@ class PeersSettings(BenchSettings):
     loftq_matrices: Optional[int] = option(None, "Weight matrices LoftQ is compared on (quick 12, full 36).", ge=1, le=100_000)
     loftq_iters: Optional[int] = option(None, "LoftQ alternations (quick 1, full 5).", ge=1, le=1000)
     loftq_rank: Optional[int] = option(None, "LoftQ rank (16).", ge=1, le=65536)
-    batch_size: like_train("batch_size") = option(None, "Rows per step (16).")
-    max_length: Optional[int] = option(None, "Tokens per row (64).", ge=2, le=1_048_576)
-    lr: like_train("lr") = option(None, "Learning rate (1e-3).")
+    batch_size: like_train("batch_size") = option(None, "Rows per step (32).")
+    max_length: Optional[int] = option(None, "Tokens per row (32).", ge=2, le=1_048_576)
+    lr: like_train("lr") = option(None, "LoRA learning rate (1e-3).")
+    full_lr: like_train("lr") = option(None, "Full fine-tuning learning rate (2e-5).")
+    methods: Optional[list[Literal["lora", "full"]]] = option(None, "Methods the trainers are compared on (lora, full).")
+    precision: like_train("precision") = option(None, "peftkit's train.precision; the peer runs in what it resolves to (auto).")
+    compile: like_train("compile") = option(None, "peftkit's train.compile (false).")
     weight_decay: like_train("weight_decay") = option(None, "AdamW weight decay (0.01).")
-    threads: like_train("threads") = option(None, "torch threads.")
+    threads: like_train("threads") = option(None, "torch threads (1: one thread per contender on a shared machine).")
     lora_r: Optional[int] = option(None, "LoRA rank (8).", ge=1, le=65536)
     lora_alpha: Optional[float] = option(None, "LoRA alpha (16).", gt=0, le=1e6)
     rho: Optional[float] = option(None, "Sparse fraction of PaFi and supertuning (0.005).", gt=0, lt=1)

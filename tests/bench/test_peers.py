@@ -25,33 +25,102 @@ def test_rows_are_fixed_length_real_rows(tiny_peers):
     assert {r["labels"] for r in rows} == {0, 1}
 
 
-def test_both_trainers_run_the_same_number_of_steps_and_report_a_ratio(tiny_peers, monkeypatch):
+@pytest.fixture
+def filled_peers(tiny_peers):
     s, base = tiny_peers
-    steps_seen = {}
-    real_hf, real_ours = peers.hf_trainer_run, peers.peftkit_run
-    monkeypatch.setattr(peers, "hf_trainer_run", lambda b, r, o: steps_seen.setdefault("hf", len(r)) and real_hf(b, r, o))
-    monkeypatch.setattr(peers, "peftkit_run", lambda b, r, o: steps_seen.setdefault("ours", len(r)) and real_ours(b, r, o))
-    [row] = peers.trainer_rows(base, s)
-    assert steps_seen == {"hf": 8, "ours": 8}  # the same 2 steps x 4 rows for both tools
-    assert row["peftkit"] > 0 and row["peer"] > 0
-    assert row["ratio"] == pytest.approx(row["peftkit"] / row["peer"])
-    assert "examples/second" in row["unit"]
+    return {**s, "max_length": 8, "precision": "fp32"}, base  # the tiny sentences fill 8 tokens, not 16
+
+
+def test_trainer_rows_are_real_rows_that_fill_max_length_without_padding(filled_peers):
+    s, _ = filled_peers
+    rows = peers.filled_rows(s, 40)  # more than the tiny split holds rows that fill 8 tokens: repeated
+    assert len(rows) == 40
+    assert {len(r["input_ids"]) for r in rows} == {8} and {sum(r["attention_mask"]) for r in rows} == {8}
+    assert {r["labels"] for r in rows} == {0, 1}
+
+
+def test_no_row_fills_max_length_is_a_user_error(filled_peers):
+    from peftkit.errors import UserError
+
+    s, _ = filled_peers
+    with pytest.raises(UserError, match="max_length=512"):
+        peers.filled_rows({**s, "max_length": 512}, 4)
+
+
+def test_both_trainers_run_each_method_on_the_same_rows_in_the_same_precision(filled_peers, monkeypatch):
+    s, base = filled_peers
+    seen = []
+    real = {"hf": peers.hf_trainer_run, "ours": peers.peftkit_run}
+
+    def recording(side):
+        def run(b, rows, o, name, precision):
+            seen.append((side, name, len(rows), precision))
+            return real[side](b, rows, o, name, precision)
+        return run
+
+    monkeypatch.setattr(peers, "hf_trainer_run", recording("hf"))
+    monkeypatch.setattr(peers, "peftkit_run", recording("ours"))
+    rows = peers.trainer_rows(base, s)
+    # 1 warm-up + 1 timed round per tool and method, the same 2 steps x 4 rows, the precision peftkit resolved
+    assert sorted(seen) == sorted([(side, name, 8, "fp32") for side in ("hf", "ours") for name in ("lora", "full")
+                                   for _ in range(2)])
+    assert [r["comparison"].split(" training")[0] for r in rows] == ["LoRA", "LoRA", "full fine-tuning",
+                                                                     "full fine-tuning"]
+    for row in rows:
+        assert row["peftkit"] > 0 and row["peer"] > 0 and row["precision"] == "fp32"
+        assert row["ratio"] == pytest.approx(row["peftkit"] / row["peer"])
+
+
+def test_the_peer_trains_in_bf16_where_peftkit_resolves_bf16(filled_peers, monkeypatch):
+    import transformers
+
+    s, base = filled_peers
+    given = []
+    real_args = transformers.TrainingArguments
+
+    def recording_args(*args, **kwargs):
+        given.append(kwargs.get("bf16"))
+        return real_args(*args, **kwargs)
+
+    monkeypatch.setattr(transformers, "TrainingArguments", recording_args)
+    s = {**s, "precision": "bf16", "steps": 1}
+    rows = peers.filled_rows(s, 4)
+    assert peers.resolved_precision(base, rows, s) == "bf16"
+    peers.hf_trainer_run(base, rows, s, "full", "bf16")
+    assert given == [True]
+    with pytest.raises(RuntimeError, match="resolved precision bf16, the peer was given fp32"):
+        peers.peftkit_run(base, rows, s, "full", "fp32")
 
 
 COST_COLUMNS = {f"{side}_{column}" for side in ("peftkit", "peer") for column in ("seconds", "cpu_seconds", "mfu")}
 
 
-def test_the_trainer_row_has_wall_cpu_seconds_and_mfu(tiny_peers, monkeypatch):
-    s, base = tiny_peers
+def test_the_trainer_rows_have_wall_cpu_seconds_and_mfu(filled_peers, monkeypatch):
+    s, base = filled_peers
+    s = {**s, "methods": ["full"]}
     monkeypatch.setattr(peers, "matmul_peak_flops", lambda dtype_name: 1e9)  # a stated machine limit
-    [row] = peers.trainer_rows(base, s)
-    assert COST_COLUMNS <= set(row)
-    step_flops = peers.lora_step_flops(base, peers.fixed_length_rows(s, s["steps"] * s["batch_size"]), s)
+    per_second, per_cpu = peers.trainer_rows(base, s)
+    step_flops = peers.method_step_flops(base, peers.filled_rows(s, s["steps"] * s["batch_size"]), s, "full")
+    examples = s["steps"] * s["batch_size"]
     for side in ("peftkit", "peer"):
-        assert row[f"{side}_cpu_seconds"] > 0
-        # examples/second and the wall seconds are one measurement; MFU = steps x step FLOPs / wall / peak
-        assert row[side] == pytest.approx(s["steps"] * s["batch_size"] / row[f"{side}_seconds"])
-        assert row[f"{side}_mfu"] == pytest.approx(s["steps"] * step_flops / row[f"{side}_seconds"] / 1e9)
+        assert COST_COLUMNS <= set(per_second) and per_second[f"{side}_cpu_seconds"] > 0
+        # examples/second and the wall seconds are one measurement; per CPU-second, the CPU seconds
+        assert per_second[side] == pytest.approx(examples / per_second[f"{side}_seconds"])
+        assert per_cpu[side] == pytest.approx(examples / per_cpu[f"{side}_cpu_seconds"])
+        # MFU = steps x step FLOPs / wall / peak
+        assert per_second[f"{side}_mfu"] == pytest.approx(s["steps"] * step_flops / per_second[f"{side}_seconds"] / 1e9)
+
+
+def test_the_loop_span_starts_at_the_first_step_and_ends_at_the_last(monkeypatch):
+    clock = iter([1.0, 0.5, 3.0, 1.0, 7.0, 2.5])  # (wall, cpu) at: begin of step 1, end of step 1, end of step 2
+    monkeypatch.setattr(peers.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(peers.time, "process_time", lambda: next(clock))
+    span = peers.LoopSpan()
+    span.begin()
+    span.finish()
+    span.begin()  # a later step's begin does not move the start
+    span.finish()
+    assert (span.clocks().wall, span.clocks().cpu) == (6.0, 2.0)
 
 
 def test_step_flops_are_the_counted_matmuls_of_forward_and_backward():
