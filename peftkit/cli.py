@@ -257,11 +257,21 @@ def export(run: str = typer.Argument(..., help="Run directory (runs/<name>) or i
            merge: Optional[bool] = typer.Option(None, "--merge/--no-merge",
                                                 help="Merge the method into a plain transformers model, or keep it "
                                                      "separate (peft adapter, compact delta, or peftkit's format). "
-                                                     "Default: merge when the method can.")):
+                                                     "Default: merge when the method can."),
+           merge_mode: Optional[str] = typer.Option(
+               None, "--merge-mode", help="LoRA on a quantized base (apiq): calibrated (re-quantize to the base's bits, "
+                                          "calibrated on text; the default), naive (round onto the base's grid) or "
+                                          "float (a full-precision model)."),
+           calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text of a low-bit merge: train (the "
+                                                                     "run's own training text, default) or wikitext2."),
+           calib_windows: Optional[int] = typer.Option(None, "--calib-windows",
+                                                       help="Calibration windows of a low-bit merge (default 16)."),
+           calib_len: Optional[int] = typer.Option(None, "--calib-len",
+                                                   help="Tokens per calibration window (default 256).")):
     """Export a run so that transformers / peft load it (model card, sizes next to the base model)."""
     from peftkit.commands.export import export as run_export
 
-    _run(run_export, run, out, merge)
+    _run(run_export, run, out, merge, merge_mode, calib, calib_windows, calib_len)
 
 
 @app.command()

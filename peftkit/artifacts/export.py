@@ -3,7 +3,10 @@
 An export directory holds one of four formats, chosen from the method and ``--merge`` / ``--no-merge``:
 
 * ``transformers``: a plain model directory (safetensors, config with id2label, tokenizer, generation config for
-  decoders): every mergeable method with ``--merge``, and full fine-tuning either way;
+  decoders): every mergeable method with ``--merge``, and full fine-tuning either way. LoRA on a GPTQ-packed or
+  NF4 base (apiq) merges into low-bit weights by default, a GPTQ or bitsandbytes checkpoint without adapter
+  (``--merge-mode calibrated | naive``, peftkit/artifacts/lowbit_merge.py); ``--merge-mode float`` merges it into
+  full-precision weights;
 * ``peft``: a peft adapter directory whose ``base_model_name_or_path`` is a hub id or ``base`` (a copy of the
   base model inside the export): LoRA and Super-Tuning with ``--no-merge``;
 * ``delta``: the compact delta of PaFi / HiWi / BitFit (peftkit/artifacts/delta.py, shipped in the export as
@@ -25,6 +28,7 @@ import shutil
 from pathlib import Path
 
 from peftkit.artifacts import delta
+from peftkit.artifacts.lowbit_merge import MergeRequest
 from peftkit.artifacts.card import DELTA_LOADER, FORMAT_WORDS, LOAD_RECIPES, LOADERS, model_card
 from peftkit.artifacts.load import (
     BASE_DIR,
@@ -168,23 +172,36 @@ def _point_adapter_at(out: Path, base_ref: str, shown_as: str | None = None) -> 
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def write_export(run: str | Path, out: Path, merge: bool | None, command: str, shown_as: str | None = None) -> dict:
+def write_export(run: str | Path, out: Path, merge: bool | None, command: str, shown_as: str | None = None,
+                 lowbit: MergeRequest | None = None) -> dict:
     """Write the export of ``run`` (a run directory or its final/) into the existing empty directory ``out``,
     model card included (its loading code names ``shown_as``, where the directory will be; default ``out``);
-    return export.json's content. The caller makes the directory appear atomically."""
+    return export.json's content. The caller makes the directory appear atomically.
+
+    ``lowbit``: how LoRA on a quantized base merges (``--merge-mode`` and the calibration flags,
+    peftkit/artifacts/lowbit_merge.py); by default such a run merges into low-bit weights, calibrated."""
+    from peftkit.artifacts.lowbit_merge import card_section, resolve_mode, write_lowbit_merge
     from peftkit.methods import create_method
     from peftkit.models.load import load_tokenizer
 
+    lowbit = lowbit or MergeRequest()
     directory = final_dir(run)
     if not (directory / INFO_FILE).is_file():
+        if lowbit.given():
+            raise UserError(f"{', '.join(lowbit.given())}: {directory} is not a peftkit run (no final/{INFO_FILE}), "
+                            f"so there is no LoRA on a quantized base to merge. Drop them.")
         return _export_plain(directory, out, command, shown_as)
     info = read_run_info(directory / INFO_FILE)
     method = create_method(info.method, info.options)
     fmt = export_format(method, merge)
+    merge_mode = resolve_mode(method, info, merge, lowbit)
     model = load_with_method(directory, info).eval()
     tokenizer = load_tokenizer(str(directory))
-    base_ref, stored = None, {}
-    if fmt == "transformers":
+    base_ref, stored, merge_record = None, {}, None
+    if fmt == "transformers" and merge_mode in ("calibrated", "naive"):
+        merge_record = write_lowbit_merge(directory, out, info, model, tokenizer, merge_mode, lowbit)
+        stored["model_bytes"] = merge_record["model_bytes"]
+    elif fmt == "transformers":
         plain = method.merge(model) if method.can_merge else model
         _label_config(plain.config, info)
         plain.save_pretrained(out, safe_serialization=True)
@@ -214,8 +231,13 @@ def write_export(run: str | Path, out: Path, merge: bool | None, command: str, s
                 "export": {"format": fmt, "merged": bool(merged and method.can_merge), "base": base_ref,
                            "source": str(run), "source_model": info.model["name"], "command": command,
                            "stored_numbers": stored, "peftkit_version": _version()}}
+    if merge_mode is not None:
+        exported["export"]["merge_mode"] = merge_mode
+    if merge_record is not None:
+        exported["export"]["lowbit_merge"] = {k: v for k, v in merge_record.items() if k != "blocks"}
     (out / EXPORT_INFO_FILE).write_text(json.dumps(exported, indent=2) + "\n")
-    (out / CARD).write_text(model_card(run, out, exported, shown_as))
+    card = model_card(run, out, exported, shown_as)
+    (out / CARD).write_text(card + (card_section(merge_record) if merge_record is not None else ""))
     return exported
 
 

@@ -1,4 +1,4 @@
-"""`peftkit export RUN --out DIR [--merge/--no-merge]`: a finished run as a directory that loads outside peftkit.
+"""`peftkit export RUN --out DIR [--merge/--no-merge] [--merge-mode calibrated|naive|float]`: a finished run as a directory that loads outside peftkit.
 
 The directory appears whole or not at all: everything is written into a temporary sibling and renamed into place,
 never over a directory that another process created meanwhile, and never through a symbolic link.
@@ -17,9 +17,14 @@ from pathlib import Path
 from peftkit.errors import RunFailed, UserError
 
 
-def export(run: str, out: str, merge: bool | None = None) -> Path:
-    """Write the export; print what it holds and how big it is next to the base; return the directory."""
+def export(run: str, out: str, merge: bool | None = None, merge_mode: str | None = None, calib: str | None = None,
+           calib_windows: int | None = None, calib_len: int | None = None) -> Path:
+    """Write the export; print what it holds and how big it is next to the base; return the directory.
+
+    ``merge_mode`` and the calibration settings choose how LoRA on a quantized base (apiq) merges
+    (peftkit/artifacts/lowbit_merge.py); other runs refuse them."""
     from peftkit.artifacts.card import size_rows
+    from peftkit.artifacts.lowbit_merge import MergeRequest
     from peftkit.artifacts.export import write_export
     from peftkit.train.rundir import MARKER
     from peftkit.utils.atomic import TargetAppeared, atomic_write_json, io_error_of, publish_dir
@@ -40,15 +45,20 @@ def export(run: str, out: str, merge: bool | None = None) -> Path:
                         f"empty directory; choose another --out (or remove an earlier export there yourself).")
     if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
         raise UserError(f"--out {target} lies inside the run {source}. Choose a directory outside the run.")
+    lowbit = MergeRequest(merge_mode, calib, calib_windows, calib_len)
+    flags = {"--merge-mode": merge_mode, "--calib": calib, "--calib-windows": calib_windows, "--calib-len": calib_len}
     command = " ".join(["peftkit", "export", str(run), "--out", str(out)]
-                       + ([] if merge is None else ["--merge" if merge else "--no-merge"]))
+                       + ([] if merge is None else ["--merge" if merge else "--no-merge"])
+                       + [f"{flag} {value}" for flag, value in flags.items() if value is not None])
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {target} cannot be created: {e.strerror or e}. Choose a writable location.") from None
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
-        exported = write_export(source, tmp, merge, command, shown_as=str(target))
+        # the low-bit merge settings travel only when given: the default export call stays as it was
+        extra = {"lowbit": lowbit} if lowbit.given() else {}
+        exported = write_export(source, tmp, merge, command, shown_as=str(target), **extra)
         marker = {"tool": "peftkit", "kind": "export", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "written": sorted(p.name for p in tmp.iterdir()),
                   "note": "peftkit writes into and deletes from this directory only the entries listed in 'written'."}

@@ -160,7 +160,9 @@ def test_decoders_export_with_generation_config(lm_runs, tmp_path):
         model, _, _ = load_run(run)
         with torch.no_grad():
             reference = model(input_ids=ids).logits
-        merged = export(str(run), str(tmp_path / f"{run.name}-merged"), True)
+        # apiq: the full-precision merge (its default --merge is the low-bit one, tests/artifacts/test_lowbit_merge.py)
+        merged = export(str(run), str(tmp_path / f"{run.name}-merged"), True,
+                        merge_mode="float" if run == lm_runs[0] else None)
         assert (merged / "generation_config.json").is_file()
         plain = AutoModelForCausalLM.from_pretrained(merged).eval()
         assert type(plain).__name__ == "LlamaForCausalLM"

@@ -1,0 +1,202 @@
+"""`peftkit export --merge` of LoRA on a quantized base: the merged export stays low-bit (a GPTQ or bitsandbytes NF4
+checkpoint without adapter), loads in plain transformers, and the calibrated merge is closer to the unmerged model
+than the naive rounding merge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers.quant import options, write_model_dir, write_wikitext
+
+from peftkit.artifacts.load import load_run
+from peftkit.commands.export import export
+from peftkit.errors import UserError
+
+SEQ = 32
+LOAD_PLAIN = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, device_map="cpu").eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+assert not any(m == "peftkit" or m.startswith("peftkit.") for m in sys.modules), "peftkit was imported"
+assert not any("lora" in n.lower() for n, _ in model.named_modules()), "an adapter was loaded"
+print(json.dumps(logits.tolist()))
+"""
+
+
+def quantized_lora_run(root, label: str, method: str = "rtn", bits: int = 3, group_size: int = 16):
+    """A tiny decoder of family ``label``, its `peftkit quantize`-format output and a short apiq fine-tune on
+    WikiText-shaped text, with the LoRA pushed well away from zero (so that merging it has something to keep)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.commands.train import finetune
+    from peftkit.quant.checkpoint import save_quantized
+    from peftkit.quant.pipeline import quantize_model
+
+    model_dir = write_model_dir(root / "model", label)
+    data = write_wikitext(root / "wt", words=3000)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    result = quantize_model(model, options(method, bits=bits, group_size=group_size), None, log=lambda s: None)
+    save_quantized(root / "q", model, result, AutoTokenizer.from_pretrained(model_dir))
+    return finetune({"model": {"name": str(root / "q"), "task_head": "causal_lm"},
+                     "data": {"task": "wikitext2", "root": str(data), "max_length": SEQ, "eval_limit": 2},
+                     "method": {"name": "apiq"}, "output": {"dir": str(root / "run")},
+                     "train": {"max_steps": 6, "batch_size": 4, "lr": 3e-2, "seed": 3, "eval_every": 6,
+                               "warmup_ratio": 0.0, "threads": 1}}, [])
+
+
+def held_out_ids(data_dir, tokenizer, n: int = 3) -> torch.Tensor:
+    from peftkit.utils.text_windows import consecutive_windows, token_ids
+
+    ids = token_ids(tokenizer, (data_dir / "wiki.test.raw").read_text())
+    return consecutive_windows(ids, SEQ, n)
+
+
+def plain_transformers_logits(directory, ids) -> torch.Tensor:
+    """Logits of ``directory`` as transformers alone loads it, in a fresh process that never imports peftkit."""
+    done = subprocess.run([sys.executable, "-c", LOAD_PLAIN, str(directory), json.dumps(ids.tolist())],
+                          capture_output=True, text=True, timeout=300, cwd=directory.parent,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _relative(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _tensor_bytes(path) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label, method, bits, group", [("llama", "rtn", 3, 16), ("mistral", "rtn", 2, 16),
+                                                         ("llama", "nf", 4, 32)])
+def test_calibrated_merge_loads_in_plain_transformers_and_beats_the_naive_merge(tmp_path, label, method, bits, group):
+    from safetensors.torch import load_file
+
+    run = quantized_lora_run(tmp_path, label, method, bits, group)
+    unmerged, tokenizer, _ = load_run(run)
+    ids = held_out_ids(tmp_path / "wt", tokenizer)
+    with torch.no_grad():
+        reference = unmerged(input_ids=ids).logits
+        with unmerged.disable_adapter():
+            assert _relative(unmerged(input_ids=ids).logits, reference) > 0.02  # the LoRA does change the model
+    exports = {mode: export(str(run), str(tmp_path / mode), merge_mode=mode, calib_windows=8, calib_len=SEQ)
+               for mode in ("naive", "calibrated")}
+    errors = {}
+    for mode, out in exports.items():
+        assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+        config = json.loads((out / "config.json").read_text())
+        storage = "gptq" if method == "rtn" else "bitsandbytes"
+        assert config["quantization_config"]["quant_method"] == storage
+        if storage == "gptq":
+            assert (config["quantization_config"]["bits"], config["quantization_config"]["group_size"]) == (bits, group)
+        # the same bytes as the base: same codes per weight, same scales, the rest copied
+        assert _tensor_bytes(out / "model.safetensors") == _tensor_bytes(tmp_path / "q" / "model.safetensors")
+        info = json.loads((out / "export.json").read_text())["export"]
+        assert info["format"] == "transformers" and info["merge_mode"] == mode
+        errors[mode] = _relative(plain_transformers_logits(out, ids), reference)
+    assert errors["calibrated"] < errors["naive"], errors
+    card = (exports["calibrated"] / "README.md").read_text()
+    assert f"bits: {bits}, group size: {group}" in card and "8 windows x 32 tokens" in card and "%" in card
+    # peftkit's own loader serves the merged export too, with the same logits transformers computes
+    again, _, _ = load_run(exports["calibrated"])
+    base = load_file(str(tmp_path / "q" / "model.safetensors"))
+    merged = load_file(str(exports["calibrated"] / "model.safetensors"))
+    assert set(base) == set(merged)
+    with torch.no_grad():  # (transformers keeps a bitsandbytes file's float16 tensors: compared in float32)
+        torch.testing.assert_close(again(input_ids=ids).logits.float(),
+                                   plain_transformers_logits(exports["calibrated"], ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_written_codes_round_trip_bit_exactly(tmp_path):
+    """Unpacking the written GPTQ tensors and packing the codes, scales and zero points again gives the same
+    tensors, bit for bit; and they decode to what the merge chose."""
+    from safetensors.torch import load_file
+
+    from peftkit.quant.checkpoint import load_quantized_weights
+    from peftkit.quant.gptq_format import from_gptq, to_gptq
+
+    run = quantized_lora_run(tmp_path, "llama", "rtn", 3, 16)
+    out = export(str(run), str(tmp_path / "merged"), calib_windows=4, calib_len=SEQ)
+    written = load_file(str(out / "model.safetensors"))
+    layers = json.loads((out / "quantization.json").read_text())["layers"]
+    base = load_quantized_weights(tmp_path / "q")
+    changed = 0
+    for name, layer in layers.items():
+        parts = {k: written[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        codes, scales, zeros = from_gptq(parts, layer["bits"])
+        again = to_gptq(codes, scales.float(), zeros, layer["bits"], layer["group_size"])
+        for key, tensor in again.items():
+            assert tensor.dtype == parts[key].dtype and torch.equal(tensor, parts[key]), (name, key)
+        changed += int(not torch.equal(codes.to(torch.uint8), base[name].codes))
+    assert changed > 0  # the merge did write new codes (the LoRA is in them)
+
+
+def test_float_merge_mode_keeps_the_full_precision_merge(tmp_path):
+    """--merge-mode float is the merge every earlier peftkit did: a plain model of the base architecture whose logits
+    are the unmerged run's."""
+    from transformers import AutoModelForCausalLM
+
+    run = quantized_lora_run(tmp_path, "llama", "rtn", 2, 16)
+    model, tokenizer, _ = load_run(run)
+    ids = held_out_ids(tmp_path / "wt", tokenizer, 2)
+    out = export(str(run), str(tmp_path / "float"), True, merge_mode="float")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with torch.no_grad():
+        assert (plain(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """(apiq run on a 2-bit RTN base, LoRA run on the float model), both tiny."""
+    from helpers.quant import write_quantized_setup
+
+    from peftkit.commands.train import finetune
+
+    model_dir, _, data = write_quantized_setup(tmp_path, words=600)
+
+    def run(method):
+        name = tmp_path / "q2" if method == "apiq" else model_dir
+        return finetune({"model": {"name": str(name), "task_head": "causal_lm"},
+                         "data": {"task": "wikitext2", "root": str(data), "max_length": SEQ, "eval_limit": 2},
+                         "method": {"name": method}, "output": {"dir": str(tmp_path / f"run-{method}")},
+                         "train": {"max_steps": 1, "batch_size": 4, "lr": 1e-2, "seed": 3, "eval_every": 1,
+                                   "warmup_ratio": 0.0, "threads": 1}}, [])
+
+    return run("apiq"), run("lora")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"merge": False, "merge_mode": "calibrated"}, "only apply to a merged export"),
+    ({"merge_mode": "rounded"}, "is not one of calibrated, naive, float"),
+    ({"merge_mode": "float", "calib": "wikitext2"}, "a float merge reads no calibration text"),
+    ({"calib": "glue"}, "is not one of train, wikitext2"),
+    ({"calib_windows": 0}, "must be at least 1"),
+    ({"calib_len": 100000}, "not enough for one window"),
+])
+def test_merge_settings_that_do_not_fit_are_refused_before_anything_is_written(runs, tmp_path, kwargs, words):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=words):
+        export(str(runs[0]), str(out), **kwargs)
+    assert not out.exists() and not list(tmp_path.glob(".export-*"))
+
+
+def test_a_merge_mode_on_a_run_without_a_quantized_base_is_refused_with_exit_2(runs, tmp_path):
+    from helpers.reliability import invoke
+
+    result = invoke("export", str(runs[1]), "--out", str(tmp_path / "out"), "--merge-mode", "calibrated")
+    assert result.exit_code == 2, result.output
+    assert "merges into its full-precision weights" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
