@@ -106,19 +106,13 @@ def dead_units_by_tensor(model) -> dict[str, tuple[int, int]]:
     with torch.no_grad():
         for name, adapter in adapted_tensors(model).items():
             module_name, attr = name.rsplit(".", 1)
-            original = _whole(model.get_submodule(module_name).parametrizations[attr].original)
+            original = model.get_submodule(module_name).parametrizations[attr].original
             rows = original.reshape(-1, original.shape[-1])
             if not bool(rows.any()):
                 continue
-            best = (rows @ _whole(adapter.down)).amax(0)
+            best = (rows @ adapter.down).amax(0)
             counts[name] = (int((best <= 0).sum()), best.numel())
     return counts
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter FSDP holds sharded (a DTensor) between steps: the dead-unit count needs every
-    row (a collective; every process counts at the same step), else the tensor itself."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def dead_units(model) -> tuple[int, int]:

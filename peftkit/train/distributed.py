@@ -183,12 +183,13 @@ def load_optimizer_state(optimizer, state: dict) -> None:
 
 
 def local_bytes(model) -> tuple[int, int]:
-    """(bytes of parameters this process holds, bytes of the whole parameters): with FSDP about 1/world of them."""
+    """(bytes of parameters and buffers this process holds, bytes of the whole model): with FSDP about 1/world of
+    the parameters plus every buffer (buffers are replicated)."""
     from torch.distributed.tensor import DTensor
 
     held = whole = 0
-    for p in model.parameters():
-        size = p.element_size()
-        whole += p.numel() * size
-        held += (p.to_local().numel() if isinstance(p, DTensor) else p.numel()) * size
+    for tensor in [*model.parameters(), *model.buffers()]:
+        size = tensor.element_size()
+        whole += tensor.numel() * size
+        held += (tensor.to_local().numel() if isinstance(tensor, DTensor) else tensor.numel()) * size
     return held, whole

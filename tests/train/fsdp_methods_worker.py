@@ -84,6 +84,7 @@ def take_steps(trainer, label, dist, steps) -> list[float]:
         rows = slice(dist.rank * trainer.opt.batch_size, (dist.rank + 1) * trainer.opt.batch_size)
         loss, _ = trainer.optimizer_step([{k: v[rows] for k, v in batch.items()}])
         trainer.step = step
+        trainer.method.training_note(trainer.raw_model, step)  # as train() calls it: HiWi counts its dead units
         total = torch.tensor([loss], dtype=torch.float64)
         if dist.enabled:
             torch.distributed.all_reduce(total)

@@ -69,6 +69,8 @@ def test_two_fsdp_processes_match_one_process(runs, label):
 
 @pytest.mark.parametrize("label", METHODS)
 def test_each_fsdp_process_holds_half_the_parameters(runs, label):
+    """Parameters and buffers together: buffers (position ids, PaFi's indices) are replicated and small; the packed
+    base of apiq, were it left in buffers, would put a process at 63%."""
     two, _ = _result(runs, label, 2)
     for held in two["held_bytes_by_rank"]:
         assert 0.45 * two["whole_bytes"] <= held <= 0.56 * two["whole_bytes"], (held, two["whole_bytes"])
