@@ -101,6 +101,16 @@ class TrainArgs(Section):
             raise ValueError("each beta must be in [0, 1)")
         return betas
 
+    @model_validator(mode="after")
+    def _fsdp_options(self):
+        given = [name for name in ("fsdp_mixed_precision", "fsdp_cpu_offload")
+                 if getattr(self, name) != type(self).model_fields[name].default]
+        if given and self.strategy != "fsdp":
+            names = " and ".join(given)
+            raise ValueError(f"{names} {'applies' if len(given) == 1 else 'apply'} only under train.strategy=fsdp "
+                             f"(this recipe trains with {self.strategy}); set train.strategy=fsdp or remove {names}")
+        return self
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _one_tracker(cls, value: Any) -> Any:
