@@ -8,7 +8,7 @@ from the kind. Field help texts are the documentation (`peftkit recipes show`, d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import StrictBool, field_validator, model_validator
 
@@ -70,11 +70,14 @@ class TrainArgs(Section):
     optimizer: Literal["adamw", "adamw8bit"] = option(
         "adamw", "adamw (torch's, its fused kernel where the device has one) or adamw8bit (bitsandbytes' 8-bit AdamW: "
                  "optimizer state in 8 bits).")
-    compile: StrictBool = option(
+    compile: Union[StrictBool, Literal["auto"]] = option(
         False, "torch.compile the model's forward and backward (inductor; on a CPU its C++ backend, which needs a C++ "
                "compiler). The first steps pay the compilation (tens of seconds on a CPU, again for new sequence "
                "lengths), so it pays off only on long runs. Where compiling fails, or the method cannot be compiled "
-               "(MEFT's reversible layers), the run logs one line and continues eagerly.")
+               "(MEFT's reversible layers), the run logs one line and continues eagerly. 'auto': a single-process "
+               "run of at least 300 steps times a few eager steps, compiles, times a few compiled ones and keeps "
+               "the compiled model only where its steps are at least 1.1x faster (one log line with both figures); "
+               "shorter runs stay eager.")
     strategy: Literal["ddp", "fsdp"] = option(
         "ddp", "Under torchrun: ddp (a full replica per process) or fsdp (FSDP2: parameters, gradients and optimizer "
                "state sharded across processes, for models that do not fit one device; docs/distributed.md says "

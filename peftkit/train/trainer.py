@@ -261,7 +261,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         if options.precision != "fp32":
             self.log(f"precision {self.precision} ({why})")
-        self._compile_unproven = options.compile and self._compile_model()
+        self._compile_unproven = options.compile is True and self._compile_model()
+        self._compile_trial, self._compile_pending = None, options.compile == "auto"  # decided at the first step
         shard = len(train_dataset) // self.dist.world_size
         if shard == 0:
             raise RunFailed(f"the training set has {len(train_dataset)} rows, fewer than the {self.dist.world_size} processes.")
@@ -559,7 +560,28 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches: the loss, backward, clipping, AdamW, schedule and
         the method's after-step hook. Returns (mean loss, rows). This is the step every run takes and every bench
         times. Under train.compile the first step compiles (forward, then backward); where that fails the step is
-        taken again eagerly from the same gradients and random state."""
+        taken again eagerly from the same gradients and random state. Under train.compile=auto the first steps
+        decide whether to compile (compile_auto.CompileTrial)."""
+        if self._compile_pending:
+            from peftkit.train.compile_auto import trial_or_none
+
+            self._compile_pending = False
+            self._compile_trial = trial_or_none(
+                self.opt.compile, self.total_steps - self.step, self.dist.enabled, self.log,
+                step=self._compiling_step, compile_model=self._start_compiling, run_eager=self._stop_compiling,
+                compiled=lambda: self.raw_model._compiled_call_impl is not None)
+        if self._compile_trial is not None and not self._compile_trial.decided:
+            return self._compile_trial.step(batches)
+        return self._compiling_step(batches)
+
+    def _start_compiling(self) -> bool:
+        self._compile_unproven = self._compile_model()
+        return self._compile_unproven
+
+    def _stop_compiling(self) -> None:
+        self.raw_model._compiled_call_impl = None  # what Module.compile() set; None = the plain forward
+
+    def _compiling_step(self, batches) -> tuple[float, int]:
         if not self._compile_unproven:
             return self._optimizer_step(batches)
         import torch
