@@ -230,9 +230,9 @@ def _nf_clip_candidate(qblock, qlinears, adapted, merged, base_of, x_q, kwargs, 
 
 
 class _LearnedRounding(torch.nn.Module):
-    """A Linear whose weight is V = W' + u * step rounded onto a fixed grid (the grid of a chosen candidate:
-    its scales and zero points, or its NF absmax), straight-through: training u decides, weight by weight, which
-    grid point W' goes to (AdaRound's question, answered by the block's output error)."""
+    """A Linear whose weight is V = W' + u * step rounded onto a fixed grid (the grid of a chosen candidate: its
+    scales and zero points, or its NF absmax), straight-through: training u decides, weight by weight, which grid
+    point W' goes to (AdaRound's question, answered by the block's output error)."""
 
     def __init__(self, target: torch.Tensor, grid: QuantizedWeight, bias: torch.Tensor | None):
         super().__init__()
@@ -286,6 +286,9 @@ def _rounding_candidate(block, adapted, merged, grid: dict[str, QuantizedWeight]
     rounders = {}
     for name, module in adapted.items():
         bias = None if module.base_layer.bias is None else module.base_layer.bias.float()
+        # starts from W' itself on that grid (rounded to nearest): starting from the candidate's own codes, every
+        # weight sits half a step from a flip, and Adam's equal-sized steps flip them all at once (smollm2: the
+        # block's error rose sixfold in the second epoch)
         rounders[name] = _LearnedRounding(merged[name], grid[name], bias)
         replace_module(qblock, name, rounders[name])
     for p in qblock.parameters():

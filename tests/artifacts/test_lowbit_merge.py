@@ -200,3 +200,27 @@ def test_a_merge_mode_on_a_run_without_a_quantized_base_is_refused_with_exit_2(r
     assert result.exit_code == 2, result.output
     assert "merges into its full-precision weights" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_merge_bench_reports_every_merge_with_bytes_and_latency(tmp_path, monkeypatch):
+    from peftkit.bench.merge import run as bench_run
+
+    run = quantized_lora_run(tmp_path, "llama", "rtn", 3, 16)
+    monkeypatch.setenv("PEFTKIT_WIKITEXT", str(tmp_path / "wt"))
+    rows = bench_run(True, {"runs": [str(run)], "calib_windows": 4, "calib_seq_len": SEQ, "ppl_windows": 2,
+                            "ppl_seq_len": SEQ, "gen_prompt": 8, "gen_tokens": 4, "gen_repeats": 1})
+    by = {r["merge"]: r for r in rows}
+    assert list(by) == ["unmerged", "naive", "calibrated", "float"] and all(r["bits"] == 3 for r in rows)
+    assert all(r["ppl"] > 1 and r["ms_per_token"] > 0 for r in rows)
+    assert by["naive"]["model_bytes"] == by["calibrated"]["model_bytes"] == by["calibrated"]["base_model_bytes"]
+    assert by["unmerged"]["model_bytes"] > by["calibrated"]["model_bytes"]  # the adapter
+    assert by["float"]["model_bytes"] > 4 * by["calibrated"]["model_bytes"] // 2  # float32 weights
+    assert by["unmerged"]["ppl_vs_unmerged"] == 1.0
+
+
+def test_merge_bench_without_runs_says_what_to_give():
+    from peftkit.bench.merge import run as bench_run
+
+    with pytest.raises(UserError, match="needs runs"):
+        bench_run(True, {})
