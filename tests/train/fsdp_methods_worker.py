@@ -40,6 +40,7 @@ CASES = {
     "meft1": ("meft1", {"r": 4}, {}),
     "apiq": ("apiq", {}, {}),
     "lora-bf16-offload": ("lora", {"r": 4}, {"fsdp_mixed_precision": "bf16", "fsdp_cpu_offload": True}),
+    "apiq-bf16": ("apiq", {}, {"fsdp_mixed_precision": "bf16"}),
 }
 
 
@@ -112,14 +113,30 @@ def reload_after_evaluation(trainer, label: str, run_dir: Path) -> bool:
     return now.keys() == tensors.keys() and all(torch.equal(now[k].cpu(), tensors[k]) for k in tensors)
 
 
+def record_packed_dtypes(seen: set):
+    """Record the dtype of the scales every packed Linear computes with (what FSDP gathered for it)."""
+    from peftkit.quant.packed_linear import PackedLinear
+
+    unpack_t = PackedLinear.unpack_t
+
+    def recording(self, dtype=torch.float32):
+        seen.add(str(self.scales.dtype))
+        return unpack_t(self, dtype)
+
+    PackedLinear.unpack_t = recording
+
+
 def run(label: str, out: Path, quant_dir: Path, dist) -> None:
     tag = f"{label}-w{dist.world_size}"
+    packed_dtypes = set()
+    if CASES[label][0] == "apiq":
+        record_packed_dtypes(packed_dtypes)
     model, method = build(label, quant_dir)
     trainer = make_trainer(label, model, method, dist, out / tag)
     held, whole = local_bytes(trainer.raw_model)
     losses = take_steps(trainer, label, dist, range(1, STEPS + 1))
     state = {k: v.detach().cpu().contiguous() for k, v in trainer._trainable_state().items()}
-    result = {"losses": losses, "held_bytes": held, "whole_bytes": whole,
+    result = {"losses": losses, "held_bytes": held, "whole_bytes": whole, "packed_dtypes": sorted(packed_dtypes),
               "dtypes": sorted({str(p.dtype) for p in trainer.raw_model.parameters() if p.requires_grad})}
     if dist.enabled:
         full = trainer.full_model_state()  # what the run pipeline gathers for final/

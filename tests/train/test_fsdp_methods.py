@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     model = structured_llama()
     save_quantized(quant_dir, model, quantize_model(model, options("rtn", bits=4, group_size=32), windows(4),
                                                     log=lambda s: None))
-    labels = ",".join((*METHODS, "lora-bf16-offload"))
+    labels = ",".join((*METHODS, "lora-bf16-offload", "apiq-bf16"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.Popen([sys.executable, str(WORKER), str(out), str(quant_dir), ",".join(METHODS)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -83,6 +83,16 @@ def test_fsdp_resumes_bit_identically_and_gathers_the_final_model(runs, label):
     assert two["resumed_losses"] == two["losses"][2:]
     assert two["final_equal"], "the gathered model state, loaded into a fresh model, gives another method state"
     assert two["reload_equal"], "a checkpoint loaded after an evaluation (select_best) did not stay loaded"
+
+
+def test_fsdp_mixed_precision_leaves_packed_weights_as_stored(runs):
+    """Under a bf16 policy the quantized base still computes with its float16 GPTQ scales: the packed Linears are
+    units of their own that the policy does not cast, while LoRA and the rest run in bfloat16."""
+    (fp32, _), (mixed, _) = _result(runs, "apiq", 2), _result(runs, "apiq-bf16", 2)
+    assert fp32["packed_dtypes"] == mixed["packed_dtypes"] == ["torch.float16"]
+    assert mixed["losses"] != fp32["losses"]
+    assert mixed["losses"] == pytest.approx(fp32["losses"], abs=2e-2)
+    assert mixed["resume_equal"] and mixed["final_equal"] and mixed["reload_equal"]
 
 
 def test_fsdp_mixed_precision_and_cpu_offload(runs):
