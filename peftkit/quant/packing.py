@@ -53,12 +53,15 @@ def fast_gptq_layout(g_idx: torch.Tensor, bits: int, group_size: int, in_feature
 
 def unpack_gptq_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
                   dtype: torch.dtype) -> torch.Tensor:
-    """W^T (in, out) of GPTQ tensors without reordering, equal bit for bit to ``dequantize_gptq(...).T``.
+    """W^T (in, out) of GPTQ tensors without reordering: ``dequantize_gptq(...).T`` in one rounding.
 
     qweight (in * b / 32, out) packs each output column along the input dimension, so it unpacks into W^T with no
     transpose of anything weight-sized: byte k of word r holds input rows r * 32/b + k * 8/b + j at bits [b*j, b*j+b).
-    The float16 product scale * (q - z) that GPTQ kernels compute is formed in float32, where it is exact (an 11-bit
-    scale times an integer below 2^8), and rounded once to float16, as float16 arithmetic rounds it. Each step is
+    scale * (q - z) is formed exactly in float32 (q * scale and z * scale are exact products of an 11-bit scale and
+    an integer below 2^8, and so is their difference), then rounded once to ``dtype``: for float16 that is the
+    float16 product GPTQ kernels compute, and float32 goes through float16 to equal it bit for bit. bfloat16 rounds
+    the exact value once, where ``dequantize_gptq`` rounds it to float16 first; the two differ by one bfloat16 unit
+    in the last place at most, in the rare weights where the float16 rounding lands on a bfloat16 tie. Each step is
     one whole-tensor op on bytes or floats (per-code shifts of int32 words and gathering scales by g_idx, as
     ``dequantize_gptq`` does, cost several times more).
     """
@@ -73,8 +76,10 @@ def unpack_gptq_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Ten
     zero_planes = qzeros.view(torch.uint8)  # (groups, out * b / 8): zero points packed along the output dimension
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=qzeros.device)
     zeros = ((zero_planes.unsqueeze(-1) >> shifts) & mask).reshape(qzeros.shape[0], -1)[:groups, :out_features]
+    scale = scales[:groups].unsqueeze(1).float()
     weight = torch.empty(groups, group_size, out_features, dtype=torch.float32, device=qweight.device)
     weight.copy_(codes.view(groups, group_size, out_features))
-    weight.sub_(zeros.unsqueeze(1)).mul_(scales[:groups].unsqueeze(1).float())
-    weight = weight.view(in_features, out_features).to(torch.float16)
-    return weight if dtype == torch.float16 else weight.float().to(dtype)
+    weight = torch.addcmul(-(zeros.unsqueeze(1) * scale), weight, scale).view(in_features, out_features)
+    if dtype in (torch.float16, torch.bfloat16):
+        return weight.to(dtype)
+    return weight.to(torch.float16).to(dtype)
