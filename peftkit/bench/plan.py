@@ -17,7 +17,8 @@
 The peak is weights + trainable + optimizer state + communication + the larger of (gradients) and (activations +
 the head's gradients): the trainer frees the gradients before each forward (zero_grad(set_to_none=True)), so at
 the start of the backward pass the activations are all alive and only the head's gradients exist; when the last
-gradient is written the activations are gone. Under ``train.strategy: fsdp`` with N processes, weights, trainable
+gradient is written the activations are gone. A trained embedding tied to the output layer adds two of its sizes to
+the gradients' side: its two gradient contributions and their sum meet at the end of backward. Under ``train.strategy: fsdp`` with N processes, weights, trainable
 parameters, gradients and optimizer state are sharded (divided by N); activations are per process. Under ddp each
 process holds a full replica.
 
@@ -25,7 +26,7 @@ The activation model, per token and layer, in elements (times the activation dty
 saved tensors were read off bench.costs.saved_tensor_bytes over tiny random models (widths, depths, vocabularies,
 heads and lengths varied one at a time; every fit exact to a few bytes per token), the backward's extra once from
 fresh-process peak RSS on the calibration models of scripts/plan_vs_measured.py --calibrate (random-weight BERT
-h256/4 layers and LLaMA h192/6 layers at batch 16; the models and batches validated are others):
+h256/4 layers and LLaMA h192/6 layers at batch 16; the models and batches validated are others): 0.16 of a block.
 
     post-norm blocks (BERT: attention probabilities kept, with their dropout): 10.1 h + 2 i + 3 heads * seq
     pre-norm blocks (LLaMA: SDPA keeps no seq^2 term): 7.7 h (frozen projections: 5.8 h) + 4 i (2 i ungated)
@@ -61,10 +62,12 @@ OUTSIDE_BLOCKS = {"dense": {"post": 3.0, "pre": 3.58}, "frozen": {"post": 1.0, "
                   "adapter": {"post": 1.0, "pre": 0.53}}  # embeddings' norm/dropout, final norm: x h
 MEFT_STREAMS = {"post": 7.11, "pre": 8.06}  # x h per token, independent of depth (embeddings' included)
 CHECKPOINTED_INPUT = 1.0  # x h per block: gradient checkpointing keeps each block's input only
-# the backward pass's own allocations while the saved tensors are held (from the calibration runs): this many blocks'
-# worth of activations, and this many vocabulary-wide float tensors per token for a language model's loss (the saved
-# log-probabilities are one, their gradient and the logits' gradient two more)
-BACKWARD_BLOCKS = 1.0
+# the backward pass's own allocations while the saved tensors are held, in blocks' worth of activations: fitted once
+# as the mean over the eight calibration runs (scripts/plan_vs_measured.py --calibrate: 0.12 to 0.16 for every
+# BERT-shaped run and LLaMA's full fine-tuning; LLaMA's LoRA, PaFi and MEFT scatter around it, -0.97 to 1.06, where
+# the vocabulary-wide loss tensors are 90% of the activations and one block is 2% of them). The loss: the saved
+# log-probabilities, their gradient and the logits' gradient are three float32 tensors per token over the vocabulary.
+BACKWARD_BLOCKS = 0.16
 LOSS_VOCAB_TENSORS = 3.0
 
 # ---- what each method trains and keeps --------------------------------------------------------------------------
@@ -116,8 +119,9 @@ class Plan:
                  f"{'':22s}{'per device':>12s}  ", ]
         for row in self.rows:
             lines.append(f"{row.name:22s}{human(row.bytes):>12s}  {row.note}")
+        tied = f" + tied embedding's two gradients {human(f['tied_gradient_sum_bytes'])}" if f["tied_gradient_sum_bytes"] else ""
         lines.append(f"{'peak':22s}{human(self.total):>12s}  weights + trainable + optimizer state + communication "
-                     f"+ max(gradients, activations + head gradients {human(f['head_gradient_bytes'])})")
+                     f"+ max(gradients{tied}, activations + head gradients {human(f['head_gradient_bytes'])})")
         if self.memory is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"{'memory':22s}{human(self.memory):>12s}  {verdict} ({self.facts['memory_source']}; "
@@ -175,6 +179,7 @@ class ModelFacts:
     block_params: int  # one block's parameters
     quantized: dict | None  # bits, group_size, lora_r of a quantize output
     causal: bool = False  # a language model's head (the loss runs over the vocabulary)
+    tied_params: int = 0  # the input embedding's parameters where the output layer is the same tensor
 
 
 def _config_dir(name: str) -> Path:
@@ -218,9 +223,12 @@ def model_facts(recipe) -> ModelFacts:
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     params = dict(model.named_parameters())  # tied tensors appear once
+    tied = 0
     if causal:
         output = model.get_output_embeddings()
         head = output.weight.numel() if output is not None else 0
+        if output is not None and output.weight is model.get_input_embeddings().weight:
+            tied = head
     else:
         head = sum(p.numel() for n, p in params.items() if is_head_parameter(n))
     quantized = None
@@ -236,7 +244,7 @@ def model_facts(recipe) -> ModelFacts:
                       gated_mlp=structure.gated_mlp, total_params=sum(p.numel() for p in params.values()),
                       head_params=head, projections=projections,
                       block_params=sum(p.numel() for p in block.parameters()), quantized=quantized,
-                      causal=causal)
+                      causal=causal, tied_params=tied)
 
 
 def _num_labels(recipe) -> int:
@@ -377,20 +385,31 @@ def plan_recipe(recipe, world_size: int = 1, device: str = "cpu", bits: int | No
     if quant.get("bits"):  # a packed projection is unpacked for its matmul (forward and backward), one at a time
         activations += max(n_in * n_out for _, n_in, n_out, _ in facts.projections) * act_bytes
     head_grads = (facts.head_params * trainable_dtype) if (dense or not facts.causal) else 0
+    # a trained embedding shared with the output layer gets two gradient contributions at the end of backward,
+    # which autograd sums into a new tensor: both and their sum are alive beside the finished gradients
+    tied_sum = 2 * facts.tied_params * trainable_dtype if dense else 0
     shards = world_size if (train.strategy == "fsdp" and world_size > 1) else 1
-    frozen, trainable_bytes, grads, optimizer, head_grads = (
-        -(-x // shards) for x in (frozen, trainable_bytes, grads, optimizer, head_grads))
+    frozen, trainable_bytes, grads, optimizer, head_grads, tied_sum = (
+        -(-x // shards) for x in (frozen, trainable_bytes, grads, optimizer, head_grads, tied_sum))
     if world_size > 1 and train.strategy == "fsdp":
-        block = facts.block_params * dtype
-        if quant.get("bits"):
-            block += sum(packed_bytes(n_in, n_out, quant["bits"], quant["group_size"]) - n_in * n_out * dtype
+        gathered = 2 if train.fsdp_mixed_precision == "bf16" else dtype
+        block = facts.block_params * gathered
+        if quant.get("bits"):  # packed tensors are gathered as they are stored
+            block += sum(packed_bytes(n_in, n_out, quant["bits"], quant["group_size"]) - n_in * n_out * gathered
                          for _, n_in, n_out, _ in facts.projections)
-        communication, comm_note = 2 * block, "FSDP: the current and the prefetched block, gathered"
+        if METHODS[method].get("flat"):  # MEFT's stack is one FSDP unit: the whole model is gathered for a step
+            whole = (frozen + trainable_bytes) * shards
+            communication, comm_note = whole - whole // shards, "FSDP: MEFT's one unit, the whole model gathered"
+        else:
+            communication, comm_note = 2 * block, "FSDP: the current and the prefetched block, gathered"
     elif world_size > 1:
         communication, comm_note = grads, "DDP: gradient buckets (a copy of the gradients for all-reduce)"
     else:
         communication, comm_note = 0, "one process"
     shard_note = f" (1/{shards} each: fsdp)" if shards > 1 else (" (a full replica: ddp)" if world_size > 1 else "")
+    if shards > 1 and train.fsdp_cpu_offload and device == "cuda":  # the shards live in host memory between uses
+        frozen = trainable_bytes = grads = optimizer = head_grads = tied_sum = 0
+        shard_note = " (on the CPU: fsdp_cpu_offload)"
     rows = [PlanRow("weights", frozen, f"frozen base: {weights_format}{shard_note}"),
             PlanRow("trainable", trainable_bytes, f"{trainable:,} parameters{shard_note}"),
             PlanRow("gradients", grads, f"one per trainable parameter{shard_note}"),
@@ -398,9 +417,10 @@ def plan_recipe(recipe, world_size: int = 1, device: str = "cpu", bits: int | No
                                                   f"{shard_note}"),
             PlanRow("activations", activations, f"{act_note}; {act_bytes}-byte elements"),
             PlanRow("communication", communication, comm_note)]
-    total = frozen + trainable_bytes + optimizer + communication + max(grads, activations + head_grads)
+    total = frozen + trainable_bytes + optimizer + communication + max(grads + tied_sum, activations + head_grads)
     facts_out = {"model": recipe.model.name, "method": method, "batch": train.batch_size, "seq": seq,
                  "weights_format": weights_format, "strategy": train.strategy, "world_size": world_size,
                  "device": device, "trainable_params": trainable, "head_gradient_bytes": head_grads,
+                 "tied_gradient_sum_bytes": tied_sum,
                  "memory_source": memory_source, "layers": facts.layers, "hidden": facts.hidden}
     return Plan(rows=rows, total=total, memory=memory, facts=facts_out)

@@ -17,12 +17,13 @@ def _model_dir(tmp_path, kind: str = "llama", layers: int = 2, **kw):
     if kind == "llama":
         from transformers import AutoConfig
 
-        config = AutoConfig.for_model("llama", vocab_size=512, hidden_size=64, intermediate_size=160,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, tie_word_embeddings=False, **kw)
+        config = AutoConfig.for_model("llama", **{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
+                                                  "num_hidden_layers": layers, "num_attention_heads": 4,
+                                                  "num_key_value_heads": 2, "max_position_embeddings": 256,
+                                                  "tie_word_embeddings": False, **kw})
     else:
         config = tiny_bert_config(layers=layers, hidden=64, vocab_size=512, max_position_embeddings=256, **kw)
-    path = tmp_path / f"{kind}-{layers}"
+    path = tmp_path / f"{kind}-{layers}-{len(kw)}"
     config.save_pretrained(path)
     assert sorted(p.name for p in path.iterdir()) == ["config.json"]
     return path
@@ -167,3 +168,13 @@ def test_help_lists_plan():
     result = invoke("--help")
     assert result.exit_code == 0 and "plan" in result.output
     assert "--world-size" in invoke("plan", "--help").output
+
+
+def test_a_trained_tied_embedding_adds_its_two_gradient_contributions(tmp_path):
+    path = _model_dir(tmp_path, tie_word_embeddings=True)
+    full = _plan(_recipe(path, {"name": "full"}))
+    assert full.facts["tied_gradient_sum_bytes"] == 2 * 512 * 64 * 4  # vocabulary x hidden, float32, twice
+    rows = {r.name: r.bytes for r in full.rows}
+    assert full.total == (rows["trainable"] + rows["optimizer state"]
+                          + max(rows["gradients"] + 2 * 512 * 64 * 4, rows["activations"] + full.facts["head_gradient_bytes"]))
+    assert _plan(_recipe(path, {"name": "lora"})).facts["tied_gradient_sum_bytes"] == 0  # a frozen embedding
