@@ -148,7 +148,16 @@ def run(quick: bool, options: dict) -> list[dict]:
                   f"({row['ppl_vs_unmerged']:.3f}x unmerged), {row['model_bytes']:,} bytes, "
                   f"{row['ms_per_token']:.2f} ms/token", flush=True)
         del models, model
-    return rows
+    notes = ["unmerged = the packed base plus its LoRA; naive = W' rounded onto the base's grid; calibrated = the "
+             "export's default merge; float = the LoRA folded into float32 weights. ppl: WikiText-2 test windows; "
+             "ms_per_token: greedy generation with the KV cache, timed interleaved, on peftkit's packed runtime for "
+             "the low-bit rows."]
+    if any("smollm2" in str(r.get("run", "")) for r in rows):
+        notes.append("smollm2-135m's weights are a Q4_1 GGUF: every bit width here is a re-quantization of a 4.5-bit "
+                     "model, and its float merge is the dequantized Q4_1 model plus the LoRA.")
+    from peftkit.bench.harness import BenchRows
+
+    return BenchRows(rows, {"notes": notes})
 
 
 class MergeBenchSettings(BenchSettings):
