@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from helpers.quant import options, write_model_dir, write_wikitext
+from test_export_rules import lm_runs  # noqa: F401  (a fixture: an apiq run on a 2-bit RTN base and a LoRA run)
 
 from peftkit.artifacts.load import load_run
 from peftkit.commands.export import export
@@ -158,26 +159,6 @@ def test_float_merge_mode_keeps_the_full_precision_merge(tmp_path):
         assert (plain(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() <= 1e-4
 
 
-@pytest.fixture
-def runs(tmp_path):
-    """(apiq run on a 2-bit RTN base, LoRA run on the float model), both tiny."""
-    from helpers.quant import write_quantized_setup
-
-    from peftkit.commands.train import finetune
-
-    model_dir, _, data = write_quantized_setup(tmp_path, words=600)
-
-    def run(method):
-        name = tmp_path / "q2" if method == "apiq" else model_dir
-        return finetune({"model": {"name": str(name), "task_head": "causal_lm"},
-                         "data": {"task": "wikitext2", "root": str(data), "max_length": SEQ, "eval_limit": 2},
-                         "method": {"name": method}, "output": {"dir": str(tmp_path / f"run-{method}")},
-                         "train": {"max_steps": 1, "batch_size": 4, "lr": 1e-2, "seed": 3, "eval_every": 1,
-                                   "warmup_ratio": 0.0, "threads": 1}}, [])
-
-    return run("apiq"), run("lora")
-
-
 @pytest.mark.parametrize("kwargs, words", [
     ({"merge": False, "merge_mode": "calibrated"}, "only apply to a merged export"),
     ({"merge_mode": "rounded"}, "is not one of calibrated, naive, float"),
@@ -186,17 +167,17 @@ def runs(tmp_path):
     ({"calib_windows": 0}, "must be at least 1"),
     ({"calib_len": 100000}, "not enough for one window"),
 ])
-def test_merge_settings_that_do_not_fit_are_refused_before_anything_is_written(runs, tmp_path, kwargs, words):
+def test_merge_settings_that_do_not_fit_are_refused_before_anything_is_written(lm_runs, tmp_path, kwargs, words):
     out = tmp_path / "out"
     with pytest.raises(UserError, match=words):
-        export(str(runs[0]), str(out), **kwargs)
+        export(str(lm_runs[0]), str(out), **kwargs)
     assert not out.exists() and not list(tmp_path.glob(".export-*"))
 
 
-def test_a_merge_mode_on_a_run_without_a_quantized_base_is_refused_with_exit_2(runs, tmp_path):
+def test_a_merge_mode_on_a_run_without_a_quantized_base_is_refused_with_exit_2(lm_runs, tmp_path):
     from helpers.reliability import invoke
 
-    result = invoke("export", str(runs[1]), "--out", str(tmp_path / "out"), "--merge-mode", "calibrated")
+    result = invoke("export", str(lm_runs[1]), "--out", str(tmp_path / "out"), "--merge-mode", "calibrated")
     assert result.exit_code == 2, result.output
     assert "merges into its full-precision weights" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
