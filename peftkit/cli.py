@@ -265,7 +265,7 @@ def export(run: str = typer.Argument(..., help="Run directory (runs/<name>) or i
            calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text of a low-bit merge: train (the "
                                                                      "run's own training text, default) or wikitext2."),
            calib_windows: Optional[int] = typer.Option(None, "--calib-windows",
-                                                       help="Calibration windows of a low-bit merge (default 16)."),
+                                                       help="Calibration windows of a low-bit merge (default 8)."),
            calib_len: Optional[int] = typer.Option(None, "--calib-len",
                                                    help="Tokens per calibration window (default 256).")):
     """Export a run so that transformers / peft load it (model card, sizes next to the base model)."""
