@@ -108,6 +108,11 @@ def interop_markdown() -> str:
               "computes that network and its adapters cannot be folded into the pretrained weights, so `--merge` is",
               "refused and `--no-merge` writes the run's adapters and head next to the base, which `peftkit.load(DIR)`",
               "and `peftkit eval --model DIR` serve.", "",
+              "ApiQ (LoRA on a `peftkit quantize` output): `--merge` on a GPTQ-packed or NF4 base writes a low-bit",
+              "checkpoint without adapter at the base's bits and group size (GPTQ: transformers with GPTQModel;",
+              "NF4: transformers with bitsandbytes), calibrated against the unmerged model by default",
+              "(`--merge-mode calibrated | naive | float`; docs/quantization.md). Its logits are close to the run's,",
+              "not equal; `--merge-mode float` gives the full-precision merge this table checks.", "",
               "The delta format (`delta.json` + `delta.safetensors`, applied by the `apply_delta.py` shipped in the",
               "export, which needs only torch and safetensors) is described in `peftkit/artifacts/delta.py`.", ""]
     return "\n".join(lines)
