@@ -66,6 +66,12 @@ def test_rows_add_up_to_the_peak_and_count_what_the_model_holds(tmp_path):
     assert lora.facts["trainable_params"] == trainable
     assert lora.bytes_of("weights") == 4 * params  # the frozen base at float32; the adapters are the trainable row
     assert lora.total == (4 * params + 4 * trainable + 8 * trainable + lora.bytes_of("activations"))
+    from transformers import AutoModelForSequenceClassification
+
+    bert = _model_dir(tmp_path, "bert")
+    _, bert_lora = prepare("lora", AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(bert)))
+    assert _plan(_recipe(bert, {"name": "lora"}, "bert")).facts["trainable_params"] == \
+        sum(p.numel() for p in bert_lora.parameters() if p.requires_grad)
     adamw8bit = _plan(_recipe(path, {"name": "lora", "r": 4}, optimizer="adamw8bit"))
     assert adamw8bit.bytes_of("optimizer state") == 2 * trainable
 
@@ -94,9 +100,13 @@ def test_saved_activations_match_what_autograd_keeps(tmp_path):
             if kind == "llama":
                 inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
                           "labels": inputs["input_ids"]}
-            measured = saved_tensor_bytes(model, inputs) / (batch * seq)
-            predicted = 4 * (planned.saved + planned.loss_saved)
-            assert abs(predicted / measured - 1) < 0.1, (kind, method, predicted, measured)
+            # per token, the loss's saved log-probabilities (float32 over the vocabulary) taken out: the blocks' part
+            measured = saved_tensor_bytes(model, inputs) / (batch * seq) - 4 * planned.loss_saved
+            predicted = 4 * planned.saved
+            # the coefficients come from a sweep with one key-value head; this decoder has two, which LoRA's frozen
+            # k/v projections feel (5% here); everything else is within 1%
+            tolerance = 0.06 if (kind, method) == ("llama", "lora") else 0.02
+            assert abs(predicted / measured - 1) < tolerance, (kind, method, predicted, measured)
 
 
 def test_fsdp_shards_over_the_world_size_and_ddp_replicates(tmp_path):
