@@ -117,7 +117,7 @@ def run(quick: bool, options: dict) -> list[dict]:
                 if mode not in s["modes"]:
                     continue
                 result = merge_lowbit(model, calib, MergeSettings(mode=mode), bool(quant.get("symmetric")),
-                                      log=lambda line: None)
+                                      log=lambda line: print(f"  {line}", flush=True))
                 out = Path(scratch) / mode
                 out.mkdir()
                 save_merged(out, base_dir, result, {"mode": mode})
