@@ -4,7 +4,8 @@
 #   2. the GPTQ path: peftkit quantize with quant.method=gptq (4 bits, few calibration windows), then the apiq
 #      fine-tune a few steps on that output;
 #   3. FSDP on one GPU: torchrun --nproc_per_node=1 ... train.strategy=fsdp, full fine-tuning;
-#   4. the GLUE quick grid on SST-2: peftkit bench glue --quick --set tasks=sst2.
+#   4. the GLUE quick grid on SST-2: peftkit bench glue --quick --set tasks=sst2;
+#   5. the bf16 / fp32 step and its MFU: peftkit bench step --quick.
 # Every command writes into OUT_DIR: runs/<name>/ (each run's metrics), logs/<name>.log, glue-quick.json and
 # gpu-check.json (one row per command: name, exit code, seconds, the command line).
 #
@@ -49,6 +50,7 @@ COMMANDS+=("gptq-quantize|quantize|quant-rtn-smollm2-2bit|quant.method=gptq quan
 COMMANDS+=("gptq-apiq-bf16|finetune|ft-wikitext2-smollm2-2bit-rtn|model.name=$OUT/runs/gptq-4bit train.max_steps=5 train.eval_every=5 train.save_every=5 train.precision=bf16 data.eval_limit=8 output.overwrite=true output.dir=$OUT/runs/gptq-apiq-bf16")
 COMMANDS+=("fsdp-1gpu|torchrun|full-minilm-sst2|train.strategy=fsdp ${SHORT[*]} output.dir=$OUT/runs/fsdp-1gpu")
 COMMANDS+=("glue-quick|bench|glue|tasks=sst2 work_dir=$OUT/runs/glue-quick")
+COMMANDS+=("step-precision|bench|step|repeats=7")
 
 command_line() {  # the argv of one entry, one word per line
   local kind=$1 recipe=$2 args=$3 name=$4

@@ -98,7 +98,9 @@ def run(quick: bool, options: dict) -> list[dict]:
     s = settings(quick, options)
     torch.set_num_threads(int(s["threads"]))
     base = build_model({"model": s["model"], "seed": s["seed"]})
-    batch = make_batch(base.config.vocab_size, s["batch"], s["seq"], seed=s["seed"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = {k: v.to(device) for k, v in make_batch(base.config.vocab_size, s["batch"], s["seq"], seed=s["seed"]).items()}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # a step's kernels may still run
     steppers, flops = {}, {}
     for precision in PRECISIONS:
         method, model, step = make_stepper(base, s, precision)
@@ -107,8 +109,10 @@ def run(quick: bool, options: dict) -> list[dict]:
     walls, cpus = {p: [] for p in PRECISIONS}, {p: [] for p in PRECISIONS}
     for round_ in range(s["warmup"] + s["repeats"]):  # alternate, rotating who goes first
         for precision in (PRECISIONS if round_ % 2 == 0 else PRECISIONS[::-1]):
+            sync()
             wall, cpu = time.perf_counter(), time.process_time()
             steppers[precision](batch)
+            sync()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             print(f"[step] round {round_} {precision}: {wall:.3f} s ({cpu:.3f} s CPU)", flush=True)
             if round_ >= s["warmup"]:
@@ -135,7 +139,7 @@ def run(quick: bool, options: dict) -> list[dict]:
                  "speedup_cpu": speed_cpu, "matmul_peak_ratio": matmul_ratio, "target": target,
                  "met": None if target is None else speed >= target})
     options_auto = TrainArgs(precision="auto", batch_size=s["batch"])
-    dataset = [{"input_ids": row} for row in batch["input_ids"].tolist()]
+    dataset = [{"input_ids": row} for row in batch["input_ids"].cpu().tolist()]
     picked, why = resolve_precision("auto", matmul_shapes(base, options_auto, dataset))
     rows.append({"row": "precision auto", "precision": picked, "why": why})
     notes = [f"{s['model']}, method {s['method']}, batch {s['batch']} x {s['seq']} random tokens, "
