@@ -114,9 +114,10 @@ class Plan:
 
     def table(self) -> str:
         f = self.facts
+        processes = f"{f['strategy']} over {f['world_size']} processes" if f["world_size"] > 1 else "one process"
         lines = [f"{f['model']}: {f['method']}, batch {f['batch']} x {f['seq']} tokens, {f['weights_format']}, "
-                 f"{f['strategy']} over {f['world_size']} process(es), {f['device']}",
-                 f"{'':22s}{'per device':>12s}  ", ]
+                 f"{processes}, {f['device']}",
+                 f"{'':22s}{'per device':>12s}"]
         for row in self.rows:
             lines.append(f"{row.name:22s}{human(row.bytes):>12s}  {row.note}")
         tied = f" + tied embedding's two gradients {human(f['tied_gradient_sum_bytes'])}" if f["tied_gradient_sum_bytes"] else ""
