@@ -183,30 +183,41 @@ class ModelFacts:
     tied_params: int = 0  # the input embedding's parameters where the output layer is the same tensor
 
 
-def _config_dir(name: str) -> Path:
+def read_config(recipe):
+    """(the transformers config of ``recipe.model.name``, its local directory or None): a directory with a
+    config.json, an alias, or a hub id whose config.json is reachable (only that file is fetched)."""
+    from transformers import AutoConfig
+
     from peftkit.models.aliases import resolve_model
 
+    name = recipe.model.name
     path = Path(resolve_model(name))
-    if not (path / "config.json").is_file():
-        raise UserError(f"model.name {name!r}: no config.json at {path}. The plan reads only the model's config; "
-                        f"point model.name at a directory that has one (a checkpoint, a quantize output, or a "
-                        f"config.json written by hand such as configs/plan/llama3-8b).")
-    return path
+    local = (path / "config.json").is_file()
+    where = path / "config.json" if local else name
+    try:
+        if not local and path.exists():
+            raise OSError(f"{path} has no config.json")
+        config = AutoConfig.from_pretrained(str(path) if local else name,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        if local:
+            raise UserError(f"model.name {name!r}: {where} is not a config transformers reads "
+                            f"({str(e).splitlines()[0]}). Fix the file or choose another model.") from None
+        raise UserError(f"model.name {name!r}: no config.json found there ({str(e).splitlines()[0]}). The plan reads "
+                        f"only the model's config: point model.name at a directory that has one (a checkpoint, a "
+                        f"quantize output, or a config.json written by hand such as configs/plan/llama3-8b), or a "
+                        f"hub id whose config is reachable.") from None
+    return config, (path if local else None)
 
 
 def model_facts(recipe) -> ModelFacts:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from peftkit.methods.base import is_head_parameter
     from peftkit.models.structure import find_layers, structure_from_config
 
-    path = _config_dir(recipe.model.name)
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=recipe.model.trust_remote_code)
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        raise UserError(f"model.name {recipe.model.name!r}: {path / 'config.json'} is not a config transformers "
-                        f"reads ({str(e).splitlines()[0]}). Fix the file or choose another model.") from None
+    config, path = read_config(recipe)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the packed layout is what this module counts; no quantizer is needed
     causal = recipe.model.task_head == "causal_lm"
@@ -215,7 +226,11 @@ def model_facts(recipe) -> ModelFacts:
         config.num_labels = _num_labels(recipe)
     with torch.device("meta"):
         model = builder.from_config(config)
-    _, blocks = find_layers(model)
+    try:
+        _, blocks = find_layers(model)
+    except ValueError as e:
+        raise UserError(f"model.name {recipe.model.name!r}: the plan cannot tell this model's blocks ({e}); it plans "
+                        f"transformer stacks of identical blocks.") from None
     block = blocks[-1]
     projections = tuple((name.rpartition(".")[2], m.in_features, m.out_features, m.bias is not None)
                         for name, m in block.named_modules() if isinstance(m, torch.nn.Linear))
@@ -233,8 +248,8 @@ def model_facts(recipe) -> ModelFacts:
     else:
         head = sum(p.numel() for n, p in params.items() if is_head_parameter(n))
     quantized = None
-    info = path / "quantization.json"
-    if info.is_file():
+    info = path / "quantization.json" if path is not None else None
+    if info is not None and info.is_file():
         data = json.loads(info.read_text())
         adapter = path / "adapter_config.json"
         r = json.loads(adapter.read_text()).get("r") if adapter.is_file() else None

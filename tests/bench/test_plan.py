@@ -167,6 +167,8 @@ def test_plan_command_prints_the_table_and_json(tmp_path):
     (["plan", "lora-minilm-sst2", "--device", "tpu"], "--device"),
     (["plan", "lora-minilm-sst2", "model.name=/no/such/model"], "config.json"),
     (["plan", "hiwi-minilm-sst2"], "no memory model for method"),
+    (["plan", "lora-minilm-sst2", "model.name=tests"], "no config.json"),
+    (["plan", "quant-rtn-smollm2-2bit"], "quantize recipe"),
 ])
 def test_bad_input_exits_2_with_one_paragraph(args, words):
     result = invoke(*args)
@@ -188,3 +190,23 @@ def test_a_trained_tied_embedding_adds_its_two_gradient_contributions(tmp_path):
     assert full.total == (rows["trainable"] + rows["optimizer state"]
                           + max(rows["gradients"] + 2 * 512 * 64 * 4, rows["activations"] + full.facts["head_gradient_bytes"]))
     assert _plan(_recipe(path, {"name": "lora"})).facts["tied_gradient_sum_bytes"] == 0  # a frozen embedding
+
+
+def test_a_config_transformers_cannot_read_exits_2(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    result = invoke("plan", "lora-minilm-sst2", f"model.name={broken}", "--memory", "1GiB")
+    assert result.exit_code == 2 and "is not a config transformers reads" in result.output, result.output
+
+
+def test_the_default_memory_is_the_machines(monkeypatch, tmp_path):
+    import torch
+
+    from peftkit.bench.plan import machine_memory
+
+    ram, source = machine_memory("cpu")
+    assert ram > 2**28 and "RAM" in source
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = invoke("plan", "lora-minilm-sst2", "--device", "cuda")  # no GPU to read the memory of, no --memory
+    assert result.exit_code == 2 and "--memory" in result.output, result.output
