@@ -205,3 +205,14 @@ def test_merge_bench_without_runs_says_what_to_give():
 
     with pytest.raises(UserError, match="needs runs"):
         bench_run(True, {})
+
+
+def test_a_base_with_no_low_bit_form_outside_peftkit_is_refused_and_float_still_merges(tmp_path):
+    """NF3 codes have no transformers / bitsandbytes layout: a low-bit merge asked for is refused (exit 2 words,
+    nothing written) and says what works instead; the default --merge is then the float merge."""
+    run = quantized_lora_run(tmp_path, "llama", "nf", 3, 16)
+    with pytest.raises(UserError, match="no low-bit form outside peftkit.*--merge-mode float"):
+        export(str(run), str(tmp_path / "out"), merge_mode="calibrated")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".export-*"))
+    out = export(str(run), str(tmp_path / "default"))
+    assert json.loads((out / "export.json").read_text())["export"]["merge_mode"] == "float"
