@@ -60,6 +60,7 @@ STACK = {  # method class -> norm position -> coefficients
 }
 OUTSIDE_BLOCKS = {"dense": {"post": 3.0, "pre": 3.58}, "frozen": {"post": 1.0, "pre": 0.53},
                   "adapter": {"post": 1.0, "pre": 0.53}}  # embeddings' norm/dropout, final norm: x h
+SWEEP_RANK = 8  # LoRA's rank in the sweep the "adapter" coefficients come from
 MEFT_STREAMS = {"post": 7.11, "pre": 8.06}  # x h per token, independent of depth (embeddings' included)
 CHECKPOINTED_INPUT = 1.0  # x h per block: gradient checkpointing keeps each block's input only
 # the backward pass's own allocations while the saved tensors are held, in blocks' worth of activations: fitted once
@@ -280,6 +281,13 @@ def packed_bytes(n_in: int, n_out: int, bits: int, group: int) -> int:
     return n_in * n_out * bits // 8 + groups * n_out * 2 + groups * n_out * bits // 8 + 4 * n_in
 
 
+def adapted(facts: ModelFacts, options: dict) -> tuple[int, list]:
+    """(LoRA's rank, the projections of a block it adapts): the recipe's r and targets, else the quantize output's."""
+    r = options.get("r") or (facts.quantized or {}).get("lora_r") or 8
+    targets = options.get("targets")
+    return r, [p for p in facts.projections if not isinstance(targets, list) or p[0] in targets]
+
+
 def trainable_params(facts: ModelFacts, method: str, options: dict) -> int:
     kind = METHODS[method]["trains"]
     blocks = facts.layers
@@ -287,9 +295,7 @@ def trainable_params(facts: ModelFacts, method: str, options: dict) -> int:
         return facts.total_params
     head = 0 if facts.causal else facts.head_params
     if kind == "adapter":
-        r = options.get("r") or (facts.quantized or {}).get("lora_r") or 8
-        targets = options.get("targets")
-        chosen = [p for p in facts.projections if not isinstance(targets, list) or p[0] in targets]
+        r, chosen = adapted(facts, options)
         return blocks * sum(r * (n_in + n_out) for _, n_in, n_out, _ in chosen) + head
     if kind == "sparse":
         pool = blocks * sum(n_in * n_out + (n_out if options.get("include_bias") and bias else 0)
@@ -329,6 +335,13 @@ def activation_model(facts: ModelFacts, method: str, options: dict, seq: int, ch
     if not facts.gated_mlp:
         a_i = 2.0
     block = a_h * facts.hidden + a_i * facts.intermediate + a_s * facts.heads * seq + a_kv * facts.kv_width
+    if METHODS[method]["trains"] == "adapter":
+        # each adapter keeps A's output (r per token) for B's gradient, the coefficients above at r = SWEEP_RANK;
+        # with dropout each adapter also keeps its own dropped copy of its input and the mask (one byte a value)
+        r, chosen = adapted(facts, options)
+        block += (r - SWEEP_RANK) * len(chosen)
+        if options.get("dropout"):
+            block += 1.25 * sum(n_in for _, n_in, _, _ in chosen)
     outside = OUTSIDE_BLOCKS[stack][facts.norm_position] * facts.hidden
     if METHODS[method].get("flat"):
         reversible = options.get("num_rev_layers") or facts.layers

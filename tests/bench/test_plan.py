@@ -88,13 +88,13 @@ def test_saved_activations_match_what_autograd_keeps(tmp_path):
     batch, seq = 2, 64
     for kind, builder in (("llama", AutoModelForCausalLM), ("bert", AutoModelForSequenceClassification)):
         path = _model_dir(tmp_path, kind, layers=3)
-        for method in ("full", "lora", "meft3"):
-            recipe = load_recipe(_recipe(path, {"name": method}, kind, batch=batch, seq=seq), [])
+        for method, options in (("full", {}), ("lora", {}), ("meft3", {})):
+            recipe = load_recipe(_recipe(path, {"name": method, **options}, kind, batch=batch, seq=seq), [])
             facts = model_facts(recipe)
-            planned = activation_model(facts, method, {}, seq, checkpointing=False)
+            planned = activation_model(facts, method, options, seq, checkpointing=False)
             torch.manual_seed(0)
             config = AutoConfig.from_pretrained(path)
-            _, model = prepare(method, builder.from_config(config))
+            _, model = prepare(method, builder.from_config(config), options)
             model.train()
             inputs = make_batch(config.vocab_size, batch, seq)
             if kind == "llama":
@@ -106,7 +106,37 @@ def test_saved_activations_match_what_autograd_keeps(tmp_path):
             # the coefficients come from a sweep with one key-value head; this decoder has two, which LoRA's frozen
             # k/v projections feel (5% here); everything else is within 1%
             tolerance = 0.06 if (kind, method) == ("llama", "lora") else 0.02
-            assert abs(predicted / measured - 1) < tolerance, (kind, method, predicted, measured)
+            assert abs(predicted / measured - 1) < tolerance, (kind, method, options, predicted, measured)
+
+
+def test_lora_rank_and_dropout_add_what_autograd_keeps(tmp_path):
+    """What a larger rank and LoRA dropout add to the saved tensors, against autograd's own bytes (both block kinds)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from peftkit.bench.costs import make_batch, prepare, saved_tensor_bytes
+    from peftkit.bench.plan import activation_model, model_facts
+    from peftkit.config.loader import load_recipe
+
+    batch, seq = 2, 64
+    for kind, builder in (("llama", AutoModelForCausalLM), ("bert", AutoModelForSequenceClassification)):
+        path = _model_dir(tmp_path, kind, layers=3)
+        planned, measured = {}, {}
+        for label, options in (("r8", {"r": 8}), ("r40", {"r": 40}), ("dropout", {"r": 8, "dropout": 0.1})):
+            facts = model_facts(load_recipe(_recipe(path, {"name": "lora", **options}, kind, batch=batch, seq=seq), []))
+            planned[label] = 4 * activation_model(facts, "lora", options, seq, checkpointing=False).saved
+            torch.manual_seed(0)
+            config = AutoConfig.from_pretrained(path)
+            _, model = prepare("lora", builder.from_config(config), options)
+            model.train()
+            inputs = make_batch(config.vocab_size, batch, seq)
+            if kind == "llama":
+                inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                          "labels": inputs["input_ids"]}
+            measured[label] = saved_tensor_bytes(model, inputs) / (batch * seq)
+        rank = (planned["r40"] - planned["r8"]) / (measured["r40"] - measured["r8"])
+        dropout = (planned["dropout"] - planned["r8"]) / (measured["dropout"] - measured["r8"])
+        assert abs(rank - 1) < 0.01 and abs(dropout - 1) < 0.15, (kind, rank, dropout)
 
 
 def test_fsdp_shards_over_the_world_size_and_ddp_replicates(tmp_path):
