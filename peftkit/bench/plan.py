@@ -31,8 +31,9 @@ h256/4 layers and LLaMA h192/6 layers at batch 16; the models and batches valida
     post-norm blocks (BERT: attention probabilities kept, with their dropout): 10.1 h + 2 i + 3 heads * seq
     pre-norm blocks (LLaMA: SDPA keeps no seq^2 term): 7.7 h (frozen projections: 5.8 h) + 4 i (2 i ungated)
                                                      + 2.4 kv_width
-    LoRA and the packed base add its input per block (0.75 h post-norm); MEFT keeps 7.1 h (post-norm) or 8.1 h
-    (pre-norm) per token whatever the depth, and recomputes one block in backward.
+    LoRA and the packed base add its input per block (0.75 h post-norm), A's output (r per adapted projection; the
+    sweep ran at r 8) and, with dropout, a dropped copy of each adapter's input and its mask; MEFT keeps 7.1 h
+    (post-norm) or 8.1 h (pre-norm) per token whatever the depth, and recomputes one block in backward.
 """
 
 from __future__ import annotations
