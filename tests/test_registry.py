@@ -13,7 +13,7 @@ def test_every_registration_is_found_in_module_order():
     assert METHODS.names() == ["apiq", "bitfit", "full", "head-only", "hiwi", "lora", "meft1", "meft2", "meft3", "pafi",
                                "supertuning"]
     assert {"sst2", "mrpc", "wikitext2", "mlm", "calibration", "dataset"} <= set(TASKS.names())
-    assert BENCHES.names() == ["flops", "glue", "latency", "memory", "merge", "peers", "quant"]
+    assert BENCHES.names() == ["flops", "glue", "latency", "memory", "merge", "peers", "quant", "step"]
     assert METHODS.help("pafi").startswith("PaFi:") and METHODS.get("meft2").name == "meft2"
 
 
