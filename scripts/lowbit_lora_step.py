@@ -36,13 +36,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("quant_dir")
     parser.add_argument("--model", default="smollm2-135m", help="the float model the quantize output came from")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4, help="steps per run, the first a warm-up")
     parser.add_argument("--reps", type=int, default=2, help="runs per side and setting")
     parser.add_argument("--dtype", default="bfloat16", help="what the packed side unpacks into")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gc", default="off,on", help="gradient checkpointing settings to run: off, on or both")
+    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the quantize output's)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--note", default="", help="appended to the JSON's notes")
     args = parser.parse_args()
@@ -52,19 +53,24 @@ def main() -> None:
     from peftkit.bench.packed_step import measure
 
     settings = [{"off": False, "on": True}[g] for g in args.gc.split(",")]
-    spec = {"quant_dir": str(Path(args.quant_dir).resolve()), "source_model": args.model, "batch": args.batch,
+    spec = {"quant_dir": str(Path(args.quant_dir).resolve()), "source_model": args.model, "lora_r": args.lora_r,
             "seq": args.seq, "steps": args.steps, "threads": args.threads, "dtype": args.dtype}
+    from peftkit.quant.checkpoint import read_info
+
+    rank = args.lora_r or read_info(args.quant_dir)["lora"]["r"]
     runs = []
-    for gc in settings:
-        for rep in range(args.reps):
-            for side in ("full", "packed"):
-                result = measure({**spec, "side": side, "gradient_checkpointing": gc})
-                runs.append({"side": side, "gradient_checkpointing": gc, "rep": rep, **result})
-                print(json.dumps({k: v for k, v in runs[-1].items()}), flush=True)
+    for batch in args.batch:
+        for gc in settings:
+            for rep in range(args.reps):
+                for side in ("full", "packed"):
+                    result = measure({**spec, "batch": batch, "side": side, "gradient_checkpointing": gc})
+                    runs.append({"side": side, "batch": batch, "gradient_checkpointing": gc, "rep": rep, **result})
+                    print(json.dumps(runs[-1]), flush=True)
     rows = []
-    for gc in settings:
-        full, packed = summary(runs, "full", gc), summary(runs, "packed", gc)
-        row = {"gradient_checkpointing": gc, "batch": args.batch, "seq": args.seq, "packed_dtype": args.dtype,
+    for batch, gc in [(b, g) for b in args.batch for g in settings]:
+        full = summary([r for r in runs if r["batch"] == batch], "full", gc)
+        packed = summary([r for r in runs if r["batch"] == batch], "packed", gc)
+        row = {"gradient_checkpointing": gc, "batch": batch, "seq": args.seq, "lora_r": rank, "packed_dtype": args.dtype,
                "fp32_step_s": round(full["step_seconds"], 3), "packed_step_s": round(packed["step_seconds"], 3),
                "step_time_ratio": round(packed["step_seconds"] / full["step_seconds"], 3),
                "fp32_step_cpu_s": round(full["step_cpu_seconds"], 3),
@@ -83,9 +89,9 @@ def main() -> None:
         command = "python scripts/lowbit_lora_step.py " + " ".join(sys.argv[1:])
         payload = {"bench": args.json.stem, "machine": {**machine_info(), "threads": args.threads},
                    "command": command, "rows": rows, "runs": runs,
-                   "notes": (f"LoRA (rank of the quantize output) on {args.model}: float32 model vs its packed "
+                   "notes": (f"LoRA r {rank} on {args.model}: float32 model vs its packed "
                              f"quantize output (unpacked into {args.dtype}); {args.steps - 1} timed AdamW steps of "
-                             f"{args.batch}x{args.seq} tokens per run after one warm-up. {args.note}").strip()}
+                             f"batch x {args.seq} tokens per run after one warm-up. {args.note}").strip()}
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
 
 

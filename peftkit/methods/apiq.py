@@ -37,7 +37,9 @@ class QuantizedLoRA(PeftBackedMethod):
     needs = ("quantizable",)  # the base is a `peftkit quantize` output
     Options = QuantizedLoRAOptions
     can_merge = True  # into the unpacked weights: a full-precision model (see merge)
-    checkpoints_by_default = True  # the packed base is ~1/6 of the float model: activations dominate the step
+    # The packed base is ~1/6 of the float model, so activations dominate the step; and checkpointing costs the packed
+    # step little: the forward's rerun keeps its unpacked weights for the backward (packed_linear._UnpackedMatmul).
+    checkpoints_by_default = True
     unmerged_export = "peftkit"  # the quantize output travels as base/; peft loads its GPTQ and NF4 forms too
     quant_dir: Path | None = None
 
