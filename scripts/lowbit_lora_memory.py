@@ -35,41 +35,20 @@ def child(spec: dict) -> dict:
     import ctypes
 
     import torch
-    from peft import get_peft_model
 
     from peftkit.bench.costs import _maxrss_bytes, _reset_peak_rss
-    from peftkit.bench.packed_step import _tensor_bytes
-    from peftkit.quant.checkpoint import load_quantized_base, read_info
-    from peftkit.quant.packed_linear import register_lora
-    from peftkit.quant.result import lora_config
-    from peftkit.train.trainer import adamw_kernel
+    from peftkit.bench.packed_step import _tensor_bytes, load_side, lora_of, warm_up_peft, with_lora
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    lora = read_info(spec["quant_dir"])["lora"]
-    config = lora_config(spec.get("lora_r") or lora["r"], lora["alpha"], lora["targets"])
-    get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), lora_config(1, 1.0, ["0"]))  # peft's imports
+    config = lora_of(spec)
+    warm_up_peft()
     _reset_peak_rss()
     idle = _rss_bytes()
-    if spec["side"] == "packed":
-        model = load_quantized_base(spec["quant_dir"], dtype=getattr(torch, spec["dtype"]))
-        register_lora(config)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        from peftkit.models.aliases import resolve_model
-
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(spec["source_model"]), dtype=torch.float32)
+    model = load_side(spec, config)
     model_bytes = _tensor_bytes(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if spec["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, config)
-    model.train()
+    model, optimizer = with_lora(model, config, spec["gradient_checkpointing"])
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": params}]
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, **adamw_kernel(groups))
     ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]),
                         generator=torch.Generator().manual_seed(0))
     mb = 2 ** 20

@@ -29,6 +29,62 @@ def _tensor_bytes(model) -> int:
     return total
 
 
+def lora_of(spec: dict):
+    """The LoRA config of a step: the quantize output's rank (or ``spec['lora_r']``), alpha and modules."""
+    from peftkit.quant.checkpoint import read_info
+    from peftkit.quant.result import lora_config
+
+    lora = read_info(spec["quant_dir"])["lora"]
+    return lora_config(spec.get("lora_r") or lora["r"], lora["alpha"], lora["targets"])
+
+
+def warm_up_peft() -> None:
+    """peft imports its optional backends (GPTQModel, when installed) the first time it wraps a model: do that on a
+    throw-away module first, so the libraries' memory is in the baseline and not counted as the model's."""
+    import torch
+    from peft import get_peft_model
+
+    from peftkit.quant.result import lora_config
+
+    get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), lora_config(1, 1.0, ["0"]))
+
+
+def load_side(spec: dict, config):
+    """The base of ``spec['side']``: the packed quantize output (unpacked into ``spec['dtype']``), or the float32
+    model it came from."""
+    import torch
+
+    if spec["side"] == "packed":
+        from peftkit.quant.checkpoint import load_quantized_base
+        from peftkit.quant.packed_linear import register_lora
+
+        model = load_quantized_base(spec["quant_dir"], dtype=getattr(torch, spec.get("dtype", "float32")))
+        register_lora(config)
+        return model
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.models.aliases import resolve_model
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model(spec["source_model"]), dtype=torch.float32)
+
+
+def with_lora(model, config, gradient_checkpointing: bool):
+    """(peft model in train mode, AdamW over its LoRA): the base frozen, the AdamW kernel the trainer picks."""
+    import torch
+    from peft import get_peft_model
+
+    from peftkit.train.trainer import adamw_kernel
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, config)
+    model.train()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return model, torch.optim.AdamW(groups, lr=1e-4, **adamw_kernel(groups))
+
+
 def step_child(spec: dict) -> dict:
     """Runs in a fresh interpreter (see module doc)."""
     import torch
@@ -37,41 +93,13 @@ def step_child(spec: dict) -> dict:
 
     torch.set_num_threads(spec.get("threads", 1))
     torch.manual_seed(0)
-    dtype = getattr(torch, spec.get("dtype", "float32"))
-    from peft import get_peft_model
-
-    from peftkit.quant.checkpoint import load_quantized_base, read_info
-    from peftkit.quant.packed_linear import register_lora
-    from peftkit.quant.result import lora_config
-
-    lora = read_info(spec["quant_dir"])["lora"]
-    r = spec.get("lora_r") or lora["r"]
-    config = lora_config(r, lora["alpha"], lora["targets"])
-    # peft imports its optional backends (GPTQModel, when installed) the first time it wraps a model: do that on a
-    # throw-away module first, so the libraries' memory is in the baseline and not counted as the model's.
-    get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), lora_config(1, 1.0, ["0"]))
+    config = lora_of(spec)
+    warm_up_peft()
     _reset_peak_rss()
     baseline = _maxrss_bytes()
-    if spec["side"] == "packed":
-        model = load_quantized_base(spec["quant_dir"], dtype=dtype)
-        register_lora(config)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        from peftkit.models.aliases import resolve_model
-
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(spec["source_model"]), dtype=torch.float32)
+    model = load_side(spec, config)
     model_bytes = _tensor_bytes(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if spec.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, config)
-    model.train()
-    from peftkit.train.trainer import adamw_kernel
-
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, **adamw_kernel(groups))  # the kernel the trainer picks
+    model, optimizer = with_lora(model, config, bool(spec.get("gradient_checkpointing")))
     ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]),
                         generator=torch.Generator().manual_seed(0))
     seconds, cpu_seconds = [], []

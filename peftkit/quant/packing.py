@@ -6,6 +6,8 @@ any b in 1..8 (2, 3 and 4 are the ones used); ``unpack_codes`` inverts ``pack_co
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 
@@ -43,6 +45,22 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch
     return codes.reshape(-1)[:count].reshape(tuple(shape)).to(torch.uint8)
 
 
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, kept for the next unpack of the same kind. The temporaries of an
+    unpack (byte planes, codes, the exact float32 weight) are as large as the weight; allocated afresh for every
+    matmul they cost page faults each time where big blocks are mmapped, and they leave holes in the heap where they
+    are not. One buffer each, the size of the largest layer, is reused instead; nothing that an unpack returns
+    points into it. Keyed by thread too, so that two threads unpacking at once never share one."""
+    key = (name, dtype, torch.device(device), threading.get_ident())
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
 def fast_gptq_layout(g_idx: torch.Tensor, bits: int, group_size: int, in_features: int, out_features: int) -> bool:
     """Whether ``unpack_gptq_t`` reads these GPTQ tensors: whole bytes of codes (2, 4 or 8 bits), no reordering
     (g_idx = i // group_size) and groups of whole 32-bit words."""
@@ -69,17 +87,22 @@ def unpack_gptq_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Ten
     per_byte, mask = 8 // bits, (1 << bits) - 1
     in_features = words * 32 // bits
     groups = in_features // group_size
-    planes = qweight.view(torch.uint8).view(words, out_features, 4).permute(0, 2, 1).contiguous()  # (words, 4, out)
-    codes = torch.empty(words, 4, per_byte, out_features, dtype=torch.uint8, device=qweight.device)
+    planes = _scratch("planes", words * 4 * out_features, torch.uint8, qweight.device).view(words, 4, out_features)
+    planes.copy_(qweight.view(torch.uint8).view(words, out_features, 4).permute(0, 2, 1))
+    codes = _scratch("codes", in_features * out_features, torch.uint8, qweight.device)
+    codes = codes.view(words, 4, per_byte, out_features)
+    shifted = _scratch("shifted", planes.numel(), torch.uint8, qweight.device).view_as(planes)
     for j in range(per_byte):
-        torch.bitwise_and(planes >> (bits * j), mask, out=codes[:, :, j])
+        torch.bitwise_right_shift(planes, bits * j, out=shifted)
+        torch.bitwise_and(shifted, mask, out=codes[:, :, j])
     zero_planes = qzeros.view(torch.uint8)  # (groups, out * b / 8): zero points packed along the output dimension
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=qzeros.device)
     zeros = ((zero_planes.unsqueeze(-1) >> shifts) & mask).reshape(qzeros.shape[0], -1)[:groups, :out_features]
     scale = scales[:groups].unsqueeze(1).float()
-    weight = torch.empty(groups, group_size, out_features, dtype=torch.float32, device=qweight.device)
-    weight.copy_(codes.view(groups, group_size, out_features))
-    weight = torch.addcmul(-(zeros.unsqueeze(1) * scale), weight, scale).view(in_features, out_features)
+    exact = _scratch("exact", in_features * out_features, torch.float32, qweight.device)
+    exact = exact.view(groups, group_size, out_features)
+    exact.copy_(codes.view(groups, group_size, out_features))
+    weight = exact.mul_(scale).sub_(zeros.unsqueeze(1) * scale).view(in_features, out_features)
     if dtype in (torch.float16, torch.bfloat16):
         return weight.to(dtype)
     return weight.to(torch.float16).to(dtype)

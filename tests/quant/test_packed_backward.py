@@ -166,3 +166,14 @@ def test_without_the_private_hooks_the_backward_unpacks_again(monkeypatch):
     reference_x = x.detach().clone().requires_grad_(True)
     _Counting()(reference_x).square().sum().backward()
     torch.testing.assert_close(x.grad, reference_x.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_an_unpacked_weight_stays_valid_after_the_next_unpack(dtype):
+    """Unpacks reuse scratch buffers for their temporaries: what one returns must not point into them."""
+    first, _ = _layer(2, seed=1)
+    second, _ = _layer(2, seed=2)
+    weight = first.unpack_t(dtype)
+    before = weight.clone()
+    second.unpack_t(dtype)
+    assert torch.equal(weight, before)
