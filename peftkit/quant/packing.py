@@ -56,7 +56,9 @@ def _scratch(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     points into it. Keyed by thread too, so that two threads unpacking at once never share one."""
     key = (name, dtype, torch.device(device), threading.get_ident())
     buffer = _SCRATCH.get(key)
-    if buffer is None or buffer.numel() < numel:
+    # a buffer made under torch.inference_mode (an eval) cannot be written outside it (the next training step)
+    stale = buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
+    if buffer is None or stale or buffer.numel() < numel:
         buffer = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel]
 

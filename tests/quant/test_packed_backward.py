@@ -177,3 +177,17 @@ def test_an_unpacked_weight_stays_valid_after_the_next_unpack(dtype):
     before = weight.clone()
     second.unpack_t(dtype)
     assert torch.equal(weight, before)
+
+
+def test_an_unpack_under_inference_mode_does_not_break_the_next_training_step(monkeypatch):
+    """An evaluation under torch.inference_mode between training steps leaves scratch buffers that are inference
+    tensors; the next unpack outside it must still work."""
+    from peftkit.quant import packing
+
+    monkeypatch.setattr(packing, "_SCRATCH", {})  # the first buffers are made under inference_mode
+    layer, quantized = _layer(2, out_features=160, in_features=192, group=32, seed=9)
+    with torch.inference_mode():
+        layer.unpack_t(torch.float32)
+    x = torch.randn(2, 192, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.equal(layer.unpack_t(torch.float32).T, _textbook(quantized, torch.float32))
