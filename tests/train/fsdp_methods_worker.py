@@ -11,6 +11,7 @@ usage: fsdp_methods_worker.py OUT QUANT_DIR METHOD[,METHOD...]
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -165,6 +166,8 @@ def run(label: str, out: Path, quant_dir: Path, dist) -> None:
 def main(out: Path, quant_dir: Path, labels: list[str]) -> None:
     torch.set_num_threads(1)
     dist = init_distributed()
+    # a group smaller than torchrun launched would compare one process with one process and prove nothing
+    assert dist.world_size == int(os.environ.get("WORLD_SIZE", "1")), "the worker is not in torchrun's process group"
     for label in labels:
         run(label, out, quant_dir, dist)
     shutdown(dist)
