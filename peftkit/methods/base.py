@@ -47,11 +47,10 @@ class Method:
     Options: ClassVar[type[MethodArgs]] = MethodArgs
     can_merge: ClassVar[bool] = False
     # train.strategy=fsdp (FSDP2, peftkit/train/distributed.py shard_model): parameters become DTensors between
-    # uses and are gathered by hooks around each unit's forward and backward. Every method is checked under it
-    # (tests/train/test_fsdp_methods.py); False refuses the strategy with a reason.
-    supports_fsdp: ClassVar[bool] = True
-    # Shard each transformer block as a unit of its own (gathered around its own forward and backward). False: the
-    # whole model is one unit, for methods whose forward calls pieces of a block rather than the block.
+    # uses and are gathered by hooks around each unit's forward and backward; every method is checked under it
+    # (tests/train/test_fsdp_methods.py). fsdp_blocks: shard each transformer block as a unit of its own (gathered
+    # around its own forward and backward); False: the whole model is one unit, for methods whose forward calls
+    # pieces of a block rather than the block.
     fsdp_blocks: ClassVar[bool] = True
     # Why train.compile runs this method eagerly (one log line), or None: torch.compile is tried, eager where it fails.
     compile_refusal: ClassVar[str | None] = None

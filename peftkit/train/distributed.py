@@ -120,7 +120,7 @@ def blocks_of(model) -> list:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return list(layers_of(inner))
-    except Exception:  # any failure to find the family's path: look at the structure instead
+    except (ValueError, AttributeError, KeyError):  # no family, or not at its path: look at the structure instead
         pass
     found, inside = [], set()
     for name, module in model.named_modules():

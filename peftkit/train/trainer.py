@@ -232,11 +232,6 @@ class Trainer:
         self.model = self.raw_model
         self.sharded = self.dist.enabled and options.strategy == "fsdp"
         if self.sharded:
-            if not method.supports_fsdp:
-                from peftkit.errors import UserError
-
-                raise UserError(f"train.strategy: fsdp is not available for method {method.name!r}; "
-                                f"use train.strategy=ddp.")
             shard_model(self.raw_model, method, options)
         elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
