@@ -267,11 +267,16 @@ def export(run: str = typer.Argument(..., help="Run directory (runs/<name>) or i
            calib_windows: Optional[int] = typer.Option(None, "--calib-windows",
                                                        help="Calibration windows of a low-bit merge (default 8)."),
            calib_len: Optional[int] = typer.Option(None, "--calib-len",
-                                                   help="Tokens per calibration window (default 256).")):
+                                                   help="Tokens per calibration window (default 256)."),
+           tune_windows: Optional[int] = typer.Option(None, "--tune-windows",
+                                                      help="Windows of the calibrated merge's end-to-end tuning of "
+                                                           "scales and norms (default 32)."),
+           tune_epochs: Optional[int] = typer.Option(None, "--tune-epochs",
+                                                     help="Epochs of that tuning (default 3; 0: block by block only).")):
     """Export a run so that transformers / peft load it (model card, sizes next to the base model)."""
     from peftkit.commands.export import export as run_export
 
-    _run(run_export, run, out, merge, merge_mode, calib, calib_windows, calib_len)
+    _run(run_export, run, out, merge, merge_mode, calib, calib_windows, calib_len, tune_windows, tune_epochs)
 
 
 @app.command()

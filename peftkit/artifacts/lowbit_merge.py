@@ -6,7 +6,8 @@ the quality change on held-out windows of the same text and adds the merge secti
 
 Merge modes (``--merge-mode``):
   calibrated  re-quantized to the base's bits and group size, calibrated block by block against the unmerged model's
-              outputs (the default for a GPTQ-packed or NF4 base)
+              outputs, then its scales and norms tuned end to end against the unmerged model's next-token
+              distributions (the default for a GPTQ-packed or NF4 base)
   naive       dequant(W) + s B A rounded back onto the base's grid (for comparison)
   float       the LoRA folded into the unpacked weights: a full-precision model of the base architecture
 """
@@ -22,9 +23,11 @@ from peftkit.errors import UserError
 MERGE_MODES = ("calibrated", "naive", "float")
 CALIB_SOURCES = ("train", "wikitext2")
 DEFAULT_WINDOWS, DEFAULT_SEQ_LEN = 8, 256
+DEFAULT_TUNE_WINDOWS, DEFAULT_TUNE_EPOCHS = 32, 3
 CANDIDATE_WORDS = {"naive": "naive rounding onto the base's grid", "fresh": "fresh min/max (NF: absmax) rounding",
                    "gptq": "GPTQ", "clip": "clipping search", "round": "learned rounding"}
 HELD_OUT = 4  # windows after the calibration ones, for the measured quality change
+CHECK = 4  # windows after the tuning ones: the end-to-end tuning keeps its best epoch on them
 LOWBIT_STORAGE = ("gptq", "bitsandbytes")
 
 
@@ -36,9 +39,12 @@ class MergeRequest:
     calib: str | None = None
     windows: int | None = None
     seq_len: int | None = None
+    tune_windows: int | None = None
+    tune_epochs: int | None = None
 
     def given(self) -> list[str]:
-        flags = {"mode": "--merge-mode", "calib": "--calib", "windows": "--calib-windows", "seq_len": "--calib-len"}
+        flags = {"mode": "--merge-mode", "calib": "--calib", "windows": "--calib-windows", "seq_len": "--calib-len",
+                 "tune_windows": "--tune-windows", "tune_epochs": "--tune-epochs"}
         return [flag for key, flag in flags.items() if getattr(self, key) is not None]
 
 
@@ -60,9 +66,12 @@ def resolve_mode(method, info, merge: bool | None, request: MergeRequest) -> str
     if request.calib is not None and request.calib not in CALIB_SOURCES:
         raise UserError(f"--calib {request.calib!r} is not one of {', '.join(CALIB_SOURCES)} (train = the run's own "
                         f"training text, wikitext2 = WikiText-2's {'wiki.valid.tokens'}).")
-    for flag, value in (("--calib-windows", request.windows), ("--calib-len", request.seq_len)):
+    for flag, value in (("--calib-windows", request.windows), ("--calib-len", request.seq_len),
+                        ("--tune-windows", request.tune_windows)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value} must be at least 1.")
+    if request.tune_epochs is not None and request.tune_epochs < 0:
+        raise UserError(f"--tune-epochs {request.tune_epochs} must be 0 (no end-to-end tuning) or more.")
     if merge is False:
         if request.given():
             raise UserError(f"{', '.join(request.given())} only apply to a merged export, and --no-merge was given. "
@@ -90,6 +99,10 @@ def resolve_mode(method, info, merge: bool | None, request: MergeRequest) -> str
         raise UserError(f"{', '.join(f for f in request.given() if f != '--merge-mode')}: a float merge reads no "
                         f"calibration text (it folds the LoRA into the unpacked weights). Drop them, or choose "
                         f"--merge-mode calibrated.")
+    tuning = [f for f in request.given() if f.startswith("--tune-")]
+    if mode == "naive" and tuning:
+        raise UserError(f"{', '.join(tuning)}: the naive merge rounds onto the base's grid without tuning anything. "
+                        f"Drop them, or choose --merge-mode calibrated.")
     return mode
 
 
@@ -138,20 +151,40 @@ def calibration_text(directory: Path, info, source: str) -> tuple[str, str]:
     return "\n\n".join(rows), str(train_file)
 
 
-def calibration_windows(directory: Path, info, tokenizer, request: MergeRequest):
-    """(calibration windows, held-out windows, description) from the requested text."""
+@dataclass
+class MergeWindows:
+    """Token windows of the calibration text, each drawn for one use: ``calib`` (block by block), ``held`` (the
+    measured quality change), ``tune`` (end to end) and ``check`` (the tuning's choice of epoch)."""
+
+    calib: object
+    held: object
+    tune: object
+    check: object
+    described: dict
+
+
+def calibration_windows(directory: Path, info, tokenizer, request: MergeRequest) -> MergeWindows:
+    """The windows of the requested text (the run's own training text or WikiText-2's wiki.valid.tokens)."""
     from peftkit.utils.text_windows import random_windows, token_ids
 
     source = request.calib or "train"
     n, seq_len = request.windows or DEFAULT_WINDOWS, request.seq_len or DEFAULT_SEQ_LEN
+    tune = DEFAULT_TUNE_WINDOWS if request.tune_windows is None else request.tune_windows
+    epochs = DEFAULT_TUNE_EPOCHS if request.tune_epochs is None else request.tune_epochs
+    tune = tune if epochs > 0 else 0
     text, where = calibration_text(directory, info, source)
     ids = token_ids(tokenizer, text)
     if ids.numel() <= seq_len:
         raise UserError(f"the calibration text {where} has {ids.numel()} tokens, not enough for one window of "
                         f"--calib-len {seq_len}; lower --calib-len or use --calib wikitext2.")
-    windows = random_windows(ids, n + HELD_OUT, seq_len, seed=0)
-    return windows[:n], windows[n:], {"source": source, "text": where, "windows": n, "seq_len": seq_len,
-                                      "held_out_windows": HELD_OUT}
+    # one seeded draw, cut in order: the calibration and held-out windows are those of a draw without tuning
+    windows = random_windows(ids, n + HELD_OUT + (tune + CHECK if tune else 0), seq_len, seed=0)
+    cut = [n, n + HELD_OUT, n + HELD_OUT + tune]
+    return MergeWindows(windows[:cut[0]], windows[cut[0]:cut[1]], windows[cut[1]:cut[2]] if tune else None,
+                        windows[cut[2]:] if tune else None,
+                        {"source": source, "text": where, "windows": n, "seq_len": seq_len,
+                         "held_out_windows": HELD_OUT, "tune_windows": tune, "tune_epochs": epochs,
+                         "check_windows": CHECK if tune else 0})
 
 
 # ---- the merged export ------------------------------------------------------------------------------------------
@@ -173,15 +206,17 @@ def write_lowbit_merge(directory: Path, out: Path, info, model, tokenizer, mode:
         raise UserError(f"--merge-mode {mode}: low-bit merging calibrates a causal LM on text; this run has a "
                         f"{info.model.get('task_head')} head. Export with --merge-mode float or --no-merge.")
     base_dir, quant = quantized_base_of(info)
-    calib, held, described = calibration_windows(directory, info, tokenizer, request)
-    settings = MergeSettings(mode=mode, seed=0)
-    result = merge_lowbit(model, calib, settings, symmetric=bool(quant.get("symmetric")), log=log)
+    windows = calibration_windows(directory, info, tokenizer, request)
+    described, held = windows.described, windows.held
+    settings = MergeSettings(mode=mode, seed=0, tune_epochs=described["tune_epochs"])
+    result = merge_lowbit(model, windows.calib, settings, symmetric=bool(quant.get("symmetric")), log=log,
+                          tune_ids=windows.tune, check_ids=windows.check)
     chosen: dict[str, int] = {}
     for block in result.blocks:
         chosen[block["chosen"]] = chosen.get(block["chosen"], 0) + 1
     record = {"mode": mode, "bits": quant["bits"], "group_size": quant["group_size"], "storage": quant["storage"],
               "base_method": quant["method"], "calibration": described, "seconds": round(result.seconds, 1),
-              "blocks_chosen": chosen, "blocks": result.blocks}
+              "blocks_chosen": chosen, "blocks": result.blocks, "tuning": result.tuning}
     save_merged(out, base_dir, result, record)
     merged = load_quantized_base(out)
     ppl_unmerged, ppl_merged = perplexity(model, held), perplexity(merged, held)
@@ -197,6 +232,16 @@ def write_lowbit_merge(directory: Path, out: Path, info, model, tokenizer, mode:
     if not (out / "generation_config.json").is_file():
         merged.generation_config.save_pretrained(out)
     return record
+
+
+def _tuning_lines(record: dict) -> list[str]:
+    tuning, c = record.get("tuning"), record["calibration"]
+    if record["mode"] != "calibrated" or not tuning:
+        return []
+    outcome = (f"held-out KL to the unmerged model {tuning['check_kl_before']:.4g} -> {tuning['check_kl_after']:.4g}"
+               if tuning["kept"] else "no epoch lowered the held-out KL, so the block-wise result was kept")
+    return [f"- end-to-end tuning of the scales and norms: {c['tune_windows']} windows x {c['seq_len']} tokens, "
+            f"{c['tune_epochs']} epochs; {outcome}"]
 
 
 def card_section(record: dict) -> str:
@@ -215,6 +260,7 @@ def card_section(record: dict) -> str:
              f"- calibration: {c['windows']} windows x {c['seq_len']} tokens of {c['text']} ({c['source']})"
              if record["mode"] == "calibrated" else
              f"- measurement text: {c['text']} ({c['source']})",
+             *_tuning_lines(record),
              f"- perplexity on {q['measured_on']}: unmerged {q['ppl_unmerged']:.4g}, merged {q['ppl_merged']:.4g} "
              f"({100 * q['ppl_change']:+.2f}%)",
              f"- model bytes: {record['model_bytes']:,} (the base: {record['base_model_bytes']:,})",

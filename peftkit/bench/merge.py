@@ -3,7 +3,9 @@
 For every run in ``runs`` (a finished apiq run on a GPTQ-packed or NF4 `peftkit quantize` output), one row each:
   unmerged     the run as trained: the packed base plus its LoRA (peftkit's PackedLinear + peft LoRA)
   naive        dequant(W) + s B A rounded back onto the base's grid (peftkit/quant/merge.py)
-  calibrated   re-quantized block by block against the unmerged model's outputs (the export's default)
+  blockwise    re-quantized block by block against the unmerged model's outputs, not tuned end to end
+  calibrated   the block-wise merge with its scales and norms then tuned end to end against the unmerged model's
+               next-token distributions (the export's default)
   float        the LoRA folded into the unpacked weights, full precision (``--merge-mode float``)
 Columns: WikiText-2 test perplexity (non-overlapping windows), its ratio to the unmerged model's, the stored model
 bytes (tensors as written: packed codes, fp16 scales and the fp16 rest; unmerged adds the adapter; float is the
@@ -12,8 +14,8 @@ float32 model the float merge writes), the per-token latency of greedy generatio
 each weight per matmul) and its ratio to the unmerged model's, timed interleaved, and the merge's seconds.
 The calibration windows come from each run's own training text (``calib`` train) or WikiText-2's wiki.valid.tokens.
 
-options (all optional but ``runs``): runs, calib, calib_windows, calib_seq_len, ppl_windows, ppl_seq_len,
-gen_prompt, gen_tokens, gen_repeats, modes.
+options (all optional but ``runs``): runs, calib, calib_windows, calib_seq_len, tune_windows, tune_epochs,
+ppl_windows, ppl_seq_len, gen_prompt, gen_tokens, gen_repeats, modes.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from peftkit.config.base import BenchSettings, option
 from peftkit.errors import UserError
 from peftkit.utils.registry import BENCHES
 
-QUICK = dict(calib_windows=8, calib_seq_len=256, ppl_windows=8, ppl_seq_len=256, gen_prompt=32, gen_tokens=16,
+QUICK = dict(calib_windows=8, calib_seq_len=256, tune_windows=32, tune_epochs=3, ppl_windows=8, ppl_seq_len=256, gen_prompt=32, gen_tokens=16,
              gen_repeats=3)
-FULL = dict(calib_windows=16, calib_seq_len=256, ppl_windows=40, ppl_seq_len=256, gen_prompt=64, gen_tokens=32,
+FULL = dict(calib_windows=16, calib_seq_len=256, tune_windows=32, tune_epochs=3, ppl_windows=40, ppl_seq_len=256, gen_prompt=64, gen_tokens=32,
             gen_repeats=5)
-MODES = ("unmerged", "naive", "calibrated", "float")
+MODES = ("unmerged", "naive", "blockwise", "calibrated", "float")
 
 
 def _settings(quick: bool, options: dict) -> dict:
@@ -88,7 +90,7 @@ def run(quick: bool, options: dict) -> list[dict]:
     from peftkit.methods import create_method
     from peftkit.paths import wikitext_root
     from peftkit.quant.checkpoint import load_quantized_base
-    from peftkit.quant.merge import MergeSettings, merge_lowbit, save_merged
+    from peftkit.quant.merge import MergeSettings, merge_lowbit, save_merged, tune_end_to_end
     from peftkit.tasks.causal_lm import perplexity_of_windows
     from peftkit.utils.text_windows import TEST_FILE, consecutive_windows, read_text, token_ids
 
@@ -103,8 +105,10 @@ def run(quick: bool, options: dict) -> list[dict]:
         test_ids = token_ids(tokenizer, read_text(Path(wikitext_root()) / TEST_FILE))
         ppl_windows = consecutive_windows(test_ids, s["ppl_seq_len"], s["ppl_windows"])
         prompt = test_ids[-s["gen_prompt"]:][None]
-        request = MergeRequest(calib=s["calib"], windows=s["calib_windows"], seq_len=s["calib_seq_len"])
-        calib, _, described = calibration_windows(final_dir(run_dir), info, tokenizer, request)
+        request = MergeRequest(calib=s["calib"], windows=s["calib_windows"], seq_len=s["calib_seq_len"],
+                               tune_windows=s["tune_windows"], tune_epochs=s["tune_epochs"])
+        windows = calibration_windows(final_dir(run_dir), info, tokenizer, request)
+        described = windows.described
         base_bytes = _file_bytes(base_dir, ("model.safetensors",))
         common = {"run": str(run_dir), "bits": quant["bits"], "group_size": quant["group_size"],
                   "storage": quant["storage"], "base_method": quant["method"],
@@ -113,11 +117,7 @@ def run(quick: bool, options: dict) -> list[dict]:
         models, found = {"unmerged": model}, {"unmerged": {"model_bytes": _file_bytes(final_dir(run_dir)) + base_bytes,
                                                            "seconds": 0.0}}
         with tempfile.TemporaryDirectory(prefix="peftkit-merge-bench-") as scratch:
-            for mode in ("naive", "calibrated"):
-                if mode not in s["modes"]:
-                    continue
-                result = merge_lowbit(model, calib, MergeSettings(mode=mode), bool(quant.get("symmetric")),
-                                      log=lambda line: print(f"  {line}", flush=True))
+            def keep(mode, result, seconds):
                 out = Path(scratch) / mode
                 out.mkdir()
                 save_merged(out, base_dir, result, {"mode": mode})
@@ -125,9 +125,27 @@ def run(quick: bool, options: dict) -> list[dict]:
                 chosen = {}
                 for block in result.blocks:
                     chosen[block["chosen"]] = chosen.get(block["chosen"], 0) + 1
-                found[mode] = {"model_bytes": _file_bytes(out, ("model.safetensors",)),
-                               "seconds": round(result.seconds, 1), "blocks_chosen": chosen}
-                print(f"{Path(run_dir).name} {mode}: merged in {result.seconds:.0f} s ({chosen})", flush=True)
+                found[mode] = {"model_bytes": _file_bytes(out, ("model.safetensors",)), "seconds": round(seconds, 1),
+                               "blocks_chosen": chosen}
+                print(f"{Path(run_dir).name} {mode}: merged in {seconds:.0f} s ({chosen})", flush=True)
+
+            def log(line):
+                print(f"  {line}", flush=True)
+
+            symmetric = bool(quant.get("symmetric"))
+            if "naive" in s["modes"]:
+                result = merge_lowbit(model, windows.calib, MergeSettings(mode="naive"), symmetric, log=log)
+                keep("naive", result, result.seconds)
+            if {"blockwise", "calibrated"} & set(s["modes"]):
+                settings = MergeSettings(mode="calibrated", tune_epochs=s["tune_epochs"])
+                result = merge_lowbit(model, windows.calib, settings, symmetric, log=log)
+                if "blockwise" in s["modes"]:
+                    keep("blockwise", result, result.seconds)
+                if "calibrated" in s["modes"]:
+                    if windows.tune is not None:  # the same block-wise merge, then tuned as the export tunes it
+                        result.tuning = tune_end_to_end(model, result, windows.tune, windows.check, settings, log)
+                    keep("calibrated", result, result.seconds + (result.tuning or {}).get("seconds", 0.0))
+                    found["calibrated"]["tuning"] = result.tuning
             if "float" in s["modes"]:
                 start = time.perf_counter()
                 floated = create_method(info.method, info.options).merge(copy.deepcopy(model)).eval()
@@ -148,8 +166,9 @@ def run(quick: bool, options: dict) -> list[dict]:
                   f"({row['ppl_vs_unmerged']:.3f}x unmerged), {row['model_bytes']:,} bytes, "
                   f"{row['ms_per_token']:.2f} ms/token", flush=True)
         del models, model
-    notes = ["unmerged = the packed base plus its LoRA; naive = W' rounded onto the base's grid; calibrated = the "
-             "export's default merge; float = the LoRA folded into float32 weights. ppl: WikiText-2 test windows; "
+    notes = ["unmerged = the packed base plus its LoRA; naive = W' rounded onto the base's grid; blockwise = "
+             "re-quantized block by block against the unmerged model's outputs; calibrated = the export's default "
+             "merge: the blockwise one with its scales and norms tuned end to end; float = the LoRA folded into float32 weights. ppl: WikiText-2 test windows; "
              "ms_per_token: greedy generation with the KV cache, timed interleaved, on peftkit's packed runtime for "
              "the low-bit rows."]
     if any("smollm2" in str(r.get("run", "")) for r in rows):
@@ -167,6 +186,10 @@ class MergeBenchSettings(BenchSettings):
                                                                   "WikiText-2's wiki.valid.tokens.")
     calib_windows: Optional[int] = option(None, "Calibration windows (quick 8, full 16).", ge=1, le=1_000_000)
     calib_seq_len: Optional[int] = option(None, "Tokens per calibration window (256).", ge=2, le=1_048_576)
+    tune_windows: Optional[int] = option(None, "Windows of the calibrated merge's end-to-end tuning (32).", ge=1,
+                                         le=1_000_000)
+    tune_epochs: Optional[int] = option(None, "Epochs of that tuning (3; 0: the calibrated row is the block-wise one).",
+                                        ge=0, le=1000)
     ppl_windows: Optional[int] = option(None, "WikiText-2 test windows of the perplexity (quick 8, full 40).", ge=1,
                                         le=1_000_000)
     ppl_seq_len: Optional[int] = option(None, "Tokens per perplexity window (256).", ge=2, le=1_048_576)
@@ -175,11 +198,11 @@ class MergeBenchSettings(BenchSettings):
     gen_tokens: Optional[int] = option(None, "Generated tokens per timing (quick 16, full 32).", ge=1, le=1_048_576)
     gen_repeats: Optional[int] = option(None, "Timed generations per model, interleaved (quick 3, full 5).", ge=1,
                                         le=1000)
-    modes: Optional[list[Literal["unmerged", "naive", "calibrated", "float"]]] = option(
-        None, "Rows to measure (all four).", min_length=1)
+    modes: Optional[list[Literal["unmerged", "naive", "blockwise", "calibrated", "float"]]] = option(
+        None, "Rows to measure (all five).", min_length=1)
 
 
-@BENCHES.register("merge", help="LoRA on a quantized base merged naive / calibrated / float vs unmerged: ppl, bytes, "
+@BENCHES.register("merge", help="LoRA on a quantized base merged naive / blockwise / calibrated / float vs unmerged: ppl, bytes, "
                                 "per-token latency.")
 class MergeBench:
     Settings = MergeBenchSettings

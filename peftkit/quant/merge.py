@@ -58,6 +58,9 @@ class MergeSettings:
     batch_size: int = 1
     seed: int = 0
     candidates: tuple[str, ...] | None = None  # None: every candidate the base's codes have
+    tune_epochs: int = 3  # end-to-end tuning of the merged scales and norms (0: block by block only)
+    tune_lr: float = 1e-3  # Adam on the scales' log gains and on the norm weights, decayed linearly to zero
+    tune_norms: bool = True
 
 
 @dataclass
@@ -65,7 +68,9 @@ class MergeResult:
     """The merged weights (full module name -> what is stored) and what each block chose."""
 
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint tensors replaced as they are (norms)
     blocks: list[dict] = field(default_factory=list)
+    tuning: dict | None = None  # what the end-to-end stage did (tune_end_to_end's report)
     seconds: float = 0.0
 
 
@@ -389,9 +394,10 @@ def merge_block(block, x_t, x_q, kwargs, settings: MergeSettings, symmetric: boo
 
 
 def merge_lowbit(model, calib_ids: torch.Tensor, settings: MergeSettings, symmetric: bool = False,
-                 log=print) -> MergeResult:
+                 log=print, tune_ids: torch.Tensor | None = None, check_ids: torch.Tensor | None = None) -> MergeResult:
     """Merge the LoRA of ``model`` (a peft model on a packed base, as ``peftkit.methods.apiq`` loads it) into
-    low-bit weights, block by block (module docstring). ``model`` is left unchanged."""
+    low-bit weights, block by block (module docstring); a calibrated merge given ``tune_ids`` and ``check_ids``
+    then tunes its scales and norms end to end (``tune_end_to_end``). ``model`` is left unchanged."""
     from peftkit.models.families import layers_of
 
     if settings.mode not in MODES:
@@ -419,8 +425,129 @@ def merge_lowbit(model, calib_ids: torch.Tensor, settings: MergeSettings, symmet
             f"{report['seconds']:.1f} s)")
         x_t, x_q = y_t, y_q
     inner.train(was_training)
+    if settings.mode == "calibrated" and settings.tune_epochs > 0 and tune_ids is not None and result.weights:
+        result.tuning = tune_end_to_end(model, result, tune_ids, check_ids, settings, log)
     result.seconds = time.perf_counter() - start
     return result
+
+
+# ---- end to end: the merged scales and norms against the unmerged model's next-token distributions -------------
+
+class _ScaledCodes(torch.nn.Module):
+    """A merged projection with its codes fixed and its per-group scales trainable: W = values(codes) * scales,
+    the scales as s0 * exp(gain) (a gain of 0 is the block-wise result; a multiplicative step keeps every scale's
+    sign and treats small and large groups alike)."""
+
+    def __init__(self, quantized: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.quantized = quantized
+        codes = quantized.codes
+        g = quantized.group_size
+        if quantized.kind == "uniform":
+            values = codes.float() - quantized.zeros.float().repeat_interleave(g, dim=1)
+        else:
+            values = nf_levels(quantized.bits, codes.device)[codes.long()]
+        self.register_buffer("values", values)
+        self.register_buffer("scales0", quantized.scales.float())
+        self.bias = None if bias is None else bias.detach().float()
+        self.gain = torch.nn.Parameter(torch.zeros_like(self.scales0))
+
+    def scales(self) -> torch.Tensor:
+        return self.scales0 * self.gain.exp()
+
+    def forward(self, x):
+        weight = self.values * self.scales().repeat_interleave(self.quantized.group_size, dim=1)
+        return torch.nn.functional.linear(x, weight, self.bias)
+
+    @torch.no_grad()
+    def export(self) -> QuantizedWeight:
+        q = self.quantized
+        scales = self.scales().to(q.scales.dtype)
+        return QuantizedWeight(q.kind, q.bits, q.group_size, q.shape, codes=q.codes, scales=scales, zeros=q.zeros)
+
+
+def _next_token_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per predicted token, averaged."""
+    logp = torch.log_softmax(student_logits.float(), dim=-1)
+    return (teacher_logp.exp() * (teacher_logp - logp)).sum(dim=-1).mean()
+
+
+def tune_end_to_end(model, result: MergeResult, tune_ids: torch.Tensor, check_ids: torch.Tensor,
+                    settings: MergeSettings, log=print) -> dict:
+    """Tune the merged projections' scales (codes and zero points fixed) and, with ``settings.tune_norms``, the
+    norm weights, end to end, so that the merged model's next-token distributions match the unmerged model's on
+    ``tune_ids`` (KL, one window per step, Adam). Block by block, each block only matched its own outputs and
+    inherited every earlier block's error; here every scale answers to the model's output. The codes, bits,
+    group size and storage do not change, so the merged model's bytes do not either. After each epoch the KL on
+    ``check_ids`` (windows the tuning does not see) is measured; ``result`` takes the epoch with the lowest one,
+    or nothing if no epoch beat the block-wise merge."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was_training = inner.training
+    inner.eval()
+    student = copy.deepcopy(inner)
+    tuned = {}
+    for name, quantized in result.weights.items():
+        lora_layer = student.get_submodule(name)
+        base = getattr(lora_layer, "base_layer", lora_layer)
+        tuned[name] = _ScaledCodes(quantized, base.bias)
+        replace_module(student, name, tuned[name])
+    for p in student.parameters():
+        p.requires_grad_(False)
+    gains = [m.gain for m in tuned.values()]
+    # the norms' weights are stored in float beside the codes: tuning them changes no byte count either
+    norm_weights = {f"{name}.weight": m.weight for name, m in student.named_modules()
+                    if settings.tune_norms and type(m).__name__.endswith("Norm")
+                    and isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
+    for p in gains + list(norm_weights.values()):
+        p.requires_grad_(True)
+
+    def teacher_logp(ids):
+        with torch.no_grad():
+            return torch.log_softmax(model(input_ids=ids[None], use_cache=False).logits[0].float(), dim=-1)
+
+    def check_kl() -> float:
+        with torch.no_grad():
+            return sum(_next_token_kl(student(input_ids=w[None], use_cache=False).logits[0], teacher_logp(w)).item()
+                       for w in check_ids) / len(check_ids)
+
+    start = time.perf_counter()
+    before = check_kl()
+    best = (before, None)
+    optimizer = torch.optim.Adam(gains + list(norm_weights.values()), lr=settings.tune_lr)
+    steps = settings.tune_epochs * tune_ids.shape[0]
+    # linear decay to zero: the last steps settle instead of stepping as far as the first
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    generator = torch.Generator().manual_seed(settings.seed)
+    history = []
+    with torch.enable_grad():
+        for epoch in range(settings.tune_epochs):
+            total = 0.0
+            for i in torch.randperm(tune_ids.shape[0], generator=generator).tolist():
+                target = teacher_logp(tune_ids[i])
+                loss = _next_token_kl(student(input_ids=tune_ids[i][None], use_cache=False).logits[0], target)
+                if not torch.isfinite(loss):  # the best epoch so far (or the block-wise merge) stands
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += loss.item()
+            finite = bool(torch.isfinite(loss))
+            after = check_kl() if finite else float("nan")
+            history.append({"epoch": epoch + 1, "train_kl": total / tune_ids.shape[0], "check_kl": after})
+            log(f"merge tuning epoch {epoch + 1}/{settings.tune_epochs}: train KL {total / tune_ids.shape[0]:.4f}, "
+                f"held-out KL {after:.4f} (before {before:.4f})")
+            if not finite:
+                break
+            if after < best[0]:
+                best = (after, {name: module.export() for name, module in tuned.items()},
+                        {name: w.detach().clone() for name, w in norm_weights.items()})
+    if best[1] is not None:
+        result.weights.update(best[1])
+        result.tensors.update(best[2])
+    inner.train(was_training)
+    return {"check_kl_before": before, "check_kl_after": best[0], "kept": best[1] is not None, "epochs": history,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 # ---- the merged checkpoint ---------------------------------------------------------------------------------
@@ -447,6 +574,10 @@ def save_merged(out_dir, base_dir, result: MergeResult, extra: dict) -> dict:
             for key in parts:
                 del tensors[f"{name}.{key}"]
             tensors.update(_layer_tensors(name, result.weights[name], parts.get("bias")))
+    for name, value in result.tensors.items():
+        if name not in tensors:
+            raise ValueError(f"the base checkpoint {base_dir} has no tensor {name} for the tuned value")
+        tensors[name] = value.to(tensors[name].dtype)
         if layer["kind"] != "none":
             packed_bytes += sum(t.numel() * t.element_size() for k, t in _layer_parts(tensors, name).items()
                                 if k != "bias")
@@ -458,3 +589,4 @@ def save_merged(out_dir, base_dir, result: MergeResult, extra: dict) -> dict:
             "model_bytes": sum(t.numel() * t.element_size() for t in tensors.values()), "merge": extra}
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     return info
+

@@ -159,6 +159,55 @@ def test_float_merge_mode_keeps_the_full_precision_merge(tmp_path):
         assert (plain(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
+def test_end_to_end_tuning_moves_only_scales_and_norms_and_brings_the_merge_closer_to_the_unmerged_model(tmp_path):
+    """The block-wise merge, then its scales and norms tuned against the unmerged model's next-token distributions:
+    the codes and zero points stay as the block-wise merge chose them, the norms written are the tuned ones, the
+    bytes do not change, and on windows neither stage saw the merged logits move towards the unmerged model's. With
+    a learning rate of 0 nothing improves, and the block-wise merge is kept as it was."""
+    from safetensors.torch import load_file
+
+    from peftkit.artifacts.lowbit_merge import quantized_base_of
+    from peftkit.quant.checkpoint import load_quantized_base
+    from peftkit.quant.merge import MergeResult, MergeSettings, merge_lowbit, save_merged, tune_end_to_end
+    from peftkit.utils.text_windows import random_windows, token_ids
+
+    run = quantized_lora_run(tmp_path, "llama", "rtn", 2, 16)
+    unmerged, tokenizer, info = load_run(run)
+    base_dir, _ = quantized_base_of(info)
+    windows = random_windows(token_ids(tokenizer, (tmp_path / "wt" / "wiki.valid.tokens").read_text()), 28, SEQ, seed=1)
+    ids = held_out_ids(tmp_path / "wt", tokenizer)
+    settings = MergeSettings(mode="calibrated", tune_epochs=3, tune_lr=1e-2)
+    result = merge_lowbit(unmerged, windows[:8], settings, log=lambda s: None)
+    blockwise = dict(result.weights)
+    report = tune_end_to_end(unmerged, result, windows[8:24], windows[24:], settings, log=lambda s: None)
+    assert report["kept"] and report["check_kl_after"] < report["check_kl_before"]
+    written = {}
+    for label, weights, tensors in (("blockwise", blockwise, {}), ("tuned", result.weights, result.tensors)):
+        out = tmp_path / label
+        out.mkdir()
+        save_merged(out, base_dir, MergeResult(weights=weights, tensors=tensors), {"mode": label})
+        written[label] = load_file(str(out / "model.safetensors"))
+        with torch.no_grad():
+            written[label + "_error"] = _relative(load_quantized_base(out)(input_ids=ids).logits,
+                                                  unmerged(input_ids=ids).logits)
+    assert written["tuned_error"] < written["blockwise_error"], written
+    assert set(written["tuned"]) == set(written["blockwise"])
+    norms = [k for k in written["tuned"] if "norm" in k]
+    assert norms and all(written["tuned"][k].dtype == written["blockwise"][k].dtype for k in written["tuned"])
+    assert any(not torch.equal(written["tuned"][k], written["blockwise"][k]) for k in norms)
+    for name in blockwise:
+        assert torch.equal(written["tuned"][f"{name}.qweight"], written["blockwise"][f"{name}.qweight"])
+        assert torch.equal(written["tuned"][f"{name}.qzeros"], written["blockwise"][f"{name}.qzeros"])
+    assert any(not torch.equal(written["tuned"][f"{n}.scales"], written["blockwise"][f"{n}.scales"]) for n in blockwise)
+    # nothing to gain: the block-wise merge stands, object for object
+    again = merge_lowbit(unmerged, windows[:8], settings, log=lambda s: None)
+    before = dict(again.weights)
+    frozen = MergeSettings(mode="calibrated", tune_epochs=1, tune_lr=0.0)
+    assert not tune_end_to_end(unmerged, again, windows[8:12], windows[24:], frozen, log=lambda s: None)["kept"]
+    assert again.weights == before and again.tensors == {}
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"merge": False, "merge_mode": "calibrated"}, "only apply to a merged export"),
     ({"merge_mode": "rounded"}, "is not one of calibrated, naive, float"),
@@ -166,6 +215,10 @@ def test_float_merge_mode_keeps_the_full_precision_merge(tmp_path):
     ({"calib": "glue"}, "is not one of train, wikitext2"),
     ({"calib_windows": 0}, "must be at least 1"),
     ({"calib_len": 100000}, "not enough for one window"),
+    ({"tune_windows": 0}, "must be at least 1"),
+    ({"tune_epochs": -1}, "must be 0 .no end-to-end tuning. or more"),
+    ({"merge_mode": "naive", "tune_epochs": 2}, "the naive merge rounds onto the base's grid without tuning"),
+    ({"merge_mode": "float", "tune_windows": 4}, "a float merge reads no calibration text"),
 ])
 def test_merge_settings_that_do_not_fit_are_refused_before_anything_is_written(lm_runs, tmp_path, kwargs, words):
     out = tmp_path / "out"
@@ -192,7 +245,8 @@ def test_merge_bench_reports_every_merge_with_bytes_and_latency(tmp_path, monkey
     rows = bench_run(True, {"runs": [str(run)], "calib_windows": 4, "calib_seq_len": SEQ, "ppl_windows": 2,
                             "ppl_seq_len": SEQ, "gen_prompt": 8, "gen_tokens": 4, "gen_repeats": 1})
     by = {r["merge"]: r for r in rows}
-    assert list(by) == ["unmerged", "naive", "calibrated", "float"] and all(r["bits"] == 3 for r in rows)
+    assert list(by) == ["unmerged", "naive", "blockwise", "calibrated", "float"] and all(r["bits"] == 3 for r in rows)
+    assert by["calibrated"]["tuning"]["epochs"] and by["calibrated"]["seconds"] >= by["blockwise"]["seconds"]
     assert all(r["ppl"] > 1 and r["ms_per_token"] > 0 for r in rows)
     assert by["naive"]["model_bytes"] == by["calibrated"]["model_bytes"] == by["calibrated"]["base_model_bytes"]
     assert by["unmerged"]["model_bytes"] > by["calibrated"]["model_bytes"]  # the adapter
