@@ -270,9 +270,9 @@ def export(run: str = typer.Argument(..., help="Run directory (runs/<name>) or i
                                                    help="Tokens per calibration window (default 256)."),
            tune_windows: Optional[int] = typer.Option(None, "--tune-windows",
                                                       help="Windows of the calibrated merge's end-to-end tuning of "
-                                                           "scales and norms (default 32)."),
+                                                           "scales and norms (default 64)."),
            tune_epochs: Optional[int] = typer.Option(None, "--tune-epochs",
-                                                     help="Epochs of that tuning (default 3; 0: block by block only).")):
+                                                     help="Epochs of that tuning (default 4; 0: block by block only).")):
     """Export a run so that transformers / peft load it (model card, sizes next to the base model)."""
     from peftkit.commands.export import export as run_export
 

@@ -54,6 +54,8 @@ APIQ_T = "tests/quant/test_apiq_invariants.py::"
 GRID_T = "tests/quant/test_uniform_grid.py::"
 LORA_T = "tests/methods/test_lora_scaling.py::"
 CLIP_T = "tests/train/test_clipping_applied.py::"
+MERGE_TUNE_T = ("tests/artifacts/test_lowbit_merge.py::test_end_to_end_tuning_moves_only_scales_and_norms_and_brings_"
+                "the_merge_closer_to_the_unmerged_model")
 TRAIN_T = "tests/train/test_trainer_invariants.py::"
 
 MUTANTS: list[Mutant] = [
@@ -238,6 +240,14 @@ MUTANTS: list[Mutant] = [
       "return param + ((rows @ self.down) @ self.up).reshape(param.shape)",
       "HiWi's adapter without its ReLU",
       "tests/methods/test_hiwi.py::test_forward_uses_p_plus_relu_p_down_up"),
+    M("merge-tuning-scales-not-exported", "peftkit/quant/merge.py",
+      "scales = self.scales().to(q.scales.dtype)", "scales = self.scales0.to(q.scales.dtype)",
+      "the low-bit merge's end-to-end tuning writes the block-wise scales instead of the tuned ones",
+      MERGE_TUNE_T),
+    M("merge-tuning-norms-not-written", "peftkit/quant/merge.py",
+      "tensors[name] = value.to(tensors[name].dtype)", "tensors[name] = tensors[name]",
+      "the low-bit merge's tuned norm weights never reach the written checkpoint",
+      MERGE_TUNE_T),
     M("hiwi-merge-drops-adapter", "peftkit/methods/hiwi.py",
       "parametrize.remove_parametrizations(module, attr, leave_parametrized=True)",
       "parametrize.remove_parametrizations(module, attr, leave_parametrized=False)",

@@ -23,7 +23,7 @@ from peftkit.errors import UserError
 MERGE_MODES = ("calibrated", "naive", "float")
 CALIB_SOURCES = ("train", "wikitext2")
 DEFAULT_WINDOWS, DEFAULT_SEQ_LEN = 8, 256
-DEFAULT_TUNE_WINDOWS, DEFAULT_TUNE_EPOCHS = 32, 3
+DEFAULT_TUNE_WINDOWS, DEFAULT_TUNE_EPOCHS = 64, 4
 CANDIDATE_WORDS = {"naive": "naive rounding onto the base's grid", "fresh": "fresh min/max (NF: absmax) rounding",
                    "gptq": "GPTQ", "clip": "clipping search", "round": "learned rounding"}
 HELD_OUT = 4  # windows after the calibration ones, for the measured quality change

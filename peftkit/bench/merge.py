@@ -27,10 +27,10 @@ from peftkit.config.base import BenchSettings, option
 from peftkit.errors import UserError
 from peftkit.utils.registry import BENCHES
 
-QUICK = dict(calib_windows=8, calib_seq_len=256, tune_windows=32, tune_epochs=3, ppl_windows=8, ppl_seq_len=256, gen_prompt=32, gen_tokens=16,
-             gen_repeats=3)
-FULL = dict(calib_windows=16, calib_seq_len=256, tune_windows=32, tune_epochs=3, ppl_windows=40, ppl_seq_len=256, gen_prompt=64, gen_tokens=32,
-            gen_repeats=5)
+QUICK = dict(calib_windows=8, calib_seq_len=256, tune_windows=64, tune_epochs=4, ppl_windows=8, ppl_seq_len=256,
+             gen_prompt=32, gen_tokens=16, gen_repeats=3)
+FULL = dict(calib_windows=16, calib_seq_len=256, tune_windows=64, tune_epochs=4, ppl_windows=40, ppl_seq_len=256,
+            gen_prompt=64, gen_tokens=32, gen_repeats=5)
 MODES = ("unmerged", "naive", "blockwise", "calibrated", "float")
 
 
@@ -186,9 +186,9 @@ class MergeBenchSettings(BenchSettings):
                                                                   "WikiText-2's wiki.valid.tokens.")
     calib_windows: Optional[int] = option(None, "Calibration windows (quick 8, full 16).", ge=1, le=1_000_000)
     calib_seq_len: Optional[int] = option(None, "Tokens per calibration window (256).", ge=2, le=1_048_576)
-    tune_windows: Optional[int] = option(None, "Windows of the calibrated merge's end-to-end tuning (32).", ge=1,
+    tune_windows: Optional[int] = option(None, "Windows of the calibrated merge's end-to-end tuning (64).", ge=1,
                                          le=1_000_000)
-    tune_epochs: Optional[int] = option(None, "Epochs of that tuning (3; 0: the calibrated row is the block-wise one).",
+    tune_epochs: Optional[int] = option(None, "Epochs of that tuning (4; 0: the calibrated row is the block-wise one).",
                                         ge=0, le=1000)
     ppl_windows: Optional[int] = option(None, "WikiText-2 test windows of the perplexity (quick 8, full 40).", ge=1,
                                         le=1_000_000)

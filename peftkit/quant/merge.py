@@ -58,7 +58,7 @@ class MergeSettings:
     batch_size: int = 1
     seed: int = 0
     candidates: tuple[str, ...] | None = None  # None: every candidate the base's codes have
-    tune_epochs: int = 3  # end-to-end tuning of the merged scales and norms (0: block by block only)
+    tune_epochs: int = 4  # end-to-end tuning of the merged scales and norms (0: block by block only)
     tune_lr: float = 1e-3  # Adam on the scales' log gains and on the norm weights, decayed linearly to zero
     tune_norms: bool = True
 
