@@ -272,11 +272,16 @@ def export(run: str = typer.Argument(..., help="Run directory (runs/<name>) or i
                                                       help="Windows of the calibrated merge's end-to-end tuning of "
                                                            "scales and norms (default 64)."),
            tune_epochs: Optional[int] = typer.Option(None, "--tune-epochs",
-                                                     help="Epochs of that tuning (default 4; 0: block by block only).")):
+                                                     help="Epochs of that tuning (default 4; 0: block by block "
+                                                          "only)."),
+           tune_lr: Optional[float] = typer.Option(None, "--tune-lr",
+                                                   help="Learning rate of that tuning (default 1e-3 at 4 bits and "
+                                                        "more, 3e-3 below).")):
     """Export a run so that transformers / peft load it (model card, sizes next to the base model)."""
     from peftkit.commands.export import export as run_export
 
-    _run(run_export, run, out, merge, merge_mode, calib, calib_windows, calib_len, tune_windows, tune_epochs)
+    _run(run_export, run, out, merge, merge_mode, calib, calib_windows, calib_len, tune_windows, tune_epochs,
+         tune_lr)
 
 
 @app.command()

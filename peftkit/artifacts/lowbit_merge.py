@@ -41,10 +41,11 @@ class MergeRequest:
     seq_len: int | None = None
     tune_windows: int | None = None
     tune_epochs: int | None = None
+    tune_lr: float | None = None
 
     def given(self) -> list[str]:
         flags = {"mode": "--merge-mode", "calib": "--calib", "windows": "--calib-windows", "seq_len": "--calib-len",
-                 "tune_windows": "--tune-windows", "tune_epochs": "--tune-epochs"}
+                 "tune_windows": "--tune-windows", "tune_epochs": "--tune-epochs", "tune_lr": "--tune-lr"}
         return [flag for key, flag in flags.items() if getattr(self, key) is not None]
 
 
@@ -72,6 +73,9 @@ def resolve_mode(method, info, merge: bool | None, request: MergeRequest) -> str
             raise UserError(f"{flag} {value} must be at least 1.")
     if request.tune_epochs is not None and request.tune_epochs < 0:
         raise UserError(f"--tune-epochs {request.tune_epochs} must be 0 (no end-to-end tuning) or more.")
+    if request.tune_lr is not None and not 0 < request.tune_lr < 1:
+        raise UserError(f"--tune-lr {request.tune_lr} must lie between 0 and 1 (default: 1e-3 at 4 bits and more, 3e-3 "
+                        f"below).")
     if merge is False:
         if request.given():
             raise UserError(f"{', '.join(request.given())} only apply to a merged export, and --no-merge was given. "
@@ -208,7 +212,7 @@ def write_lowbit_merge(directory: Path, out: Path, info, model, tokenizer, mode:
     base_dir, quant = quantized_base_of(info)
     windows = calibration_windows(directory, info, tokenizer, request)
     described, held = windows.described, windows.held
-    settings = MergeSettings(mode=mode, seed=0, tune_epochs=described["tune_epochs"])
+    settings = MergeSettings(mode=mode, seed=0, tune_epochs=described["tune_epochs"], tune_lr=request.tune_lr)
     result = merge_lowbit(model, windows.calib, settings, symmetric=bool(quant.get("symmetric")), log=log,
                           tune_ids=windows.tune, check_ids=windows.check)
     chosen: dict[str, int] = {}
@@ -241,7 +245,7 @@ def _tuning_lines(record: dict) -> list[str]:
     outcome = (f"held-out KL to the unmerged model {tuning['check_kl_before']:.4g} -> {tuning['check_kl_after']:.4g}"
                if tuning["kept"] else "no epoch lowered the held-out KL, so the block-wise result was kept")
     return [f"- end-to-end tuning of the scales and norms: {c['tune_windows']} windows x {c['seq_len']} tokens, "
-            f"{c['tune_epochs']} epochs; {outcome}"]
+            f"{c['tune_epochs']} epochs at learning rate {tuning['lr']:g}; {outcome}"]
 
 
 def card_section(record: dict) -> str:

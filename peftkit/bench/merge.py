@@ -14,7 +14,7 @@ float32 model the float merge writes), the per-token latency of greedy generatio
 each weight per matmul) and its ratio to the unmerged model's, timed interleaved, and the merge's seconds.
 The calibration windows come from each run's own training text (``calib`` train) or WikiText-2's wiki.valid.tokens.
 
-options (all optional but ``runs``): runs, calib, calib_windows, calib_seq_len, tune_windows, tune_epochs,
+options (all optional but ``runs``): runs, calib, calib_windows, calib_seq_len, tune_windows, tune_epochs, tune_lr,
 ppl_windows, ppl_seq_len, gen_prompt, gen_tokens, gen_repeats, modes.
 """
 
@@ -137,7 +137,7 @@ def run(quick: bool, options: dict) -> list[dict]:
                 result = merge_lowbit(model, windows.calib, MergeSettings(mode="naive"), symmetric, log=log)
                 keep("naive", result, result.seconds)
             if {"blockwise", "calibrated"} & set(s["modes"]):
-                settings = MergeSettings(mode="calibrated", tune_epochs=s["tune_epochs"])
+                settings = MergeSettings(mode="calibrated", tune_epochs=s["tune_epochs"], tune_lr=s.get("tune_lr"))
                 result = merge_lowbit(model, windows.calib, settings, symmetric, log=log)
                 if "blockwise" in s["modes"]:
                     keep("blockwise", result, result.seconds)
@@ -168,9 +168,9 @@ def run(quick: bool, options: dict) -> list[dict]:
         del models, model
     notes = ["unmerged = the packed base plus its LoRA; naive = W' rounded onto the base's grid; blockwise = "
              "re-quantized block by block against the unmerged model's outputs; calibrated = the export's default "
-             "merge: the blockwise one with its scales and norms tuned end to end; float = the LoRA folded into float32 weights. ppl: WikiText-2 test windows; "
-             "ms_per_token: greedy generation with the KV cache, timed interleaved, on peftkit's packed runtime for "
-             "the low-bit rows."]
+             "merge: the blockwise one with its scales and norms tuned end to end; float = the LoRA folded into "
+             "float32 weights. ppl: WikiText-2 test windows; ms_per_token: greedy generation with the KV cache, "
+             "timed interleaved, on peftkit's packed runtime for the low-bit rows."]
     if any("smollm2" in str(r.get("run", "")) for r in rows):
         notes.append("smollm2-135m's weights are a Q4_1 GGUF: every bit width here is a re-quantization of a 4.5-bit "
                      "model, and its float merge is the dequantized Q4_1 model plus the LoRA.")
@@ -188,6 +188,8 @@ class MergeBenchSettings(BenchSettings):
     calib_seq_len: Optional[int] = option(None, "Tokens per calibration window (256).", ge=2, le=1_048_576)
     tune_windows: Optional[int] = option(None, "Windows of the calibrated merge's end-to-end tuning (64).", ge=1,
                                          le=1_000_000)
+    tune_lr: Optional[float] = option(None, "Learning rate of that tuning (1e-3 at 4 bits and more, 3e-3 below).",
+                                      gt=0, lt=1)
     tune_epochs: Optional[int] = option(None, "Epochs of that tuning (4; 0: the calibrated row is the block-wise one).",
                                         ge=0, le=1000)
     ppl_windows: Optional[int] = option(None, "WikiText-2 test windows of the perplexity (quick 8, full 40).", ge=1,
@@ -202,8 +204,8 @@ class MergeBenchSettings(BenchSettings):
         None, "Rows to measure (all five).", min_length=1)
 
 
-@BENCHES.register("merge", help="LoRA on a quantized base merged naive / blockwise / calibrated / float vs unmerged: ppl, bytes, "
-                                "per-token latency.")
+@BENCHES.register("merge", help="LoRA on a quantized base merged naive / blockwise / calibrated / float vs "
+                                "unmerged: ppl, bytes, per-token latency.")
 class MergeBench:
     Settings = MergeBenchSettings
     run = staticmethod(run)

@@ -19,7 +19,7 @@ from peftkit.errors import RunFailed, UserError
 
 def export(run: str, out: str, merge: bool | None = None, merge_mode: str | None = None, calib: str | None = None,
            calib_windows: int | None = None, calib_len: int | None = None, tune_windows: int | None = None,
-           tune_epochs: int | None = None) -> Path:
+           tune_epochs: int | None = None, tune_lr: float | None = None) -> Path:
     """Write the export; print what it holds and how big it is next to the base; return the directory.
 
     ``merge_mode`` and the calibration settings choose how LoRA on a quantized base (apiq) merges
@@ -46,9 +46,9 @@ def export(run: str, out: str, merge: bool | None = None, merge_mode: str | None
                         f"empty directory; choose another --out (or remove an earlier export there yourself).")
     if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
         raise UserError(f"--out {target} lies inside the run {source}. Choose a directory outside the run.")
-    lowbit = MergeRequest(merge_mode, calib, calib_windows, calib_len, tune_windows, tune_epochs)
+    lowbit = MergeRequest(merge_mode, calib, calib_windows, calib_len, tune_windows, tune_epochs, tune_lr)
     flags = {"--merge-mode": merge_mode, "--calib": calib, "--calib-windows": calib_windows, "--calib-len": calib_len,
-             "--tune-windows": tune_windows, "--tune-epochs": tune_epochs}
+             "--tune-windows": tune_windows, "--tune-epochs": tune_epochs, "--tune-lr": tune_lr}
     command = " ".join(["peftkit", "export", str(run), "--out", str(out)]
                        + ([] if merge is None else ["--merge" if merge else "--no-merge"])
                        + [f"{flag} {value}" for flag, value in flags.items() if value is not None])

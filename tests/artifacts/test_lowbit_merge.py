@@ -217,6 +217,7 @@ def test_end_to_end_tuning_moves_only_scales_and_norms_and_brings_the_merge_clos
     ({"calib_len": 100000}, "not enough for one window"),
     ({"tune_windows": 0}, "must be at least 1"),
     ({"tune_epochs": -1}, "must be 0 .no end-to-end tuning. or more"),
+    ({"tune_lr": 0.0}, "must lie between 0 and 1"),
     ({"merge_mode": "naive", "tune_epochs": 2}, "the naive merge rounds onto the base's grid without tuning"),
     ({"merge_mode": "float", "tune_windows": 4}, "a float merge reads no calibration text"),
 ])
