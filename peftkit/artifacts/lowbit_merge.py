@@ -215,9 +215,7 @@ def write_lowbit_merge(directory: Path, out: Path, info, model, tokenizer, mode:
     settings = MergeSettings(mode=mode, seed=0, tune_epochs=described["tune_epochs"], tune_lr=request.tune_lr)
     result = merge_lowbit(model, windows.calib, settings, symmetric=bool(quant.get("symmetric")), log=log,
                           tune_ids=windows.tune, check_ids=windows.check)
-    chosen: dict[str, int] = {}
-    for block in result.blocks:
-        chosen[block["chosen"]] = chosen.get(block["chosen"], 0) + 1
+    chosen = result.blocks_chosen()
     record = {"mode": mode, "bits": quant["bits"], "group_size": quant["group_size"], "storage": quant["storage"],
               "base_method": quant["method"], "calibration": described, "seconds": round(result.seconds, 1),
               "blocks_chosen": chosen, "blocks": result.blocks, "tuning": result.tuning}

@@ -122,9 +122,7 @@ def run(quick: bool, options: dict) -> list[dict]:
                 out.mkdir()
                 save_merged(out, base_dir, result, {"mode": mode})
                 models[mode] = load_quantized_base(out)
-                chosen = {}
-                for block in result.blocks:
-                    chosen[block["chosen"]] = chosen.get(block["chosen"], 0) + 1
+                chosen = result.blocks_chosen()
                 found[mode] = {"model_bytes": _file_bytes(out, ("model.safetensors",)), "seconds": round(seconds, 1),
                                "blocks_chosen": chosen}
                 print(f"{Path(run_dir).name} {mode}: merged in {seconds:.0f} s ({chosen})", flush=True)
@@ -188,10 +186,10 @@ class MergeBenchSettings(BenchSettings):
     calib_seq_len: Optional[int] = option(None, "Tokens per calibration window (256).", ge=2, le=1_048_576)
     tune_windows: Optional[int] = option(None, "Windows of the calibrated merge's end-to-end tuning (64).", ge=1,
                                          le=1_000_000)
-    tune_lr: Optional[float] = option(None, "Learning rate of that tuning (1e-3 at 4 bits and more, 3e-3 below).",
-                                      gt=0, lt=1)
     tune_epochs: Optional[int] = option(None, "Epochs of that tuning (4; 0: the calibrated row is the block-wise one).",
                                         ge=0, le=1000)
+    tune_lr: Optional[float] = option(None, "Learning rate of that tuning (1e-3 at 4 bits and more, 3e-3 below).",
+                                      gt=0, lt=1)
     ppl_windows: Optional[int] = option(None, "WikiText-2 test windows of the perplexity (quick 8, full 40).", ge=1,
                                         le=1_000_000)
     ppl_seq_len: Optional[int] = option(None, "Tokens per perplexity window (256).", ge=2, le=1_048_576)

@@ -74,6 +74,13 @@ class MergeResult:
     tuning: dict | None = None  # what the end-to-end stage did (tune_end_to_end's report)
     seconds: float = 0.0
 
+    def blocks_chosen(self) -> dict[str, int]:
+        """How many blocks kept each candidate."""
+        counts: dict[str, int] = {}
+        for block in self.blocks:
+            counts[block["chosen"]] = counts.get(block["chosen"], 0) + 1
+        return counts
+
 
 def tune_lr_for(bits: int) -> float:
     """The end-to-end tuning's default learning rate. Measured on smollm2-135m (docs/results/merge-smollm2-*bit):
